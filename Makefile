@@ -1,0 +1,19 @@
+# The two commands of README.md.  Both set up everything they need first (apt + .venv).
+SHELL := /bin/bash
+VENV ?= .venv
+export DS_ACCELERATOR ?= cpu
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/vqmoe_ds/torch_extensions
+export PYTHONUNBUFFERED = 1
+
+.PHONY: setup test demo bench
+setup:
+	bash scripts/install.sh
+
+test: setup
+	$(VENV)/bin/python -m pytest -q tests
+
+demo: setup
+	$(VENV)/bin/python scripts/demo.py
+
+bench: setup
+	$(VENV)/bin/python bench/moe_layer.py

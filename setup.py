@@ -1,0 +1,21 @@
+"""vqmoe-ds: Vector-Quantized Mixture-of-Experts training on DeepSpeed."""
+import os
+
+from setuptools import find_packages, setup
+
+
+def _requirements(name):
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, name)) as f:
+        return [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
+
+
+setup(
+    name="vqmoe-ds",
+    version="0.1.0",
+    description="Vector-Quantized Mixture-of-Experts (VQMoE) language models and their baselines on DeepSpeed",
+    packages=find_packages(include=["vqmoe_ds", "vqmoe_ds.*"]),
+    python_requires=">=3.10",
+    install_requires=_requirements("requirements.txt"),
+    extras_require={"dev": _requirements("requirements-dev.txt"), "test": _requirements("requirements-dev.txt")},
+)

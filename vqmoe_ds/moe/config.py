@@ -1,0 +1,151 @@
+"""One config dataclass for a feed-forward slot of the model: dense FFN, an MoE with any router, or VQMoE.
+
+`MoEConfig.build()` returns the module the model puts in a block's FFN slot.  Every such module has the
+same call signature::
+
+    y_BTD, aux_loss = ffn(x_BTD)
+
+where ``aux_loss`` is a scalar tensor holding all auxiliary losses of the layer, already weighted
+(balance loss x ``balance_loss_coef``, VQ loss x ``vq_alpha``, StableMoE distillation, ...), so that the
+model's training loss is ``task_loss + sum(aux_loss over layers)``.  Detached numbers for logging come from
+``ffn.stats()`` (expert counts, code usage, the separate loss terms).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+ROUTERS = ("dense", "topk", "xmoe", "stablemoe", "smoe_dropout", "vq", "vqmoe")
+VQ_KINDS = ("codebook", "residual", "lfq")
+VQ_DISTANCES = ("l2", "cosine")
+VQMOE_MODES = ("pretrain", "discrete_only")
+DISPATCHERS = ("sorted", "deepspeed")
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message names the setting and the fix on one line."""
+
+
+@dataclass
+class MoEConfig:
+    hidden_size: int
+    ffn_hidden_size: int
+    router: str = "topk"  # one of ROUTERS; "vq" = discrete-only VQ routing, "vqmoe" = eq. 4-5 / eq. 7
+    num_experts: int = 8
+    top_k: int = 2
+    ep_size: int = 1
+    activation: str = "gelu"
+    dropout: float = 0.0
+    # capacity: capacity per expert = ceil(capacity_factor * routes / num_experts), at least min_capacity
+    capacity_factor: float = 1.25
+    eval_capacity_factor: float = 2.0
+    min_capacity: int = 4
+    drop_tokens: bool = True  # False: dropless (capacity = the largest expert load, agreed across the ep group)
+    dispatcher: str = "sorted"  # "sorted": vqmoe_ds's dispatch; "deepspeed": stock MOELayer dispatch via the gate contract
+    balance_loss_coef: float = 0.01
+    router_jitter: float = 0.0
+    # VQ (the "vq" and "vqmoe" routers)
+    codebook_size: int = 16  # K; expert = code % num_experts, so K need not equal N
+    codebook_dim: Optional[int] = None  # None: quantize in the model dim; else project to this low dim (VQGAN-style)
+    vq_kind: str = "codebook"  # one of VQ_KINDS
+    vq_distance: str = "cosine"  # "l2" (VQ-VAE) or "cosine"
+    vq_alpha: float = 0.08  # weight of the VQ loss (eq. 8)
+    vq_beta: float = 0.25  # commitment weight (eq. 8)
+    vq_ema: bool = False  # EMA codebook updates instead of gradient updates
+    vq_ema_decay: float = 0.99
+    vq_kmeans_init: bool = False
+    vq_kmeans_iters: int = 10
+    vq_dead_code_threshold: float = 0.0  # >0: restart codes whose EMA usage falls below this many tokens/step
+    vq_num_quantizers: int = 2  # residual VQ depth
+    vqmoe_mode: str = "pretrain"  # "pretrain": both paths (eq. 4-5); "discrete_only": eq. 7
+    freeze_vq: bool = False  # codebook (and its projections) receive no updates
+    discrete_input: str = "quantized"  # expert input of the discrete path: "quantized" (x~, eq. 5) or "token" (x)
+    # XMoE
+    xmoe_dim: int = 16
+    xmoe_init_temperature: float = 0.07
+    # StableMoE
+    stablemoe_stage1_steps: int = 1000
+    stablemoe_distill_dim: int = 16
+    stablemoe_distill_coef: float = 1.0
+    # SMoE-Dropout (k grows linearly from k_start to k_end over k_steps)
+    smoe_dropout_k_start: int = 1
+    smoe_dropout_k_end: Optional[int] = None  # None: num_experts
+    smoe_dropout_k_steps: int = 1000
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(msg):
+            raise ConfigError(msg)
+
+        if self.router not in ROUTERS:
+            bad(f"unknown router {self.router!r}: choose one of {', '.join(ROUTERS)}")
+        if self.hidden_size < 1 or self.ffn_hidden_size < 1:
+            bad(f"hidden_size={self.hidden_size}, ffn_hidden_size={self.ffn_hidden_size}: both must be >= 1")
+        if self.router == "dense":
+            return
+        if self.num_experts < 1:
+            bad(f"num_experts={self.num_experts}: set --num-experts to 1 or more")
+        if self.ep_size < 1 or self.num_experts % self.ep_size != 0:
+            bad(f"num_experts={self.num_experts} is not divisible by ep_size={self.ep_size}: "
+                f"choose an expert-parallel size that divides the number of experts")
+        if not 1 <= self.top_k <= self.num_experts:
+            bad(f"top_k={self.top_k} must be between 1 and num_experts={self.num_experts}")
+        if self.capacity_factor <= 0 or self.eval_capacity_factor <= 0:
+            bad(f"capacity_factor={self.capacity_factor}, eval_capacity_factor={self.eval_capacity_factor}: "
+                f"must be > 0 (use drop_tokens=False for a dropless layer)")
+        if self.min_capacity < 0:
+            bad(f"min_capacity={self.min_capacity} must be >= 0")
+        if self.dispatcher not in DISPATCHERS:
+            bad(f"unknown dispatcher {self.dispatcher!r}: choose one of {', '.join(DISPATCHERS)}")
+        if self.balance_loss_coef < 0:
+            bad(f"balance_loss_coef={self.balance_loss_coef} must be >= 0")
+        if self.router in ("vq", "vqmoe"):
+            if self.codebook_size < 1:
+                bad(f"codebook_size={self.codebook_size}: the codebook needs K >= 1 codes (--codebook-size)")
+            if self.codebook_dim is not None and self.codebook_dim < 1:
+                bad(f"codebook_dim={self.codebook_dim} must be >= 1, or None to quantize in the model dim")
+            if self.vq_kind not in VQ_KINDS:
+                bad(f"unknown vq_kind {self.vq_kind!r}: choose one of {', '.join(VQ_KINDS)}")
+            if self.vq_distance not in VQ_DISTANCES:
+                bad(f"unknown vq_distance {self.vq_distance!r}: choose one of {', '.join(VQ_DISTANCES)}")
+            if self.vq_alpha < 0:
+                bad(f"vq_alpha={self.vq_alpha} must be >= 0 (the paper uses 0.05-0.15)")
+            if self.vq_beta < 0:
+                bad(f"vq_beta={self.vq_beta} must be >= 0 (the paper uses 0.25)")
+            if not 0.0 < self.vq_ema_decay < 1.0:
+                bad(f"vq_ema_decay={self.vq_ema_decay} must be in (0, 1)")
+            if self.vqmoe_mode not in VQMOE_MODES:
+                bad(f"unknown vqmoe_mode {self.vqmoe_mode!r}: choose one of {', '.join(VQMOE_MODES)}")
+            if self.discrete_input not in ("quantized", "token"):
+                bad(f"unknown discrete_input {self.discrete_input!r}: choose 'quantized' or 'token'")
+            if self.vq_kind == "lfq" and self.codebook_size & (self.codebook_size - 1):
+                bad(f"codebook_size={self.codebook_size}: LFQ needs a power of two (2**bits codes)")
+            if self.vq_kind == "residual" and self.vq_num_quantizers < 1:
+                bad(f"vq_num_quantizers={self.vq_num_quantizers} must be >= 1")
+        if self.router == "xmoe" and self.xmoe_dim < 1:
+            bad(f"xmoe_dim={self.xmoe_dim} must be >= 1")
+        if self.router == "xmoe" and self.xmoe_init_temperature <= 0:
+            bad(f"xmoe_init_temperature={self.xmoe_init_temperature} must be > 0")
+        if self.router == "stablemoe" and (self.stablemoe_stage1_steps < 0 or self.stablemoe_distill_dim < 1):
+            bad("stablemoe_stage1_steps must be >= 0 and stablemoe_distill_dim >= 1")
+        if self.router == "smoe_dropout":
+            k_end = self.smoe_dropout_k_end or self.num_experts
+            if not 1 <= self.smoe_dropout_k_start <= k_end <= self.num_experts:
+                bad(f"SMoE-Dropout k schedule {self.smoe_dropout_k_start}->{k_end} must satisfy "
+                    f"1 <= k_start <= k_end <= num_experts={self.num_experts}")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.router != "dense"
+
+    def replace(self, **changes) -> "MoEConfig":
+        return dataclasses.replace(self, **changes)
+
+    def build(self):
+        """The FFN module for one block: a dense MLP or an MoE layer."""
+        from .layer import build_ffn
+
+        return build_ffn(self)
