@@ -1,0 +1,8 @@
+"""The MoE layer and its parts: config, dispatch, DeepSpeed gate adapter, layer."""
+from .config import ConfigError, MoEConfig
+from .dispatch import SortedDispatch, capacity_for, plan_routes
+from .ds_gate import DeepSpeedGate, RouteGrid
+from .layer import DenseFFN, ExpertMLP, MoELayer, build_ffn
+
+__all__ = ["MoEConfig", "ConfigError", "MoELayer", "DenseFFN", "ExpertMLP", "build_ffn", "DeepSpeedGate",
+           "RouteGrid", "SortedDispatch", "capacity_for", "plan_routes"]

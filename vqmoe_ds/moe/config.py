@@ -36,6 +36,7 @@ class MoEConfig:
     top_k: int = 2
     ep_size: int = 1
     activation: str = "gelu"
+    init_std: float = 0.02  # experts: N(0, init_std) weights, zero biases, drawn per *global* expert id
     dropout: float = 0.0
     # capacity: capacity per expert = ceil(capacity_factor * routes / num_experts), at least min_capacity
     capacity_factor: float = 1.25

@@ -1,0 +1,50 @@
+"""Shared driver for the layer-vs-reference tests: run the layer and a reference on the same parameters,
+return outputs, aux losses and all gradients of both."""
+import torch
+
+from vqmoe_ds.moe import MoEConfig
+
+
+def make_layer(seed=0, **kw):
+    base = dict(hidden_size=16, ffn_hidden_size=24, num_experts=4, top_k=2, drop_tokens=False, min_capacity=0)
+    base.update(kw)
+    torch.manual_seed(seed)
+    layer = MoEConfig(**base).build()
+    # non-zero biases so the reference checks them too
+    with torch.no_grad():
+        for e in layer.experts:
+            e.fc1.bias.normal_(0, 0.1)
+            e.fc2.bias.normal_(0, 0.1)
+    return layer
+
+
+def run_both(layer, reference, T=24, seed=1):
+    """reference(layer, x) -> (y_TD, aux).  Returns dict of max abs differences."""
+    g = torch.Generator().manual_seed(seed)
+    D = layer.cfg.hidden_size
+    x0 = torch.randn(T, D, generator=g)
+    R = torch.randn(T, D, generator=g)
+    params = [p for p in layer.parameters() if p.requires_grad]
+
+    def go(fn):
+        x = x0.clone().requires_grad_(True)
+        for p in params:
+            p.grad = None
+        y, aux = fn(x)
+        ((y * R).sum() + aux).backward()
+        return y.detach(), aux.detach(), x.grad.clone(), [None if p.grad is None else p.grad.clone() for p in params]
+
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    y_ref, aux_ref, gx_ref, gp_ref = go(lambda x: reference(layer, x))
+    layer.load_state_dict(state)  # the forward may update buffers (EMA, usage): start both from the same state
+    y, aux, gx, gp = go(lambda x: layer(x))
+    names = [n for n, p in layer.named_parameters() if p.requires_grad]
+    diffs = {"y": (y - y_ref).abs().max().item(), "aux": abs(aux.item() - float(aux_ref)), "grad_x": (gx - gx_ref).abs().max().item()}
+    for n, a, b in zip(names, gp, gp_ref):
+        if a is None and b is None:
+            continue
+        if (a is None) != (b is None):
+            a = torch.zeros_like(b) if a is None else a
+            b = torch.zeros_like(a) if b is None else b
+        diffs["grad:" + n] = (a - b).abs().max().item()
+    return diffs, y

@@ -1,0 +1,117 @@
+"""Moving routed tokens to their experts and back: capacity, the sorted (dropless-capable) dispatch over
+DeepSpeed's expert-parallel all-to-all, and the conversion to DeepSpeed's gate contract.
+
+A layer's routes are flat: route r reads row ``rows_R[r]`` of the layer's token matrix ``X_ND``, goes to
+expert ``experts_R[r]`` and is added, times ``weights_R[r]``, to output token ``tokens_R[r]``.  Route order
+is priority order: when an expert is over capacity, the routes that come first are kept.
+
+Why not DeepSpeed's ``MOELayer`` dispatch by default (it is kept, as ``dispatcher="deepspeed"``, through
+`DeepSpeedGate`): it pads every expert to the capacity C and runs the expert MLPs on the padding too
+(with capacity factor 1.25, a quarter more expert FLOPs than the routed tokens need), and its equal-split
+all-to-all forces one capacity on every rank.  Here routes are sorted by expert, each expert runs on
+exactly its tokens, and the all-to-all is the uneven ``all_to_all_single`` of ``deepspeed.comm`` on
+DeepSpeed's own expert-parallel group.  bench/moe_layer.py measures both.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+
+def capacity_for(num_routes: int, num_experts: int, capacity_factor: float, min_capacity: int) -> int:
+    """Routes one expert may take: ceil(capacity_factor * routes / experts), at least ``min_capacity``."""
+    return max(int(math.ceil(capacity_factor * num_routes / num_experts)), min_capacity)
+
+
+@dataclass
+class Plan:
+    """Which routes survive the capacity limit, and where each sits in its expert's buffer."""
+
+    keep_R: torch.Tensor  # bool, route order
+    position_R: torch.Tensor  # long: 0-based slot of the route in its expert's queue (route order)
+    order_M: torch.Tensor  # long: kept route ids sorted by expert (stable: priority order within an expert)
+    counts_E: torch.Tensor  # long: kept routes per expert
+    capacity: Optional[int]  # None: dropless
+
+
+def plan_routes(experts_R: torch.Tensor, num_experts: int, capacity: Optional[int]) -> Plan:
+    R = experts_R.numel()
+    order_R = torch.argsort(experts_R, stable=True)
+    counts_E = torch.bincount(experts_R, minlength=num_experts)
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    sorted_e = experts_R[order_R]
+    position_sorted = torch.arange(R, device=experts_R.device) - starts_E[sorted_e]
+    position_R = torch.empty_like(position_sorted).scatter_(0, order_R, position_sorted)
+    if capacity is None:
+        return Plan(torch.ones(R, dtype=torch.bool, device=experts_R.device), position_R, order_R, counts_E, None)
+    keep_sorted = position_sorted < capacity
+    keep_R = position_R < capacity
+    return Plan(keep_R, position_R, order_R[keep_sorted], counts_E.clamp(max=capacity), capacity)
+
+
+class _AllToAllV(torch.autograd.Function):
+    """Uneven all-to-all; its backward is the all-to-all with the splits swapped."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits: List[int], in_splits: List[int], group):
+        import deepspeed.comm as ds_comm
+
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+        ds_comm.all_to_all_single(out, x.contiguous(), output_split_sizes=out_splits, input_split_sizes=in_splits,
+                                  group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        return _AllToAllV.apply(grad.contiguous(), in_splits, out_splits, ctx.group), None, None, None
+
+
+class SortedDispatch:
+    """dispatch -> (experts) -> combine for one forward.  ``dispatch`` returns the expert inputs of the
+    local experts, concatenated expert by expert, and how many rows each has; ``combine`` takes the expert
+    outputs in the same layout back to the tokens."""
+
+    def __init__(self, num_experts: int, ep_size: int, ep_group):
+        self.num_experts, self.ep_size, self.ep_group = num_experts, ep_size, ep_group
+        self.num_local = num_experts // ep_size
+
+    def dispatch(self, X_ND: torch.Tensor, rows_R: torch.Tensor, experts_R: torch.Tensor, plan: Plan):
+        self.plan = plan
+        x_MD = X_ND.index_select(0, rows_R.index_select(0, plan.order_M))
+        if self.ep_size == 1:
+            return x_MD, plan.counts_E.tolist()
+        P, L = self.ep_size, self.num_local
+        send_counts = plan.counts_E.view(P, L)
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts.contiguous(), group=self.ep_group)
+        self.in_splits = send_counts.sum(1).tolist()
+        self.out_splits = recv_counts.sum(1).tolist()
+        recv = _AllToAllV.apply(x_MD, self.out_splits, self.in_splits, self.ep_group)
+        # received rows are source-rank major; regroup them local-expert major for contiguous expert runs
+        local_expert = torch.repeat_interleave(torch.arange(L, device=recv.device).repeat(P), recv_counts.reshape(-1))
+        self.regroup = torch.argsort(local_expert, stable=True)
+        return recv.index_select(0, self.regroup), recv_counts.sum(0).tolist()
+
+    def combine(self, y_MD: torch.Tensor, tokens_R: torch.Tensor, weights_R: torch.Tensor, num_tokens: int):
+        plan = self.plan
+        if self.ep_size > 1:
+            back = torch.empty_like(self.regroup)
+            back[self.regroup] = torch.arange(self.regroup.numel(), device=back.device)
+            y_MD = _AllToAllV.apply(y_MD.index_select(0, back), self.in_splits, self.out_splits, self.ep_group)
+        w_M = weights_R.index_select(0, plan.order_M).to(y_MD.dtype)
+        out_TD = y_MD.new_zeros(num_tokens, y_MD.shape[1])
+        return out_TD.index_add(0, tokens_R.index_select(0, plan.order_M), y_MD * w_M.unsqueeze(1))
+
+
+def agree_capacity(counts_E: torch.Tensor, ep_group) -> int:
+    """Dropless capacity for an equal-split all-to-all: the largest expert load over the ep group."""
+    cap = counts_E.max().reshape(1).clone()
+    if ep_group is not None and dist.get_world_size(ep_group) > 1:
+        dist.all_reduce(cap, op=dist.ReduceOp.MAX, group=ep_group)
+    return int(cap.item())

@@ -1,0 +1,205 @@
+"""The FFN slot of a block: `DenseFFN` (the dense baseline) or `MoELayer` (any router, VQMoE included).
+
+`MoELayer` wraps a real ``deepspeed.moe.layer.MoE``: its experts are DeepSpeed ``Experts`` (marked
+``allreduce=False`` with the expert group name), so the engine builds MoE parameter groups, ZeRO shards
+them, and checkpoints save one file per expert.  The layer's forward, in named steps::
+
+    route    -> who goes where: the router's (and for VQMoE the codebook's) decisions as a RouteGrid
+    dispatch -> capacity, then the tokens to their experts' ranks (DeepSpeed's ep group all-to-all)
+    experts  -> each local expert MLP on exactly its tokens
+    combine  -> back to the tokens' ranks, weighted and summed
+
+VQMoE (eq. 4-5):  f(x) = g_c(x) SMoE(x) + g_d(x) FFN_{code(x) mod N}(x~),  [g_c, g_d] = softmax(W_g x).
+Both paths go through the same dispatch in one all-to-all: the token matrix is X = [x; x~] (2T rows), the
+top-k routes of row t carry weights g_c w_tk, and row T+t carries one route to the code's expert with
+weight g_d.  In ``discrete_only`` mode (eq. 7) only the discrete path runs: one expert per token.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..routers import Router, VQRouter, build_router
+from .config import MoEConfig
+from .dispatch import SortedDispatch, capacity_for, plan_routes
+from .ds_gate import DeepSpeedGate, RouteGrid
+
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+
+
+class ExpertMLP(nn.Module):
+    """One expert (and the dense FFN): Linear -> activation -> dropout -> Linear."""
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, activation: str = "gelu", dropout: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, ffn_hidden_size)
+        self.fc2 = nn.Linear(ffn_hidden_size, hidden_size)
+        self.act = ACTIVATIONS[activation]
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.fc2(self.drop(self.act(self.fc1(x))))
+
+
+class DenseFFN(nn.Module):
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.mlp = ExpertMLP(cfg.hidden_size, cfg.ffn_hidden_size, cfg.activation, cfg.dropout)
+
+    def forward(self, x):
+        return self.mlp(x), x.new_zeros((), dtype=torch.float32)
+
+    def stats(self) -> Dict[str, torch.Tensor]:
+        return {}
+
+
+class MoELayer(nn.Module):
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        from deepspeed.moe.layer import MoE
+
+        self.cfg = cfg
+        E, D = cfg.num_experts, cfg.hidden_size
+        expert = ExpertMLP(D, cfg.ffn_hidden_size, cfg.activation, cfg.dropout)
+        self.moe = MoE(hidden_size=D, expert=expert, num_experts=E, ep_size=cfg.ep_size, k=1,
+                       capacity_factor=cfg.capacity_factor, eval_capacity_factor=cfg.eval_capacity_factor,
+                       min_capacity=cfg.min_capacity, drop_tokens=cfg.drop_tokens)
+        # DeepSpeed's stock TopKGate is replaced: routing is ours, the MoE container and experts stay DeepSpeed's
+        self.moe.deepspeed_moe.gate = DeepSpeedGate(E, cfg.capacity_factor, cfg.eval_capacity_factor,
+                                                    cfg.min_capacity, cfg.drop_tokens)
+        self.discrete = cfg.router in ("vq", "vqmoe")
+        self.continuous = cfg.router != "vq" and not (cfg.router == "vqmoe" and cfg.vqmoe_mode == "discrete_only")
+        self.router: Router = build_router(cfg) if self.continuous else None
+        self.vq_router: VQRouter = build_router(cfg, "vq") if self.discrete else None
+        self.mix = nn.Linear(D, 2) if (self.discrete and self.continuous) else None  # W_g of eq. 5
+        self._stats: Dict[str, torch.Tensor] = {}
+        self.reset_experts(int(torch.randint(0, 2**31 - 1, ()).item()))
+
+    @torch.no_grad()
+    def reset_experts(self, seed: int) -> None:
+        """Give every expert its own initialisation, drawn from (seed, global expert id).
+
+        DeepSpeed's ``Experts`` deep-copies one expert module, so all experts would start identical.  Seeding
+        by the *global* id makes expert e the same tensor whatever the expert-parallel size, so an ep=2 run
+        starts from exactly the model of an ep=1 run.
+        """
+        first = expert_parallel_rank(self.cfg.ep_size) * len(self.experts)
+        for i, expert in enumerate(self.experts):
+            g = torch.Generator().manual_seed(seed * 1_000_003 + first + i)
+            for name, p in expert.named_parameters():
+                if p.is_meta:
+                    continue
+                if name.endswith("weight"):
+                    p.copy_(torch.randn(p.shape, generator=g) * self.cfg.init_std)
+                else:
+                    p.zero_()
+
+    @property
+    def experts(self) -> nn.ModuleList:
+        return self.moe.deepspeed_moe.experts.deepspeed_experts
+
+    @property
+    def ep_group(self):
+        return self.moe.deepspeed_moe.ep_group
+
+    # ---- route ------------------------------------------------------------------------------------------
+    def route(self, x_TD: torch.Tensor):
+        """(X_SD, RouteGrid, aux_loss, stats): the token matrix to dispatch and its routes."""
+        T = x_TD.shape[0]
+        stats, aux = {}, x_TD.new_zeros((), dtype=torch.float32)
+        cont = disc = None
+        if self.continuous:
+            cont = self.router(x_TD)
+            aux = aux + cont.aux_loss
+            stats.update(cont.stats)
+        if self.discrete:
+            disc = self.vq_router(x_TD)
+            aux = aux + disc.aux_loss
+            stats.update(disc.stats)
+        if disc is None:
+            return x_TD, RouteGrid(cont.experts_TK.t(), cont.weights_TK.t()), aux, stats
+        d_in = disc.quantized_TD if self.cfg.discrete_input == "quantized" else x_TD
+        if cont is None:  # discrete only (eq. 7): one route per token, weight 1
+            return d_in, RouteGrid(disc.experts_TK.t(), disc.weights_TK.t()), aux, stats
+        g_T2 = F.softmax(self.mix(x_TD).float(), dim=-1)
+        stats["discrete_gate"] = g_T2[:, 1].mean().detach()
+        w_c, w_d = cont.weights_TK.t() * g_T2[:, 0], g_T2[:, 1].unsqueeze(0)
+        k = cont.experts_TK.shape[1]
+        if self.cfg.discrete_input == "token":  # one matrix, k+1 routes per token
+            grid = RouteGrid(torch.cat([cont.experts_TK.t(), disc.experts_TK.t()]), torch.cat([w_c, w_d]))
+            return x_TD, grid, aux, stats
+        # X = [x; x~]: rows < T carry the k continuous routes, rows >= T the single discrete route
+        experts = torch.zeros(k, 2 * T, dtype=torch.long, device=x_TD.device)
+        weights = torch.zeros(k, 2 * T, dtype=w_c.dtype, device=x_TD.device)
+        valid = torch.zeros(k, 2 * T, dtype=torch.bool, device=x_TD.device)
+        experts[:, :T], experts[0, T:] = cont.experts_TK.t(), disc.experts_TK[:, 0]
+        weights = torch.cat([w_c, torch.cat([w_d, w_c.new_zeros(k - 1, T)])], dim=1)
+        valid[:, :T], valid[0, T:] = True, True
+        return torch.cat([x_TD, d_in]), RouteGrid(experts, weights, valid), aux, stats
+
+    # ---- forward: route -> dispatch -> experts -> combine -------------------------------------------------
+    def forward(self, x: torch.Tensor):
+        D = x.shape[-1]
+        x_TD = x.reshape(-1, D)
+        T = x_TD.shape[0]
+        X_SD, grid, aux, stats = self.route(x_TD)
+        if self.cfg.dispatcher == "deepspeed":
+            y_TD = self._forward_deepspeed(X_SD, grid, T, stats)
+        else:
+            y_TD = self._forward_sorted(X_SD, grid, T, stats)
+        self._stats = stats
+        return y_TD.reshape(x.shape), aux
+
+    def _capacity(self, num_routes: int):
+        if not self.cfg.drop_tokens:
+            return None
+        cf = self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
+        return capacity_for(num_routes, self.cfg.num_experts, cf, self.cfg.min_capacity)
+
+    def _forward_sorted(self, X_SD, grid: RouteGrid, T: int, stats):
+        E, P = self.cfg.num_experts, self.cfg.ep_size
+        rows_R, experts_R, weights_R = grid.flat()
+        plan = plan_routes(experts_R, E, self._capacity(experts_R.numel()))
+        stats["expert_load"] = torch.bincount(experts_R, minlength=E).detach()
+        stats["dropped_fraction"] = (1.0 - plan.keep_R.float().mean()).detach()
+        # dispatch
+        dispatch = SortedDispatch(E, P, self.ep_group if P > 1 else None)
+        x_MD, counts = dispatch.dispatch(X_SD, rows_R, experts_R, plan)
+        # experts: each local expert on exactly its rows
+        outs, start = [], 0
+        for expert, n in zip(self.experts, counts):
+            outs.append(expert(x_MD[start:start + n]))
+            start += n
+        y_MD = torch.cat(outs) if outs else x_MD
+        # combine
+        return dispatch.combine(y_MD, rows_R % T, weights_R, T)
+
+    def _forward_deepspeed(self, X_SD, grid: RouteGrid, T: int, stats):
+        self.moe.deepspeed_moe.gate.pending = grid
+        y_SD, _, exp_counts = self.moe(X_SD)
+        stats["expert_load"] = exp_counts
+        return y_SD.view(-1, T, X_SD.shape[1]).sum(0) if y_SD.shape[0] != T else y_SD
+
+    def stats(self) -> Dict[str, torch.Tensor]:
+        """Detached numbers of the last forward: expert_load (routes per expert, before capacity),
+        dropped_fraction, balance_loss, vq_loss, code_counts, codes_used, discrete_gate, ..."""
+        return dict(self._stats)
+
+
+def expert_parallel_rank(ep_size: int) -> int:
+    """This rank's position in its expert-parallel group, as DeepSpeed lays the groups out by default
+    (``use_data_before_expert_parallel_=False``: consecutive ranks form an ep group).  `DeepSpeedGate`
+    checks it against the real group once DeepSpeed creates it."""
+    import torch.distributed as dist
+
+    if ep_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return 0
+    return dist.get_rank() % ep_size
+
+
+def build_ffn(cfg: MoEConfig) -> nn.Module:
+    return DenseFFN(cfg) if cfg.router == "dense" else MoELayer(cfg)

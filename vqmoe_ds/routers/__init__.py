@@ -1,0 +1,32 @@
+"""Routers behind one interface (`Router.forward(x_TD) -> Routing`): top-k SMoE, XMoE, StableMoE,
+SMoE-Dropout and VQ.  `build_router(cfg)` makes the one a `MoEConfig` names."""
+from .base import Router, Routing, balance_loss, set_step
+from .smoe_dropout import SMoEDropoutRouter
+from .stablemoe import StableMoERouter
+from .topk import TopKRouter
+from .vq import VQRouter
+from .xmoe import XMoERouter
+
+
+def build_router(cfg, kind: str = None):
+    """The continuous router of `cfg` (kind defaults to cfg.router; "vqmoe"'s continuous path is top-k)."""
+    kind = kind or cfg.router
+    d, n = cfg.hidden_size, cfg.num_experts
+    if kind in ("topk", "vqmoe"):
+        return TopKRouter(d, n, cfg.top_k, cfg.balance_loss_coef, cfg.router_jitter)
+    if kind == "xmoe":
+        return XMoERouter(d, n, cfg.top_k, cfg.xmoe_dim, cfg.xmoe_init_temperature, cfg.balance_loss_coef)
+    if kind == "stablemoe":
+        return StableMoERouter(d, n, cfg.top_k, cfg.stablemoe_stage1_steps, cfg.stablemoe_distill_dim,
+                               cfg.stablemoe_distill_coef, cfg.balance_loss_coef)
+    if kind == "smoe_dropout":
+        return SMoEDropoutRouter(d, n, cfg.smoe_dropout_k_start, cfg.smoe_dropout_k_end, cfg.smoe_dropout_k_steps)
+    if kind == "vq":
+        from ..quantizers import build_quantizer
+
+        return VQRouter(build_quantizer(cfg), n, cfg.vq_alpha)
+    raise ValueError(f"unknown router {kind!r}")
+
+
+__all__ = ["Router", "Routing", "balance_loss", "set_step", "build_router", "TopKRouter", "XMoERouter",
+           "StableMoERouter", "SMoEDropoutRouter", "VQRouter"]

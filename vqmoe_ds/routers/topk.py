@@ -1,0 +1,39 @@
+"""Top-k softmax router (the SMoE baseline) with the Switch/GShard balance loss.
+
+scores = softmax(W_e x); each token goes to its k best experts with weights renormalised over the k.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Router, Routing, balance_loss
+
+
+class TopKRouter(Router):
+    def __init__(self, hidden_size: int, num_experts: int, k: int = 2, balance_loss_coef: float = 0.01,
+                 jitter: float = 0.0, normalize: bool = True):
+        super().__init__(num_experts)
+        self.k = k
+        self.balance_loss_coef = balance_loss_coef
+        self.jitter = jitter
+        self.normalize = normalize
+        self.wg = nn.Linear(hidden_size, num_experts, bias=False)
+        nn.init.normal_(self.wg.weight, std=0.02)
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        x_TD = x_TD.float()
+        if self.training and self.jitter > 0:
+            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - self.jitter, 1 + self.jitter)
+        return F.linear(x_TD, self.wg.weight.float())
+
+    def route(self, logits_TE: torch.Tensor, k: int) -> Routing:
+        probs_TE = logits_TE.softmax(-1)
+        top_TK, experts_TK = probs_TE.topk(k, dim=-1)
+        weights_TK = top_TK / top_TK.sum(-1, keepdim=True) if self.normalize else top_TK
+        bal = balance_loss(probs_TE, experts_TK, self.num_experts)
+        return Routing(experts_TK, weights_TK, self.balance_loss_coef * bal, {"balance_loss": bal.detach()})
+
+    def forward(self, x_TD: torch.Tensor) -> Routing:
+        return self.route(self.logits(x_TD), self.k)

@@ -1,0 +1,32 @@
+"""XMoE router: tokens projected to a low-dimensional hypersphere, cosine scores against expert embeddings
+on the same sphere, divided by a learnable temperature; then top-k with the balance loss.
+
+Routing on a small sphere keeps the router from collapsing all token representations toward the expert
+embeddings (the representation-collapse argument of the XMoE paper).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .topk import TopKRouter
+
+
+class XMoERouter(TopKRouter):
+    def __init__(self, hidden_size: int, num_experts: int, k: int = 1, dim: int = 16, init_temperature: float = 0.07,
+                 balance_loss_coef: float = 0.01):
+        super().__init__(hidden_size, num_experts, k, balance_loss_coef)
+        del self.wg
+        self.proj = nn.Linear(hidden_size, dim, bias=False)
+        self.expert_emb = nn.Parameter(torch.empty(num_experts, dim))
+        nn.init.orthogonal_(self.expert_emb, gain=0.32)
+        # temperature is learned in log space so it stays positive
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(init_temperature)))
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        z_TC = F.normalize(self.proj(x_TD.float()), dim=-1)
+        e_EC = F.normalize(self.expert_emb.float(), dim=-1)
+        return (z_TC @ e_EC.t()) / self.log_temperature.exp()
