@@ -1,0 +1,17 @@
+import os
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import deepspeed  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+
+def init():
+    deepspeed.init_distributed(dist_backend=None, verbose=False)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def finish():
+    dist.barrier()
+    dist.destroy_process_group()
