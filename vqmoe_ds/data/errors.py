@@ -1,0 +1,59 @@
+"""The one exception type of the data package, and the input checks every entry point shares.
+
+Why: a bad corpus should stop a run *before* any training starts, with one line that names the file, what
+is wrong with it and how to fix it -- not a traceback from deep inside numpy, zipfile or megatron-core.
+The command-line tools print ``error: <message>`` and exit with status 2 when they catch a ``DataError``.
+"""
+from __future__ import annotations
+
+import codecs
+import os
+
+# How much of a file the text checks look at: enough to catch a binary file or the wrong encoding at once,
+# cheap even for enwik8; the rest is checked block by block while it is read.
+SNIFF_BYTES = 1 << 16
+
+
+class DataError(ValueError):
+    """Bad data input.  The message is one line naming the file, the problem and the fix."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split("\n")))
+
+
+def require_file(path: str, what: str = "input file", fix: str = "check the path") -> str:
+    """Return ``path`` if it is an existing, non-empty regular file; else raise a one-line ``DataError``."""
+    if not os.path.exists(path):
+        raise DataError(f"{what} {path} does not exist: {fix}")
+    if not os.path.isfile(path):
+        raise DataError(f"{what} {path} is not a regular file: {fix}")
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{what} {path} is empty: {fix}")
+    return path
+
+
+def require_text_file(path: str, utf8: bool = True, what: str = "text file",
+                      fix: str = "give a plain-text corpus (one document or sentence per line)") -> str:
+    """Check that ``path`` exists, is non-empty and looks like text.
+
+    A NUL byte in the first 64 KiB means binary data (no text corpus has one).  With ``utf8`` the head must
+    also decode as UTF-8 (a multi-byte character cut by the sniff window is allowed).  Byte-level corpora
+    (enwik8) are checked with ``utf8=False`` since any byte is a valid token there.
+    """
+    require_file(path, what, fix)
+    with open(path, "rb") as f:
+        head = f.read(SNIFF_BYTES)
+    if b"\x00" in head:
+        raise DataError(f"{what} {path} is not text (it contains NUL bytes at offset {head.index(0)}): {fix}")
+    if utf8:
+        check_utf8(head, path, 0, final=False)
+    return path
+
+
+def check_utf8(data: bytes, path: str, offset: int, final: bool = True) -> str:
+    """Decode ``data`` (read from ``path`` at byte ``offset``) as UTF-8, or raise a ``DataError`` saying where."""
+    try:
+        return codecs.getincrementaldecoder("utf-8")().decode(data, final=final)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (bad byte at offset {offset + e.start}): convert it to UTF-8 "
+                        f"or use --tokenizer byte") from None

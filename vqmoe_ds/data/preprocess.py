@@ -1,0 +1,218 @@
+"""Tokenize text corpora into megatron-core's indexed format (.bin/.idx), over several processes.
+
+Why this shape: the corpora are large (enwik8 100 MB, WikiText-103 540 MB, lm1b 4 GB) and one core is slow,
+so the file is cut into blocks of about ``block_bytes`` at places the tokenizer allows (any byte for bytes,
+a character boundary for chars, a line end for words and sentencepiece), the blocks are tokenized by a
+``multiprocessing`` pool, and the results are written *in order* by megatron-core's ``IndexedDatasetBuilder``.
+At most ``4 x workers`` blocks are in flight, so memory stays bounded whatever the corpus size.
+
+Layout written for ``output_prefix=P`` (the ``--data-path`` the training driver takes)::
+
+    P.tokenizer.json         TokenizerMeta (kind, vocab size, dtype, special ids, vocab file)
+    P.vocab.txt              word-level vocabulary, one token per line (word only)
+    P.<split>.bin / .idx     tokens of each split; one megatron "document" per block, one sequence per line
+
+Vocabularies (char alphabet, word counts) are built on the train split only.
+"""
+from __future__ import annotations
+
+import collections
+import multiprocessing as mp
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, Optional, Tuple
+
+import numpy as np
+
+from .errors import DataError, require_text_file
+from .metadata import TokenizerMeta, choose_dtype
+from .tokenizers import ByteTokenizer, CharTokenizer, Tokenizer, WordTokenizer
+from .tokenizers.word import count_words
+
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass
+class PreprocessConfig:
+    tokenizer: str = "byte"  # byte | char | word | sentencepiece
+    workers: int = 1
+    block_bytes: int = 1 << 20
+    min_count: int = 1  # word: rarer train words become <unk>
+    sp_model: Optional[str] = None  # sentencepiece: the .model from tools/train_tokenizer.py
+    dtype: Optional[str] = None  # token dtype of the .bin; None: the smallest that holds the vocabulary
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.tokenizer not in ("byte", "char", "word", "sentencepiece"):
+            raise DataError(f"unknown --tokenizer {self.tokenizer!r}: choose byte, char, word or sentencepiece")
+        if self.workers < 1:
+            raise DataError(f"--workers {self.workers} must be >= 1")
+        if self.block_bytes < 16:
+            raise DataError(f"block_bytes={self.block_bytes} must be >= 16")
+        if self.tokenizer == "sentencepiece" and not self.sp_model:
+            raise DataError("--tokenizer sentencepiece needs --sp-model (train one with tools/train_tokenizer.py)")
+
+
+def iter_blocks(path: str, block_bytes: int, cut: str) -> Iterator[Tuple[int, bytes]]:
+    """Yield ``(offset, block)`` covering the file exactly, each block ending where ``cut`` allows."""
+    offset, carry = 0, b""
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(block_bytes)
+            eof = not data
+            buf = carry + data
+            if eof:
+                if buf:
+                    yield offset, buf
+                return
+            if cut == "any":
+                c = len(buf)
+            elif cut == "utf8":  # do not end inside a multi-byte character: back off over continuation bytes
+                c = len(buf) - 1
+                while c > 0 and (buf[c] & 0xC0) == 0x80:
+                    c -= 1
+                if c == 0:
+                    c = len(buf)
+            else:  # "line"
+                c = buf.rfind(b"\n") + 1
+                if c == 0:  # a line longer than the block: read on
+                    carry = buf
+                    continue
+            yield offset, buf[:c]
+            offset += c
+            carry = buf[c:]
+
+
+# ---- the worker side: one tokenizer per process, set up once by the pool initializer ----
+_WORKER_TOKENIZER: Optional[Tokenizer] = None
+
+
+def _init_worker(tokenizer):
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = tokenizer
+
+
+def _encode_task(task):
+    path, offset, block, dtype = task
+    tokens, lengths = _WORKER_TOKENIZER.encode_block(block, path, offset)
+    return tokens.astype(dtype), lengths, len(block)
+
+
+def _count_task(task):
+    path, offset, block = task
+    return count_words(block, path, offset), len(block)
+
+
+def _alphabet_task(task):
+    path, offset, block = task
+    from .errors import check_utf8
+    return frozenset(check_utf8(block, path, offset)), len(block)
+
+
+def ordered_map(fn: Callable, tasks, workers: int, tokenizer=None, total: Optional[int] = None,
+                desc: str = "", progress: bool = True):
+    """``map(fn, tasks)`` in order over a process pool, holding at most 4 x workers tasks in flight.
+
+    Every result's last element is the number of input bytes it covered (for the tqdm bar).
+    """
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, leave=False)
+    try:
+        if workers == 1:
+            _init_worker(tokenizer)
+            for t in tasks:
+                r = fn(t)
+                bar.update(r[-1])
+                yield r
+            return
+        # spawn, not fork: the parent may hold torch/OpenMP threads, which fork does not copy safely.
+        with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
+            pending = collections.deque()
+            it = iter(tasks)
+            for t in it:
+                pending.append(pool.apply_async(fn, (t,)))
+                if len(pending) >= 4 * workers:
+                    r = pending.popleft().get()
+                    bar.update(r[-1])
+                    yield r
+            while pending:
+                r = pending.popleft().get()
+                bar.update(r[-1])
+                yield r
+    finally:
+        bar.close()
+
+
+def build_tokenizer(cfg: PreprocessConfig, train_path: Optional[str]) -> Tokenizer:
+    """The tokenizer for ``cfg``; char alphabets and word vocabularies are counted on ``train_path``."""
+    if cfg.tokenizer == "byte":
+        return ByteTokenizer()
+    if cfg.tokenizer == "sentencepiece":
+        from .tokenizers.sentencepiece import SentencePieceTokenizer
+        return SentencePieceTokenizer(cfg.sp_model)
+    if train_path is None:
+        raise DataError(f"--tokenizer {cfg.tokenizer} builds its vocabulary on the train split, but no train "
+                        f"file was given: pass --input DIR with train.txt or --train FILE")
+    if cfg.tokenizer == "char":
+        tasks = ((train_path, o, b) for o, b in iter_blocks(train_path, cfg.block_bytes, "utf8"))
+        alphabet = set()
+        for chars, _ in ordered_map(_alphabet_task, tasks, cfg.workers, total=os.path.getsize(train_path),
+                                    desc="alphabet", progress=cfg.progress):
+            alphabet |= chars
+        return CharTokenizer("".join(sorted(alphabet)))
+    tasks = ((train_path, o, b) for o, b in iter_blocks(train_path, cfg.block_bytes, "line"))
+    counts = collections.Counter()
+    for c, _ in ordered_map(_count_task, tasks, cfg.workers, total=os.path.getsize(train_path),
+                            desc="vocab", progress=cfg.progress):
+        counts.update(c)
+    return WordTokenizer.build(counts, cfg.min_count)
+
+
+def tokenize_file(path: str, tokenizer: Tokenizer, prefix: str, dtype: str, workers: int = 1,
+                  block_bytes: int = 1 << 20, progress: bool = True) -> int:
+    """Write ``path`` tokenized as ``prefix.bin``/``prefix.idx``; return the number of tokens."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    np_dtype = np.dtype(dtype).type
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np_dtype)
+    n_tokens = 0
+    tasks = ((path, o, b, np_dtype) for o, b in iter_blocks(path, block_bytes, tokenizer.block_cut))
+    try:
+        for tokens, lengths, _ in ordered_map(_encode_task, tasks, workers, tokenizer, os.path.getsize(path),
+                                              desc=os.path.basename(path), progress=progress):
+            if tokens.size:
+                builder.add_document(tokens, lengths)
+                n_tokens += tokens.size
+    except BaseException:
+        builder.data_file.close()
+        for p in (prefix + ".bin", prefix + ".idx"):
+            if os.path.exists(p):
+                os.remove(p)
+        raise
+    builder.finalize(prefix + ".idx")
+    return n_tokens
+
+
+def preprocess_corpus(splits: Dict[str, str], output_prefix: str, cfg: PreprocessConfig) -> TokenizerMeta:
+    """Tokenize every ``{split: text file}`` into ``output_prefix.<split>.bin/.idx`` with one tokenizer.
+
+    All inputs are checked (exist, non-empty, text) before anything is written.
+    """
+    if not splits:
+        raise DataError("no input files: pass --input DIR (with train.txt/valid.txt/test.txt) or --train FILE")
+    for name, path in splits.items():
+        require_text_file(path, utf8=cfg.tokenizer != "byte", what=f"{name} split",
+                          fix="give the text file get_data.py wrote (or your own UTF-8 corpus)")
+    out_dir = os.path.dirname(os.path.abspath(output_prefix))
+    os.makedirs(out_dir, exist_ok=True)
+    tok = build_tokenizer(cfg, splits.get("train"))
+    dtype = choose_dtype(tok.vocab_size, cfg.dtype)
+    meta = tok.to_metadata(dtype)
+    if isinstance(tok, WordTokenizer):
+        meta.vocab_file = os.path.abspath(output_prefix + ".vocab.txt")
+        tok.save(meta.vocab_file)
+    meta.save(output_prefix + ".tokenizer.json")
+    for name, path in splits.items():
+        tokenize_file(path, tok, f"{output_prefix}.{name}", dtype, cfg.workers, cfg.block_bytes, cfg.progress)
+    return meta
