@@ -1,0 +1,60 @@
+"""Parameter counts of the named configs, built on the meta device, against hand-written formulas."""
+import pytest
+import torch
+
+from vqmoe_ds.models import build_model, count_params, flops_per_token, named_config
+from vqmoe_ds.moe import ConfigError
+
+
+def hand_count(V, D, L, F, E, K_code, T, active_routes, tied=True, router="vqmoe"):
+    ln = 2 * D
+    attn = D * 3 * D + 3 * D + D * D + D
+    expert = D * F + F + F * D + D
+    rtr = D * E + (K_code * D + 2 * D + 2 if router == "vqmoe" else 0)  # W_r, codebook, mixing gate W_g
+    emb = V * D + T * D + (0 if tied else V * D)
+    non_expert = emb + L * (attn + 2 * ln + rtr) + ln
+    return non_expert + L * E * expert, non_expert + L * active_routes * expert
+
+
+@pytest.mark.parametrize("name,hand", [
+    ("base", dict(V=256, D=256, L=4, F=512, E=16, K_code=16, T=512, active_routes=3)),
+    ("large", dict(V=256, D=512, L=12, F=1024, E=16, K_code=16, T=512, active_routes=3)),
+    ("olmoe", dict(V=50304, D=2048, L=16, F=1024, E=64, K_code=0, T=4096, active_routes=8, tied=False,
+                   router="topk")),
+])
+def test_named_counts_match_formula_and_meta_model(name, hand):
+    cfg = named_config(name)
+    total, active = hand_count(**hand)
+    c = count_params(cfg)
+    assert (c["total"], c["active"]) == (total, active)
+    model = build_model(cfg, "meta")
+    assert all(p.is_meta for p in model.parameters())
+    assert sum(p.numel() for p in model.parameters()) == total
+
+
+def test_sizes_are_the_advertised_ones():
+    assert 17e6 < count_params(named_config("base"))["total"] < 21e6  # ~20M
+    assert 200e6 < count_params(named_config("large"))["total"] < 220e6  # ~210M
+    olmoe = count_params(named_config("olmoe"))
+    assert 4.7e9 < olmoe["total"] < 4.9e9 and 1.0e9 < olmoe["active"] < 1.05e9
+
+
+def test_txl_count_matches_model():
+    cfg = named_config("base", model="txl", mem_len=512)
+    model = build_model(cfg, "meta")
+    assert sum(p.numel() for p in model.parameters()) == count_params(cfg)["total"]
+
+
+def test_flops_per_token_dense_gpt_by_hand():
+    cfg = named_config("tiny", moe={"router": "dense"})
+    D, L, F, V, T = 64, 2, 128, 256, 64
+    matmul = L * (4 * D * D + 4 * D + 2 * D * F + F + D + 4 * D) + 2 * D + V * D  # biases and LNs included
+    assert flops_per_token(cfg) == 6 * matmul + 3 * L * 4 * D * T
+
+
+def test_bad_model_settings_raise_one_line():
+    for kw, word in [(dict(n_head=5), "divisible"), (dict(moe_layers="0,9"), "outside"),
+                     (dict(mem_len=4), "txl")]:
+        with pytest.raises(ConfigError) as e:
+            named_config("tiny", **kw)
+        assert word in str(e.value) and "\n" not in str(e.value)

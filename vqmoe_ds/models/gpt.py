@@ -1,0 +1,86 @@
+"""GPT with MoE / VQMoE feed-forward layers (pre-LayerNorm, Megatron-style fused QKV, causal SDPA).
+
+    idx_BT -> wte + wpe -> [Block] x n_layer -> ln_f -> lm_head -> logits_BTV
+
+A block is two residual lines; the FFN slot is whatever `MoEConfig.build()` returns for that layer (dense
+FFN or an MoE layer with any router) and also returns its auxiliary loss, summed over the blocks.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .common import estimate_mfu, flops_per_token, init_weights
+from .configs import ModelConfig
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.dropout = cfg.n_head, cfg.attn_dropout
+        self.c_attn = nn.Linear(cfg.d_model, 3 * cfg.d_model)  # fused QKV
+        self.c_proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x_BTD):
+        B, T, D = x_BTD.shape
+        q, k, v = self.c_attn(x_BTD).split(D, dim=2)
+        q_BHTd, k_BHTd, v_BHTd = (t.view(B, T, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y_BHTd = F.scaled_dot_product_attention(q_BHTd, k_BHTd, v_BHTd, is_causal=True,
+                                                dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_drop(self.c_proj(y_BHTd.transpose(1, 2).reshape(B, T, D)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.attn = CausalSelfAttention(cfg)
+        self.ffn = cfg.moe_config(layer).build()
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x_BTD):
+        x_BTD = x_BTD + self.attn(self.ln1(x_BTD))
+        y_BTD, aux = self.ffn(self.ln2(x_BTD))
+        return x_BTD + self.drop(y_BTD), aux
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        assert cfg.model == "gpt"
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.seq_len, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        init_weights(self, cfg.init_std, cfg.n_layer)
+
+    def forward(self, idx_BT, targets_BT=None, mems=None):
+        """(logits_BTV, loss, aux, mems): loss = mean NLL over targets (None without targets), aux = the
+        summed, already weighted auxiliary losses of the MoE layers; GPT keeps no memory (mems is None)."""
+        B, T = idx_BT.shape
+        if T > self.cfg.seq_len:
+            raise ValueError(f"sequence of {T} tokens is longer than the model's context {self.cfg.seq_len}")
+        pos_T = torch.arange(T, device=idx_BT.device)
+        x_BTD = self.drop(self.wte(idx_BT) + self.wpe(pos_T))
+        aux = x_BTD.new_zeros((), dtype=torch.float32)
+        for block in self.blocks:
+            x_BTD, a = block(x_BTD)
+            aux = aux + a
+        logits_BTV = self.lm_head(self.ln_f(x_BTD))
+        loss = None
+        if targets_BT is not None:
+            loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten())
+        return logits_BTV, loss, aux, None
+
+    def flops_per_token(self) -> float:
+        return flops_per_token(self.cfg)
+
+    def estimate_mfu(self, tokens_per_second: float, peak_flops: float) -> float:
+        return estimate_mfu(self.cfg, tokens_per_second, peak_flops)
