@@ -9,7 +9,7 @@ preprocessing appends to every line) and no padding id.  Very large corpora are 
 (--input-sentence-size lines, shuffled) as SentencePiece recommends.
 """
 import argparse
-import io
+import tempfile
 import os
 import sys
 
@@ -29,7 +29,7 @@ def train(inputs, model_prefix, vocab_size, model_type="bpe", character_coverage
     for f in inputs:
         require_text_file(f, what="tokenizer training file", fix="give the train split's text file")
     os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
-    log = io.StringIO()
+    log = tempfile.TemporaryFile("w+")  # sentencepiece writes its log to a real file descriptor
     try:
         spm.SentencePieceTrainer.train(
             input=",".join(inputs), model_prefix=model_prefix, vocab_size=vocab_size, model_type=model_type,
@@ -41,6 +41,8 @@ def train(inputs, model_prefix, vocab_size, model_type="bpe", character_coverage
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise DataError(f"sentencepiece could not train on {','.join(inputs)} ({msg}): lower --vocab-size or give "
                         f"more text") from None
+    finally:
+        log.close()
     return model_prefix + ".model"
 
 

@@ -25,7 +25,7 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 import numpy as np
 
 from .errors import DataError, require_text_file
-from .metadata import TokenizerMeta, choose_dtype
+from .metadata import TOKEN_DTYPES, TokenizerMeta, choose_dtype
 from .tokenizers import ByteTokenizer, CharTokenizer, Tokenizer, WordTokenizer
 from .tokenizers.word import count_words
 
@@ -49,6 +49,8 @@ class PreprocessConfig:
             raise DataError(f"--workers {self.workers} must be >= 1")
         if self.block_bytes < 16:
             raise DataError(f"block_bytes={self.block_bytes} must be >= 16")
+        if self.dtype is not None and self.dtype not in TOKEN_DTYPES:
+            raise DataError(f"--dtype {self.dtype} is not supported: choose one of {', '.join(TOKEN_DTYPES)}")
         if self.tokenizer == "sentencepiece" and not self.sp_model:
             raise DataError("--tokenizer sentencepiece needs --sp-model (train one with tools/train_tokenizer.py)")
 
