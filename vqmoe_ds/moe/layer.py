@@ -169,12 +169,9 @@ class MoELayer(nn.Module):
         # dispatch
         dispatch = SortedDispatch(E, P, self.ep_group if P > 1 else None)
         x_MD, counts = dispatch.dispatch(X_SD, rows_R, experts_R, plan)
-        # experts: each local expert on exactly its rows
-        outs, start = [], 0
-        for expert, n in zip(self.experts, counts):
-            outs.append(expert(x_MD[start:start + n]))
-            start += n
-        y_MD = torch.cat(outs) if outs else x_MD
+        # experts: each local expert on exactly its rows (split, not slicing: its backward is one cat instead
+        # of a full-size zero tensor per expert)
+        y_MD = torch.cat([expert(x_nD) for expert, x_nD in zip(self.experts, torch.split(x_MD, counts))])
         # combine
         return dispatch.combine(y_MD, rows_R % T, weights_R, T)
 
