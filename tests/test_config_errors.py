@@ -31,3 +31,11 @@ def test_bad_argument_one_line_error(kw, needle):
 def test_config_error_is_a_value_error():
     with pytest.raises(ValueError):
         MoEConfig(**BASE, router="nope")
+
+
+def test_ep_layer_without_expert_parallel_group_names_the_fix():
+    import torch
+
+    layer = MoEConfig(**BASE, num_experts=4, ep_size=2).build()
+    with pytest.raises(RuntimeError, match="deepspeed.initialize"):
+        layer(torch.randn(4, 16))

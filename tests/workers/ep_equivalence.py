@@ -7,6 +7,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from vqmoe_ds.moe import MoEConfig  # noqa: E402
+from vqmoe_ds.parallel import setup_expert_parallel  # noqa: E402
 
 CASES = {
     "top2": dict(router="topk", top_k=2, balance_loss_coef=0.0),
@@ -28,7 +29,7 @@ def main(case, dispatcher, out_path):
                         dispatcher=dispatcher, **CASES[case])
         layers[ep] = cfg.build()
         if ep > 1:
-            layers[ep].moe.set_deepspeed_parallelism()
+            setup_expert_parallel(layers[ep])
     ref, par = layers[1], layers[world]
     # full batch through ep=1 (every rank computes it), local half through ep=2
     x1 = x_full.clone().requires_grad_(True)

@@ -167,6 +167,10 @@ class MoELayer(nn.Module):
         stats["expert_load"] = torch.bincount(experts_R, minlength=E).detach()
         stats["dropped_fraction"] = (1.0 - plan.keep_R.float().mean()).detach()
         # dispatch
+        if P > 1 and self.ep_group is None:
+            raise RuntimeError(f"MoE layer with ep_size={P} has no expert-parallel group yet: create the DeepSpeed "
+                               f"engine (deepspeed.initialize) or call vqmoe_ds.parallel.setup_expert_parallel(model) "
+                               f"before the first forward")
         dispatch = SortedDispatch(E, P, self.ep_group if P > 1 else None)
         x_MD, counts = dispatch.dispatch(X_SD, rows_R, experts_R, plan)
         # experts: each local expert on exactly its rows (split, not slicing: its backward is one cat instead
