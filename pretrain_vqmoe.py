@@ -1,0 +1,18 @@
+#!/usr/bin/env python
+"""Pretrain a GPT or Transformer-XL language model with MoE / VQMoE layers on DeepSpeed.
+
+    torchrun --nproc_per_node=2 pretrain_vqmoe.py --config tiny --router vqmoe --moe-expert-parallel-size 2 \
+        --deepspeed_config ds_configs/cpu_fp32.json --train-iters 200 --out-dir runs/tiny
+
+Also runs under ``deepspeed --num_gpus N`` and ``mpirun -np N``.  See docs/training.md.
+"""
+import os
+import sys
+
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/vqmoe_ds/torch_extensions"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from vqmoe_ds.training.trainer import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

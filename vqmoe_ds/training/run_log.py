@@ -1,0 +1,96 @@
+"""What a run writes while it trains: a tqdm bar (rank 0), TensorBoard scalars and one JSON line per log
+step in ``OUT_DIR/log.jsonl`` (rank 0), and the MoE statistics summed over all ranks."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..models import moe_stats
+
+
+def gather_moe_stats(model) -> List[Dict[str, Any]]:
+    """Per MoE layer: counts summed over all ranks (expert_load, code_counts), scalars averaged.
+
+    Collective (all ranks call it at the same steps).  Every rank's layers expose the same keys."""
+    layers = moe_stats(model)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    out = []
+    for st in layers:
+        row: Dict[str, Any] = {}
+        for key in sorted(st):
+            t = st[key].detach().to(torch.float64).reshape(-1).clone()
+            if world > 1:
+                dist.all_reduce(t)
+            counts = key in ("expert_load", "code_counts")
+            if not counts:
+                t = t / world
+            row[key] = t.tolist() if t.numel() > 1 or counts else t.item()
+        out.append(row)
+    return out
+
+
+class RunLog:
+    def __init__(self, out_dir: str, rank: int, total_steps: int, start_step: int = 0, progress: bool = True,
+                 tensorboard: bool = True):
+        self.rank, self.out_dir = rank, out_dir
+        self.bar = self.tb = self.jsonl = None
+        if rank != 0:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        self.jsonl = open(os.path.join(out_dir, "log.jsonl"), "a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+    def write(self, record: Dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
+        record = {"time": time.time(), **record}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            step, kind = record.get("step", 0), record.get("kind", "train")
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "time") and math.isfinite(v):
+                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+            for i, layer in enumerate(record.get("moe", [])):
+                for k, v in layer.items():
+                    if isinstance(v, float):
+                        self.tb.add_scalar(f"moe_layer{i}/{k}", v, step)
+                    elif k in ("expert_load", "code_counts") and sum(v) > 0:
+                        used = sum(1 for c in v if c > 0)
+                        self.tb.add_scalar(f"moe_layer{i}/{k}_max_share", max(v) / sum(v), step)
+                        self.tb.add_scalar(f"moe_layer{i}/{k}_used", used, step)
+
+    def progress(self, steps: int, **postfix) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+            self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
+                                 refresh=False)
+
+    def info(self, msg: str) -> None:
+        if self.rank == 0:
+            if self.bar is not None:
+                self.bar.write(msg)
+            else:
+                print(msg, flush=True)
+
+    def close(self) -> None:
+        if self.rank != 0:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        self.jsonl.close()
