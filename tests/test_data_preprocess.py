@@ -200,8 +200,11 @@ def test_non_utf8_deep_in_file_names_offset(tmp_path):
 
 def test_char_unknown_in_valid(tmp_path):
     splits = _splits(tmp_path, "abc abc\n", valid="abd\n")
-    with pytest.raises(DataError, match="'d' is not in the training alphabet"):
+    with pytest.raises(DataError, match="'d' of the valid split are not in the train alphabet"):
         preprocess_corpus(splits, str(tmp_path / "c"), PreprocessConfig(tokenizer="char", progress=False))
+    assert not (tmp_path / "c.train.bin").exists()  # refused before anything was written
+    with pytest.raises(DataError, match="'d' is not in the training alphabet"):
+        CharTokenizer(" abc").encode("abd")
 
 
 def test_idx_without_bin_and_size_mismatch(tmp_path):

@@ -146,6 +146,15 @@ def ordered_map(fn: Callable, tasks, workers: int, tokenizer=None, total: Option
         bar.close()
 
 
+def _alphabet(path: str, cfg: PreprocessConfig) -> set:
+    tasks = ((path, o, b) for o, b in iter_blocks(path, cfg.block_bytes, "utf8"))
+    alphabet = set()
+    for chars, _ in ordered_map(_alphabet_task, tasks, cfg.workers, total=os.path.getsize(path),
+                                desc="alphabet", progress=cfg.progress):
+        alphabet |= chars
+    return alphabet
+
+
 def build_tokenizer(cfg: PreprocessConfig, train_path: Optional[str]) -> Tokenizer:
     """The tokenizer for ``cfg``; char alphabets and word vocabularies are counted on ``train_path``."""
     if cfg.tokenizer == "byte":
@@ -157,12 +166,7 @@ def build_tokenizer(cfg: PreprocessConfig, train_path: Optional[str]) -> Tokeniz
         raise DataError(f"--tokenizer {cfg.tokenizer} builds its vocabulary on the train split, but no train "
                         f"file was given: pass --input DIR with train.txt or --train FILE")
     if cfg.tokenizer == "char":
-        tasks = ((train_path, o, b) for o, b in iter_blocks(train_path, cfg.block_bytes, "utf8"))
-        alphabet = set()
-        for chars, _ in ordered_map(_alphabet_task, tasks, cfg.workers, total=os.path.getsize(train_path),
-                                    desc="alphabet", progress=cfg.progress):
-            alphabet |= chars
-        return CharTokenizer("".join(sorted(alphabet)))
+        return CharTokenizer("".join(sorted(_alphabet(train_path, cfg))))
     tasks = ((train_path, o, b) for o, b in iter_blocks(train_path, cfg.block_bytes, "line"))
     counts = collections.Counter()
     for c, _ in ordered_map(_count_task, tasks, cfg.workers, total=os.path.getsize(train_path),
@@ -209,6 +213,13 @@ def preprocess_corpus(splits: Dict[str, str], output_prefix: str, cfg: Preproces
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     os.makedirs(out_dir, exist_ok=True)
     tok = build_tokenizer(cfg, splits.get("train"))
+    if isinstance(tok, CharTokenizer):  # find characters valid/test lack in train now, not after writing train
+        for name, path in splits.items():
+            if name != "train":
+                extra = _alphabet(path, cfg) - set(tok.chars)
+                if extra:
+                    raise DataError(f"{path}: character(s) {''.join(sorted(extra))[:20]!r} of the {name} split are not "
+                                    f"in the train alphabet of {tok.vocab_size} characters: use --tokenizer byte")
     dtype = choose_dtype(tok.vocab_size, cfg.dtype)
     meta = tok.to_metadata(dtype)
     if isinstance(tok, WordTokenizer):
