@@ -1,0 +1,28 @@
+"""Save -> load resume at 2 ranks (ep_size=2, ZeRO 1): the resumed run continues the uninterrupted one."""
+import json
+import os
+
+from test_launchers import records, run, tiny_args
+
+from vqmoe_ds.training.launch import free_port, torchrun_cmd
+
+
+def test_resume_continues_the_same_run(tmp_path):
+    full = tmp_path / "full"
+    run(torchrun_cmd(2, tiny_args(full, "--save-interval", "10"), free_port()), tmp_path)
+    ckpts = full / "checkpoints"
+    assert (ckpts / "step10").is_dir() and (ckpts / "step20").is_dir()
+    (ckpts / "latest").write_text("step10")  # resume from the middle of the run
+    resumed = tmp_path / "resumed"
+    run(torchrun_cmd(2, tiny_args(resumed, "--load", str(ckpts), "--save", str(tmp_path / "ck2")), free_port()),
+        tmp_path)
+    a = {r["step"]: r for r in records(full, "train")}
+    b = {r["step"]: r for r in records(resumed, "train")}
+    assert sorted(b) == list(range(11, 21))  # starts at step 11: step, data position restored
+    for s in range(11, 21):
+        assert abs(a[s]["loss"] - b[s]["loss"]) < 1e-4, (s, a[s]["loss"], b[s]["loss"])
+        assert abs(a[s]["lr"] - b[s]["lr"]) < 1e-12  # scheduler restored
+    va, vb = records(full, "valid")[-1], records(resumed, "valid")[-1]
+    assert abs(va["loss"] - vb["loss"]) < 1e-4
+    with open(os.path.join(resumed, "config.json")) as f:
+        assert json.load(f)["args"]["load"] == str(ckpts)

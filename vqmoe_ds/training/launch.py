@@ -1,0 +1,59 @@
+"""Starting the driver on several local processes (the demo, tests, benchmarks) and cleaning up after the
+launchers: ``torchrun`` leaves ``torchelastic_*`` folders in ``$TMPDIR``, the ``deepspeed`` launcher leaves
+``/dev/shm/deepspeed_*`` buffers (66 MiB per rank per run)."""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import sys
+from typing import Dict, List, Optional, Sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DRIVER = os.path.join(ROOT, "pretrain_vqmoe.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bin_path(name: str) -> str:
+    """A console script of this Python's environment (torchrun, deepspeed), else the one on PATH."""
+    cand = os.path.join(os.path.dirname(sys.executable), name)
+    return cand if os.path.exists(cand) else (shutil.which(name) or name)
+
+
+def env_for_ranks(tmpdir: Optional[str] = None, threads: int = 1) -> Dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/vqmoe_ds/torch_extensions"))
+    env["OMP_NUM_THREADS"] = str(threads)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    if tmpdir:
+        env["TMPDIR"] = tmpdir
+    return env
+
+
+def torchrun_cmd(nproc: int, args: Sequence[str], port: int, script: str = DRIVER) -> List[str]:
+    return [bin_path("torchrun"), f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={port}",
+            script, *args]
+
+
+def shm_files() -> set:
+    return set(glob.glob("/dev/shm/deepspeed_*"))
+
+
+def remove_new_shm(before: set) -> List[str]:
+    """Remove the /dev/shm/deepspeed_* files that appeared since ``before`` (only those: other runs may be live)."""
+    gone = []
+    for f in sorted(shm_files() - before):
+        try:
+            os.remove(f)
+            gone.append(f)
+        except OSError:
+            pass
+    return gone
