@@ -1,0 +1,118 @@
+#!/usr/bin/env python
+"""Speed of a full training step (forward, backward, optimizer; the driver's own `Trainer.train_step`) per
+router, on the tiny and base shapes, at 1 rank and at 2 ranks with expert parallelism 2.
+
+Reports tokens/s and achieved FLOP/s (`flops_per_token` x tokens/s) and divides the latter by the fp32
+matmul peak of the same cores, measured in the same run with torch.mm (1 thread per rank, as the ranks run).
+
+    python bench/train_step.py [--shapes tiny base] [--routers dense topk xmoe stablemoe smoe_dropout vqmoe]
+                               [--steps 5] [--warmup 2]
+
+Numbers are only meaningful on an otherwise idle machine; nothing here is asserted.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/vqmoe_ds/torch_extensions"))
+
+SHAPES = {  # driver flags of each shape
+    "tiny": ["--config", "tiny", "--micro-batch-size", "8"],
+    "base": ["--config", "base", "--seq-length", "256", "--micro-batch-size", "4"],
+}
+
+
+def mm_peak(threads: int, n: int = 1024, reps: int = 10) -> float:
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+def worker(args):
+    import torch.distributed as dist
+
+    from vqmoe_ds.training.arguments import parse_args
+    from vqmoe_ds.training.trainer import Trainer
+
+    results = []
+    for router in args.routers:
+        extra = ["--moe-expert-parallel-size", str(args.ep)] if router != "dense" else []
+        argv = SHAPES[args.shape] + ["--router", router, *extra, "--train-iters", str(args.warmup + args.steps + 1),
+                                     "--corpus-bytes", "400000", "--no-progress", "--no-plots",
+                                     "--out-dir", os.path.join(args.tmp, router), "--deepspeed_config",
+                                     os.path.join(ROOT, "ds_configs", "cpu_fp32.json")]
+        tr = Trainer(parse_args(argv))
+        for _ in range(args.warmup):
+            tr.train_step()
+        dist.barrier()
+        t = time.perf_counter()
+        tokens = 0
+        for _ in range(args.steps):
+            tokens += tr.train_step()[2]
+        dist.barrier()
+        dt = time.perf_counter() - t
+        results.append({"router": router, "tokens_per_s": tokens / dt, "flops_per_s": tokens / dt * tr.flops_per_token,
+                        "step_s": dt / args.steps, "tokens_per_step": tokens // args.steps})
+        tr.log.close()
+    if dist.get_rank() == 0:
+        print("RESULT " + json.dumps(results), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--routers", nargs="+", default=["dense", "topk", "xmoe", "stablemoe", "smoe_dropout", "vqmoe"])
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--shape", help=argparse.SUPPRESS)
+    p.add_argument("--ep", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--tmp", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+    from vqmoe_ds.training.launch import env_for_ranks, free_port, remove_new_shm, shm_files, torchrun_cmd
+
+    peak1 = mm_peak(1)
+    print(f"torch.mm fp32 peak: {peak1 / 1e9:.1f} GFLOP/s on 1 thread (x ranks = the peak of a run)")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in args.shapes:
+            for ranks in (1, 2):
+                cmd = torchrun_cmd(ranks, ["--worker", "--shape", shape, "--ep", str(ranks), "--tmp", tmp,
+                                           "--steps", str(args.steps), "--warmup", str(args.warmup),
+                                           "--routers", *args.routers], free_port(), script=os.path.abspath(__file__))
+                before = shm_files()
+                r = subprocess.run(cmd, env=env_for_ranks(tmp), capture_output=True, text=True, cwd=ROOT)
+                remove_new_shm(before)
+                line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+                if r.returncode or not line:
+                    print(f"{shape} x{ranks}: failed\n{(r.stdout + r.stderr)[-3000:]}")
+                    continue
+                for res in json.loads(line[0][7:]):
+                    rows.append((shape, ranks, res))
+    print(f"\n{'shape':6} {'ranks':>5} {'router':13} {'tok/step':>8} {'step ms':>8} {'tokens/s':>9} {'GFLOP/s':>8} "
+          f"{'of mm peak':>10}")
+    for shape, ranks, r in rows:
+        print(f"{shape:6} {ranks:>5} {r['router']:13} {r['tokens_per_step']:>8} {r['step_s'] * 1e3:>8.0f} "
+              f"{r['tokens_per_s']:>9.0f} {r['flops_per_s'] / 1e9:>8.2f} {r['flops_per_s'] / (peak1 * ranks):>10.1%}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

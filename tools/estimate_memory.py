@@ -1,0 +1,95 @@
+#!/usr/bin/env python
+"""Per-GPU memory of a training run: model states (params, grads, optimizer) for a config x ZeRO stage x
+expert-parallel size x world size, plus activations for a micro-batch.
+
+    python tools/estimate_memory.py --config base --zero 2 --ep 4 --gpus 8 --micro-batch 8 [--model txl]
+
+Model states, bf16 mixed precision with Adam (DeepSpeed's accounting: 2 B bf16 params, 2 B bf16 grads,
+12 B fp32 master params + momentum + variance, per parameter), split the way DeepSpeed splits them with MoE:
+non-expert parameters are data-parallel over all G ranks, a rank holds N/ep of each layer's experts whose
+ZeRO partitions go over the expert-data-parallel group of G/ep ranks.
+  stage 0: 16 B/param;  stage 1: 4 + 12/dp;  stage 2: DeepSpeed's
+  `estimate_zero2_model_states_mem_needs` (2 + 18/dp: its fp32 grad buffers included).  fp32 training: 16.
+Activations (saved for backward, 2 B each; Korthikanti et al. 2022 per layer for attention + LayerNorms,
+with the FFN part scaled by the routes per token and the capacity factor): see `activation_bytes`.
+"""
+import argparse
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from vqmoe_ds.models.configs import NAMED, count_params, named_config, routes_per_token  # noqa: E402
+
+GiB = 2 ** 30
+
+
+def model_state_bytes(params: float, stage: int, dp: int) -> float:
+    if stage == 0:
+        return 16 * params
+    if stage == 1:
+        return 4 * params + 12 * params / dp
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    return estimate_zero2_model_states_mem_needs(params, num_gpus_per_node=dp, num_nodes=1, cpu_offload=False)[1]
+
+
+def activation_bytes(cfg, micro_batch: int, flash: bool = True, capacity_factor: float = 1.25) -> float:
+    """Per rank: per layer s*b*h*(attention 11 + LayerNorms 4 + FFN) + 5*a*s^2*b for the attention scores
+    (0 with flash / memory-efficient attention); FFN: input 2 + r*(2 F/h [fc1 out] + 2 F/h [act out] + 2 [out])
+    where r = routes per token x capacity factor for MoE layers, 1 for dense; TXL adds the memory (keys
+    over s + mem_len) to the attention part.  Plus the logits (4 B fp32 x V) of one micro-batch."""
+    s, b, h, a, V = cfg.seq_len, micro_batch, cfg.d_model, cfg.n_head, cfg.vocab_size
+    klen = s + cfg.mem_len
+    total = 0.0
+    for i in range(cfg.n_layer):
+        m = cfg.moe_config(i)
+        r = 1.0 if m.router == "dense" else routes_per_token(m) * capacity_factor
+        F = m.ffn_hidden_size
+        attn = 11 * s * b * h * klen / s
+        ffn = s * b * h * (2 + r * (4 * F / h + 2))
+        scores = 0 if flash else 5 * a * s * klen * b
+        total += attn + 4 * s * b * h + ffn + scores
+    return total + 4 * s * b * V
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="base", choices=list(NAMED))
+    p.add_argument("--model", default="gpt", choices=("gpt", "txl"))
+    p.add_argument("--zero", type=int, default=1, choices=(0, 1, 2))
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size")
+    p.add_argument("--gpus", type=int, default=8, help="world size")
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--seq-length", type=int)
+    p.add_argument("--no-flash", action="store_true", help="attention materialises s x s scores")
+    a = p.parse_args()
+    if a.gpus % a.ep:
+        print(f"error: --ep {a.ep} does not divide --gpus {a.gpus}: choose an ep size that divides the world", file=sys.stderr)
+        return 2
+    over = {"model": a.model, "seq_len": a.seq_length}
+    if a.model == "txl":
+        over["mem_len"] = a.seq_length or NAMED[a.config]["seq_len"]
+    cfg = named_config(a.config, **over)
+    if cfg.moe.get("num_experts", 1) % a.ep:
+        print(f"error: --ep {a.ep} does not divide {cfg.moe['num_experts']} experts", file=sys.stderr)
+        return 2
+    c = count_params(cfg)
+    expert_local = c["experts"] / a.ep
+    ms_dense = model_state_bytes(c["non_expert"], a.zero, a.gpus)
+    ms_expert = model_state_bytes(expert_local, a.zero, a.gpus // a.ep)
+    act = activation_bytes(cfg, a.micro_batch, flash=not a.no_flash)
+    print(f"{a.config} {a.model}: {c['total'] / 1e6:.1f}M params ({c['experts'] / 1e6:.1f}M in experts), "
+          f"{a.gpus} GPUs, ep {a.ep}, ZeRO {a.zero}, micro-batch {a.micro_batch} x {cfg.seq_len}")
+    print(f"  non-expert model states {ms_dense / GiB:8.3f} GiB  ({c['non_expert'] / 1e6:.1f}M params, dp {a.gpus})")
+    print(f"  expert model states     {ms_expert / GiB:8.3f} GiB  ({expert_local / 1e6:.1f}M local params, "
+          f"expert-dp {a.gpus // a.ep})")
+    print(f"  activations             {act / GiB:8.3f} GiB")
+    print(f"  total per GPU           {(ms_dense + ms_expert + act) / GiB:8.3f} GiB (+ framework buffers, ~1-2 GiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""Sample text from a checkpoint of pretrain_vqmoe.py (one process, CPU or one GPU).
+
+    python tools/generate.py --load runs/demo/checkpoints [--tag best] --prompt "12 + 7 = " --tokens 200
+
+The model is rebuilt from the config stored in the checkpoint with expert parallelism 1, and DeepSpeed's
+``load_checkpoint`` gathers all experts into it (its expert files are named by global expert id, so a
+checkpoint written at ep_size 2 loads at 1).  Byte-level models print text; others print token ids.
+Transformer-XL samples with its memory: the prompt once, then one token at a time.
+"""
+import argparse
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/vqmoe_ds/torch_extensions"))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True, help="the --save folder of a run")
+    p.add_argument("--tag", default="best", help="checkpoint tag: best (default), step<N>, or 'latest'")
+    p.add_argument("--prompt", default="\n")
+    p.add_argument("--tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    tag = args.tag
+    if tag == "latest":
+        tag = open(os.path.join(args.load, "latest")).read().strip()
+    states = os.path.join(args.load, tag, "mp_rank_00_model_states.pt")
+    if not os.path.isfile(states):
+        print(f"error: {states} does not exist: give the --save folder of a run and a saved --tag", file=sys.stderr)
+        return 2
+    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
+        os.environ.setdefault(k, v)
+    if "MASTER_PORT" not in os.environ:
+        from vqmoe_ds.training.launch import free_port
+
+        os.environ["MASTER_PORT"] = str(free_port())
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from vqmoe_ds.models import ModelConfig, build_model
+
+    cfg_dict = torch.load(states, map_location="cpu", weights_only=False)["model_config"]
+    cfg_dict["moe"] = {**cfg_dict["moe"], "ep_size": 1}
+    cfg = ModelConfig(**cfg_dict)
+    deepspeed.init_distributed()
+    model = build_model(cfg)
+    engine, *_ = deepspeed.initialize(model=model, config={"train_micro_batch_size_per_gpu": 1})
+    engine.load_checkpoint(args.load, tag=tag, load_module_only=True, load_optimizer_states=False,
+                           load_lr_scheduler_states=False)
+    model.eval()
+    torch.manual_seed(args.seed)
+    byte_level = cfg.vocab_size == 256
+    ids = list(args.prompt.encode("utf-8")) if byte_level else [int(t) for t in args.prompt.split()]
+    out, mems = list(ids), None
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        for _ in range(args.tokens):
+            if cfg.model == "gpt":
+                logits = model(torch.tensor([out[-cfg.seq_len:]]))[0]
+            else:
+                logits, _, _, mems = model(x, mems=mems)
+            logits = logits[0, -1].float() / max(args.temperature, 1e-5)
+            if args.top_k:
+                kth = torch.topk(logits, min(args.top_k, logits.numel())).values[-1]
+                logits[logits < kth] = float("-inf")
+            nxt = int(torch.multinomial(torch.softmax(logits, -1), 1))
+            out.append(nxt)
+            x = torch.tensor([[nxt]])
+    print(bytes(out).decode("utf-8", errors="replace") if byte_level else " ".join(map(str, out)))
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
