@@ -1,0 +1,222 @@
+"""A pretraining run's checkpoint, read back: which folder and tag, the model config it was trained with, the
+tokenizer of its data, and the weights loaded into a (possibly reshaped) model through DeepSpeed.
+
+Why this file: fine-tuning, the training-free conversion, the routing analysis and the embedding tool all
+start from the driver's checkpoints (``vqmoe_ds/training/checkpoint.py``: DeepSpeed ``save_checkpoint`` with
+one file per expert, the run's ``model_config`` in ``client_state``, the run's flags in ``OUT_DIR/config.json``
+beside the default ``OUT_DIR/checkpoints``).  They load weights with ``engine.load_checkpoint(...,
+load_module_only=True, custom_load_fn=...)``, so DeepSpeed finds and re-maps the expert files for any
+expert-parallel size, and `StrictRemap` says exactly which keys may differ between the checkpoint and the
+new model (a dropped LM head, the continuous router of a discrete-only layer, a new classifier); any other
+difference is a one-line error instead of a silently half-loaded model.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..models import ModelConfig
+
+MODEL_STATES = "mp_rank_00_model_states.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked; the message is one line naming the problem and the fix."""
+
+
+@dataclass
+class PretrainedRun:
+    save_dir: str  # the folder DeepSpeed saved into (holds ``latest`` and one folder per tag)
+    tag: str
+    model_config: ModelConfig
+    client_state: Dict[str, Any]
+    run_config: Dict[str, Any] = field(default_factory=dict)  # OUT_DIR/config.json of the run ({} if absent)
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.save_dir, self.tag)
+
+    @property
+    def run_args(self) -> Dict[str, Any]:
+        return self.run_config.get("args", {})
+
+
+def resolve(path: str, tag: Optional[str] = None):
+    """(save_dir, tag) from any of: the run's OUT_DIR, its checkpoint folder, or one tag's folder."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} is not a folder: give a run's --out-dir, its checkpoints folder "
+                              f"or one checkpoint (e.g. OUT_DIR/checkpoints/best)")
+    if os.path.isfile(os.path.join(path, MODEL_STATES)):  # a tag folder
+        if tag is not None and tag != os.path.basename(os.path.normpath(path)):
+            raise CheckpointError(f"--tag {tag} given with the checkpoint folder {path}: give the parent folder "
+                                  f"with --tag, or the tag folder alone")
+        return os.path.dirname(os.path.normpath(path)), os.path.basename(os.path.normpath(path))
+    if not os.path.isfile(os.path.join(path, "latest")) and os.path.isdir(os.path.join(path, "checkpoints")):
+        path = os.path.join(path, "checkpoints")
+    if tag is None:
+        latest = os.path.join(path, "latest")
+        if not os.path.isfile(latest):
+            raise CheckpointError(f"no checkpoint in {path} (no 'latest' file): give --tag (e.g. best) or the "
+                                  f"--save folder of a run that saved")
+        tag = open(latest).read().strip()
+    if not os.path.isfile(os.path.join(path, tag, MODEL_STATES)):
+        have = sorted(d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, MODEL_STATES)))
+        raise CheckpointError(f"{os.path.join(path, tag)} holds no DeepSpeed model states: choose a tag of "
+                              f"{', '.join(have) or '(none)'}")
+    return path, tag
+
+
+def read_run(path: str, tag: Optional[str] = None, run_config: Optional[str] = None) -> PretrainedRun:
+    """The checkpoint's metadata (no model is built).  ``run_config``: the run's config.json when it does not
+    lie beside the checkpoint folder (the driver writes it to OUT_DIR, the default --save is OUT_DIR/checkpoints)."""
+    save_dir, tag = resolve(path, tag)
+    state = torch.load(os.path.join(save_dir, tag, MODEL_STATES), map_location="cpu", weights_only=False, mmap=True)
+    if "model_config" not in state:
+        raise CheckpointError(f"{os.path.join(save_dir, tag)} has no model_config in its client state: it was not "
+                              f"written by pretrain_vqmoe.py (or tools/convert_to_vqmoe.py)")
+    client = {k: v for k, v in state.items() if k in ("step", "best_valid", "world_size", "model_config",
+                                                       "converted_from", "finetune")}
+    cfg = ModelConfig(**client["model_config"])
+    if run_config is None:
+        cand = os.path.join(os.path.dirname(os.path.normpath(save_dir)), "config.json")
+        run_config = cand if os.path.isfile(cand) else None
+    elif not os.path.isfile(run_config):
+        raise CheckpointError(f"--run-config {run_config} does not exist: give the pretraining run's config.json")
+    rc = {}
+    if run_config:
+        with open(run_config) as f:
+            rc = json.load(f)
+    return PretrainedRun(save_dir, tag, cfg, client, rc)
+
+
+def tokenizer_for(run: PretrainedRun, meta_path: Optional[str] = None):
+    """The tokenizer of the run's data: ``<data_path>.tokenizer.json`` for preprocessed data, else bytes
+    (``--data-file`` and the default corpus are read as bytes).  ``meta_path`` overrides the lookup."""
+    from ..data import TokenizerMeta, check_vocab
+    from ..data.tokenizers import ByteTokenizer, Tokenizer
+
+    data_path = run.run_args.get("data_path")
+    if meta_path is None and data_path:
+        meta_path = data_path + ".tokenizer.json"
+    if meta_path is None:
+        if run.model_config.vocab_size < 256:
+            raise CheckpointError(f"the model has vocab_size {run.model_config.vocab_size} < 256 but no tokenizer "
+                                  f"metadata was found: pass --tokenizer-meta PREFIX.tokenizer.json of its data")
+        return ByteTokenizer()
+    meta = TokenizerMeta.load(meta_path)
+    check_vocab(meta, run.model_config.vocab_size)
+    return Tokenizer.from_metadata(meta)
+
+
+def vqmoe_layer_ids(cfg: ModelConfig) -> List[int]:
+    return [i for i in range(cfg.n_layer) if cfg.moe_config(i).router in ("vq", "vqmoe")]
+
+
+def discrete_only_config(cfg: ModelConfig, freeze_vq: bool = True) -> ModelConfig:
+    """Eq. 7: every VQMoE layer keeps only its discrete path (``vqmoe_mode="discrete_only"``), codebook frozen."""
+    if not vqmoe_layer_ids(cfg):
+        raise CheckpointError(f"the discrete path needs a VQMoE checkpoint (router vqmoe or vq), this model's router "
+                              f"is {cfg.moe.get('router', 'topk')!r}: use --mode full or frozen_router")
+    moe = dict(cfg.moe, freeze_vq=freeze_vq)
+    if moe.get("router") == "vqmoe":
+        moe["vqmoe_mode"] = "discrete_only"
+    return cfg.replace(moe=moe)
+
+
+def absent_path_keys(cfg_src: ModelConfig, cfg_dst: ModelConfig, prefix: str = "") -> List[str]:
+    """Key patterns of the source that the destination drops on purpose: the continuous router and mixing gate
+    W_g of layers that went from VQMoE's pretrain mode to discrete-only."""
+    out = []
+    for i in range(cfg_src.n_layer):
+        a, b = cfg_src.moe_config(i), cfg_dst.moe_config(i)
+        if a.router == "vqmoe" and a.vqmoe_mode == "pretrain" and b.vqmoe_mode == "discrete_only":
+            out += [f"{prefix}blocks.{i}.ffn.router.*", f"{prefix}blocks.{i}.ffn.mix.*"]
+    return out
+
+
+class StrictRemap:
+    """``custom_load_fn`` for ``engine.load_checkpoint``: source key k goes to ``prefix + k``; the source keys
+    matching ``may_drop`` need not exist in the destination, the destination keys matching ``may_be_new`` need
+    not exist in the source; every other mismatch (or a shape mismatch) raises `CheckpointError`.
+    ``report`` lists what was dropped and what stayed new."""
+
+    def __init__(self, prefix: str = "", may_drop: Sequence[str] = (), may_be_new: Sequence[str] = (),
+                 where: str = "the checkpoint"):
+        self.prefix, self.may_drop, self.may_be_new, self.where = prefix, list(may_drop), list(may_be_new), where
+        self.report: Dict[str, List[str]] = {}
+
+    @staticmethod
+    def _match(key, patterns):
+        return any(fnmatch.fnmatchcase(key, p) for p in patterns)
+
+    def __call__(self, src: Dict[str, torch.Tensor], dst: nn.Module) -> None:
+        mapped = {self.prefix + k: v for k, v in src.items()}
+        want = dst.state_dict()
+        dropped = sorted(k for k in mapped if k not in want)
+        new = sorted(k for k in want if k not in mapped)
+        bad_drop = [k for k in dropped if not self._match(k, self.may_drop)]
+        bad_new = [k for k in new if not self._match(k, self.may_be_new)]
+        if bad_drop or bad_new:
+            raise CheckpointError(
+                f"{self.where} does not fit the model: {len(bad_drop)} unexpected key(s) {bad_drop[:3]}, "
+                f"{len(bad_new)} missing key(s) {bad_new[:3]}: load a checkpoint of the same architecture "
+                f"(check --moe-expert-parallel-size and the run's config)")
+        for k, v in mapped.items():
+            if k in want and tuple(want[k].shape) != tuple(v.shape):
+                raise CheckpointError(f"{self.where}: {k} has shape {tuple(v.shape)}, the model expects "
+                                      f"{tuple(want[k].shape)}: load a checkpoint of the same architecture")
+        dst.load_state_dict({k: v for k, v in mapped.items() if k in want}, strict=False)
+        self.report = {"dropped": dropped, "new": new}
+
+
+def load_into(engine, run: PretrainedRun, remap: StrictRemap) -> Dict[str, List[str]]:
+    """Load the run's weights (module only: no optimizer, scheduler or step) into the engine's model."""
+    path, _ = engine.load_checkpoint(run.save_dir, tag=run.tag, load_module_strict=False,
+                                     load_optimizer_states=False, load_lr_scheduler_states=False,
+                                     load_module_only=True, custom_load_fn=remap)
+    if path is None:
+        raise CheckpointError(f"DeepSpeed found no loadable checkpoint in {run.path}")
+    return remap.report
+
+
+def minimal_ds_config(micro_batch: int = 1) -> Dict[str, Any]:
+    """An engine config for tools that only run forward passes (no optimizer)."""
+    return {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": 0}, "steps_per_print": 10 ** 9}
+
+
+def single_process_env() -> None:
+    """Let a tool run as one process without a launcher: the rendezvous variables torchrun would set."""
+    if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
+        return
+    from ..training.launch import free_port
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
+
+
+def load_lm(path: str, tag: Optional[str] = None, cfg: Optional[ModelConfig] = None, run_config: Optional[str] = None,
+            may_drop: Sequence[str] = ()):
+    """For single-process tools: (model in eval mode, run, engine) with the run's weights, through a DeepSpeed
+    engine without optimizer.  ``cfg``: another config to build (e.g. discrete-only) -- ``may_drop`` then
+    names the source keys it lacks on purpose."""
+    import deepspeed
+
+    from ..models import build_model
+
+    run = read_run(path, tag, run_config)
+    single_process_env()
+    deepspeed.init_distributed(auto_mpi_discovery=True)
+    cfg = cfg or run.model_config.replace(moe=dict(run.model_config.moe, ep_size=1))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    engine, _, _, _ = deepspeed.initialize(model=model, config=minimal_ds_config())
+    load_into(engine, run, StrictRemap(may_drop=may_drop, where=run.path))
+    model.eval()
+    return model, run, engine
