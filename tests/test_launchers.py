@@ -38,18 +38,20 @@ def records(out_dir, kind):
         return [r for r in map(json.loads, f) if r["kind"] == kind]
 
 
-def check_run(out_dir, world=2):
+def check_run(out_dir, world=2, micro=8, accum=1):
     train = records(out_dir, "train")
     assert [r["step"] for r in train] == list(range(1, 21))
     first, last = train[0]["loss"], sum(r["loss"] for r in train[-3:]) / 3
     assert last < first - 0.8, (first, last)  # ~5.5 -> ~3.5 nats on the synthetic corpus
     # expert load summed over both ranks: every route of the step counted (top-2 + 1 discrete per token)
-    tokens = 8 * 64 * world
+    tokens = micro * 64 * world  # the stats are those of the step's last micro-batch
     assert sum(train[-1]["moe"][0]["expert_load"]) == 3 * tokens  # top-2 + 1 discrete route per token
     assert records(out_dir, "valid") and records(out_dir, "test")
     assert os.path.isdir(os.path.join(out_dir, "checkpoints", "best"))
     cfg = json.load(open(os.path.join(out_dir, "config.json")))
     assert cfg["world_size"] == world
+    ds = json.load(open(os.path.join(out_dir, "ds_config.json")))
+    assert ds["train_batch_size"] == micro * accum * world
     return train
 
 
@@ -66,7 +68,8 @@ def test_torchrun_two_nodes_on_loopback(tmp_path):
     try:
         for node in (0, 1):
             cmd = [bin_path("torchrun"), "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
-                   "--master_addr=127.0.0.1", f"--master_port={port}", DRIVER, *tiny_args(out)]
+                   "--master_addr=127.0.0.1", f"--master_port={port}", DRIVER,
+                   *tiny_args(out, "--micro-batch-size", "4", "--gradient-accumulation-steps", "2")]
             procs.append(subprocess.Popen(cmd, env=env_for_ranks(str(tmp_path)), stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, text=True, cwd=ROOT))
         outs = [p.communicate(timeout=240)[0] for p in procs]
@@ -76,12 +79,16 @@ def test_torchrun_two_nodes_on_loopback(tmp_path):
                 p.kill()
         remove_new_shm(before)
     assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
-    check_run(out)
+    check_run(out, micro=4, accum=2)
 
 
-def test_deepspeed_launcher(tmp_path):
-    out = tmp_path / "run"
-    cmd = [bin_path("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), DRIVER, *tiny_args(out)]
+def test_deepspeed_launcher_zero2(tmp_path):
+    out, cfg = tmp_path / "run", tmp_path / "zero2.json"
+    ds = json.load(open(CPU_CFG))
+    ds["zero_optimization"] = {"stage": 2}
+    cfg.write_text(json.dumps(ds))
+    cmd = [bin_path("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), DRIVER,
+           *tiny_args(out, "--deepspeed_config", str(cfg))]
     run(cmd, tmp_path)
     check_run(out)
 

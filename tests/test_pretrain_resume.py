@@ -1,10 +1,12 @@
 """Save -> load resume at 2 ranks (ep_size=2, ZeRO 1): the resumed run continues the uninterrupted one."""
 import json
 import os
+import subprocess
+import sys
 
 from test_launchers import records, run, tiny_args
 
-from vqmoe_ds.training.launch import free_port, torchrun_cmd
+from vqmoe_ds.training.launch import ROOT, env_for_ranks, free_port, torchrun_cmd
 
 
 def test_resume_continues_the_same_run(tmp_path):
@@ -26,3 +28,11 @@ def test_resume_continues_the_same_run(tmp_path):
     assert va["loss"] == vb["loss"]
     with open(os.path.join(resumed, "config.json")) as f:
         assert json.load(f)["args"]["load"] == str(ckpts)
+
+    # tools/generate.py rebuilds the model at ep 1 from the ep-2 checkpoint and samples from it
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "generate.py"), "--load", str(ckpts), "--tag",
+                        "step20", "--prompt", "7 + 5 = ", "--tokens", "40"], env=env_for_ranks(str(tmp_path)),
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sample = r.stdout.strip().splitlines()
+    assert sample and "7 + 5 = " in r.stdout and len(r.stdout.split("7 + 5 = ", 1)[1]) >= 20
