@@ -226,7 +226,7 @@ def _resize_center(a_HWC: np.ndarray, size: int) -> np.ndarray:
     if (H, W) != (size, size):
         s = size / min(H, W)
         h, w = max(size, round(H * s)), max(size, round(W * s))
-        t = torch.from_numpy(np.ascontiguousarray(a_HWC)).permute(2, 0, 1)[None].float()
+        t = torch.from_numpy(np.array(a_HWC)).permute(2, 0, 1)[None].float()
         t = F.interpolate(t, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
         top, left = (h - size) // 2, (w - size) // 2
         a_HWC = t[0, :, top:top + size, left:left + size].round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
