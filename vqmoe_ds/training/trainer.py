@@ -62,6 +62,10 @@ class Trainer:
         np.random.seed(args.seed)
         torch.manual_seed(args.seed)  # the same on every rank: identical dense weights, experts by global id
         model = build_model(cfg)
+        scalars = [n for n, p in model.named_parameters() if p.dim() == 0]
+        if scalars:  # DeepSpeedEngine._broadcast_model does p.data.view(torch.uint8), at any world size
+            raise ArgError(f"parameter {scalars[0]} is 0-dimensional, which DeepSpeed's initial broadcast cannot "
+                           f"send (engine._broadcast_model views it as bytes): give it shape [1] in its module")
         groups = split_params_into_different_moe_groups_for_optimizer(
             {"params": [p for p in model.parameters() if p.requires_grad], "name": "parameters"})
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
