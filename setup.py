@@ -10,6 +10,17 @@ def _requirements(name):
         return [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
 
 
+def _kernel_build_kwargs():
+    """ext_modules/cmdclass of the optional nearest_code extension (issue 6); see vqmoe_ds/kernels/_build.py."""
+    import importlib.util
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.util.spec_from_file_location("_vqmoe_kernels_build", os.path.join(here, "vqmoe_ds", "kernels", "_build.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.setup_kwargs(here)
+
+
 setup(
     name="vqmoe-ds",
     version="0.1.0",
@@ -18,4 +29,5 @@ setup(
     python_requires=">=3.10",
     install_requires=_requirements("requirements.txt"),
     extras_require={"dev": _requirements("requirements-dev.txt"), "test": _requirements("requirements-dev.txt")},
+    **_kernel_build_kwargs(),
 )

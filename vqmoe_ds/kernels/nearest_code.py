@@ -67,16 +67,6 @@ _lock = threading.Lock()
 _state = {"tried": False, "loaded": False, "how": None, "error": None, "warned": False}
 
 
-def _build_flags():
-    """Compile flags shared by setup.py and the JIT build.
-
-    ``-ffp-contract=off`` keeps the fp64 re-check free of fused multiply-adds so it rounds exactly like
-    the torch path; ``-fopenmp`` because ``at::parallel_for`` is OpenMP in the torch wheels.
-    """
-    return {"cxx": ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"],
-            "nvcc": ["-O3", "--fmad=false", "-lineinfo"]}
-
-
 def _try_load() -> None:
     if _state["tried"]:
         return
@@ -110,19 +100,18 @@ def _try_load() -> None:
 def _jit_load():
     from torch.utils import cpp_extension
 
-    flags = _build_flags()
-    sources = [os.path.join(_CSRC, "nearest_code_cpu.cpp")]
-    with_cuda = torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
-    if with_cuda:
-        sources.append(os.path.join(_CSRC, "nearest_code_cuda.cu"))
+    from . import _build
+
+    cuda = torch.cuda.is_available() and _build.want_cuda(cpp_extension)
+    sources = [os.path.join(_CSRC, s) for s in _build.CPU_SOURCES + (_build.CUDA_SOURCES if cuda else [])]
     cpp_extension.load(
-        name="vqmoe_ds_nearest_code" + ("_cuda" if with_cuda else ""),
+        name="vqmoe_ds_nearest_code" + ("_cuda" if cuda else ""),
         sources=sources,
-        extra_cflags=flags["cxx"],
-        extra_cuda_cflags=flags["nvcc"],
-        extra_ldflags=["-fopenmp"],
+        extra_cflags=list(_build.CXX_FLAGS),
+        extra_cuda_cflags=list(_build.NVCC_FLAGS),
+        extra_ldflags=list(_build.LD_FLAGS),
         extra_include_paths=[_CSRC],
-        with_cuda=with_cuda,
+        with_cuda=cuda,
         is_python_module=True,
         verbose=False,
     )
