@@ -243,13 +243,13 @@ class VisionTrainer:
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
         self.args = args
+        # ---- checks and data, all before the model exists (the data first: its errors need no ranks) -----
+        self.splits = self._load_data()
+        train = self.splits["train"]
         deepspeed.init_distributed(auto_mpi_discovery=True, distributed_port=args.distributed_port)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = torch.device(get_accelerator().device_name(args.local_rank))
         on_cpu = get_accelerator().device_name() == "cpu"
-        # ---- checks and data, all before the model exists ------------------------------------------------
-        self.splits = self._load_data()
-        train = self.splits["train"]
         self.cfg = cfg = model_config(args, train.num_classes)
         check_world(args, cfg, self.world)
         ds_args = argparse.Namespace(**vars(args))
@@ -506,7 +506,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = parse_args(argv)
         trainer = VisionTrainer(args)
     except (ArgError, ConfigError, DataError, FileNotFoundError) as e:
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", os.environ.get(
+            "OMPI_COMM_WORLD_RANK", 0)))
+        if rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         _shutdown(clean=False)
         return 2
