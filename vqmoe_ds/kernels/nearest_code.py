@@ -91,6 +91,9 @@ def _try_load() -> None:
                     errors.append(f"jit: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
             if not _state["loaded"]:
                 raise RuntimeError("; ".join(errors) or "JIT disabled by VQMOE_DS_KERNELS_JIT=0")
+            # The kernel op's schema lives in C++; its fake (meta) implementation, for torch.compile,
+            # is the shape rule shared with the torch path.
+            torch.library.register_fake("vqmoe_ds::nearest_code_kernel")(_fake)
         except Exception as e:
             _state["error"] = str(e)
         finally:
@@ -144,8 +147,6 @@ def kernel_status() -> dict:
 def _prepare_codebook(V32: torch.Tensor, mode: int):
     nv = _sqrt_rn(_seq_dot(V32, V32))  # exact |v_k| (sequential fp64)
     vmax = float(nv.max()) if nv.numel() else 0.0
-    nan_rows = torch.isnan(V32).any(1)
-    first_nan = int(nan_rows.nonzero()[0, 0]) if bool(nan_rows.any()) else -1
     finite = bool(torch.isfinite(V32).all()) and vmax * vmax <= _SCALE_LIMIT
     if mode == 0:
         W = -2.0 * V32
@@ -154,7 +155,7 @@ def _prepare_codebook(V32: torch.Tensor, mode: int):
         W = torch.where(nv[:, None] == 0, torch.zeros((), dtype=torch.float64, device=V32.device),
                         -V32.double() / nv[:, None]).float()
         bias = None
-    return nv, vmax, first_nan, finite, W, bias
+    return nv, vmax, finite, W, bias
 
 
 def _sqrt_rn(t: torch.Tensor) -> torch.Tensor:
@@ -203,11 +204,8 @@ def _torch_path(x: torch.Tensor, codebook: torch.Tensor, mode: int, return_dista
     if T == 0:
         return idx, dist
     V32 = codebook.float().contiguous()
-    nv, vmax, first_nan, finite, W, bias = _prepare_codebook(V32, mode)
-    if first_nan >= 0:
-        idx.fill_(first_nan)
-        dist.fill_(float("nan"))
-        return idx, dist
+    # A codebook with NaN/inf (or too large for fp32 scores) sends every token to the exact path.
+    nv, vmax, finite, W, bias = _prepare_codebook(V32, mode)
     rel = 4.0 * (d + 4) * _U
     abs_term = 8.0 * (d + 2) * _MIN_NORMAL
     chunk = max(1, min(T, (1 << 22) // K))
@@ -303,17 +301,6 @@ def _backward(ctx, grad_idx, grad_dist):
 
 torch.library.register_autograd("vqmoe_ds::nearest_code_torch", _backward, setup_context=_setup_ctx)
 
-_fake_registered = {"done": False}
-
-
-def _register_kernel_fake() -> None:
-    # The kernel op's schema lives in C++; its fake (meta) implementation for torch.compile is the
-    # same shape rule, registered once the extension is loaded.
-    if not _fake_registered["done"]:
-        torch.library.register_fake("vqmoe_ds::nearest_code_kernel")(_fake)
-        _fake_registered["done"] = True
-
-
 # --------------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------------
@@ -362,27 +349,36 @@ def nearest_code(x_TD: torch.Tensor, codebook_KD: torch.Tensor, distance: str = 
     """
     _check(x_TD, codebook_KD, distance, impl)
     mode = _DISTANCES[distance]
-    dev = x_TD.device.type
-    use_kernel = False
-    if impl in ("cpu", "cuda"):
-        if dev != impl:
-            raise ValueError(f"nearest_code: impl={impl!r} but the tensors are on {x_TD.device}; "
-                             f"use impl='auto' or move the tensors to {impl}")
-        if not kernel_available(impl):
-            raise RuntimeError(f"nearest_code: the compiled {impl} kernel is unavailable ({_state['error'] or 'built without ' + impl}); "
-                               "rebuild with `pip install --no-build-isolation --no-deps -e .` or use impl='auto'/'torch'")
-        use_kernel = True
-    elif impl == "auto":
-        use_kernel = kernel_available(dev)
-        if not use_kernel and not _state["warned"]:
-            _state["warned"] = True
-            warnings.warn(f"vqmoe_ds.kernels.nearest_code: no compiled kernel for {dev} "
-                          f"({_state['error'] or 'extension built without ' + dev}); using the pure-torch path, "
-                          "same results but slower. Build it with `pip install --no-build-isolation --no-deps -e .`",
-                          RuntimeWarning, stacklevel=2)
-    if use_kernel:
-        _register_kernel_fake()
+    if impl in ("cpu", "cuda") and x_TD.device.type != impl:
+        raise ValueError(f"nearest_code: impl={impl!r} but the tensors are on {x_TD.device}; "
+                         f"use impl='auto' or move the tensors to {impl}")
+    if _use_kernel(x_TD.device.type, impl):
         idx, dist = torch.ops.vqmoe_ds.nearest_code_kernel(x_TD, codebook_KD, mode, return_distances)
     else:
         idx, dist = _nearest_code_torch_op(x_TD, codebook_KD, mode, return_distances)
     return (idx, dist) if return_distances else idx
+
+
+@torch._dynamo.assume_constant_result
+def _use_kernel(dev: str, impl: str) -> bool:
+    """Kernel or torch path, decided in Python.
+
+    Marked as a constant for torch.compile: the choice depends only on the build and the device, and
+    the loader / dispatcher queries inside cannot be traced.  Under compile it runs once at trace time.
+    """
+    if impl == "torch":
+        return False
+    if impl in ("cpu", "cuda"):
+        if not kernel_available(impl):
+            raise RuntimeError(f"nearest_code: the compiled {impl} kernel is unavailable "
+                               f"({_state['error'] or 'extension built without ' + impl}); rebuild with "
+                               "`pip install --no-build-isolation --no-deps -e .` or use impl='auto'/'torch'")
+        return True
+    ok = kernel_available(dev)
+    if not ok and not _state["warned"]:
+        _state["warned"] = True
+        warnings.warn(f"vqmoe_ds.kernels.nearest_code: no compiled kernel for {dev} "
+                      f"({_state['error'] or 'extension built without ' + dev}); using the pure-torch path, "
+                      "same results but slower. Build it with `pip install --no-build-isolation --no-deps -e .`",
+                      RuntimeWarning, stacklevel=3)
+    return ok

@@ -71,7 +71,6 @@ struct Codebook {
   std::vector<double> norm;  // exact |v_k| (sequential fp64), for cosine
   double vmax = 0.0;         // max_k |v_k|
   bool finite = true;        // all entries finite and scale safe
-  int64_t first_nan = -1;    // lowest code index holding a NaN, -1 if none
 };
 
 Codebook prepare_codebook(const at::Tensor& codebook, int64_t mode) {
@@ -83,12 +82,8 @@ Codebook prepare_codebook(const at::Tensor& codebook, int64_t mode) {
   double vmax = 0.0;
   for (int64_t k = 0; k < K; ++k) {
     const float* row = pv + k * d;
-    bool nan_row = false, finite_row = true;
-    for (int64_t j = 0; j < d; ++j) {
-      nan_row |= std::isnan(row[j]);
-      finite_row &= std::isfinite(row[j]);
-    }
-    if (nan_row && cb.first_nan < 0) cb.first_nan = k;
+    bool finite_row = true;
+    for (int64_t j = 0; j < d; ++j) finite_row &= std::isfinite(row[j]);
     cb.finite &= finite_row;
     cb.norm[k] = norm_exact(row, d);
     if (cb.norm[k] > vmax) vmax = cb.norm[k];
@@ -456,11 +451,6 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(const at::Tensor& x, const a
   if (T == 0) return {idx, dist};
 
   Codebook cb = prepare_codebook(codebook, mode);
-  if (cb.first_nan >= 0) {  // every distance to that code is NaN, whatever x is
-    idx.fill_(cb.first_nan);
-    if (return_distances) dist.fill_(std::numeric_limits<float>::quiet_NaN());
-    return {idx, dist};
-  }
 
   // Tile shape.  TT tokens: the x tile (TT*d floats) stays in L2 while the mm sweeps the codebook
   // blocks.  KB codes: the score block (KB*TT floats) about tile_elems, so per-call overhead of

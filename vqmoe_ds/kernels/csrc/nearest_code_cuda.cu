@@ -261,12 +261,6 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(const at::Tensor& x, const 
   at::Tensor nv = at::empty({K}, v.options().dtype(at::kDouble));
   code_norms_kernel<<<(K + 255) / 256, 256, 0, stream>>>(v.data_ptr<float>(), K, d, nv.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const at::Tensor nan_rows = v.isnan().any(1);
-  if (nan_rows.any().item<bool>()) {  // every distance to that code is NaN, whatever x is
-    idx.fill_(nan_rows.nonzero().select(1, 0).min());
-    if (return_distances) dist.fill_(std::numeric_limits<float>::quiet_NaN());
-    return {idx, dist};
-  }
   const double vmax = nv.max().item<double>();
   const bool finite = v.isfinite().all().item<bool>() && vmax * vmax <= kScaleLimit;
   at::Tensor w, bias;
