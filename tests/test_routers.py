@@ -31,8 +31,6 @@ def softmax_router_ref(logit_fn, extra_aux=None, k_override=None, frozen_choice=
             if frozen_choice is not None:
                 tot = sum(probs[e] for e in chosen)
                 w = [probs[e] / tot for e in chosen]
-            elif k_override is not None or not any(p.requires_grad for p in router.parameters()):
-                w = [wi for wi in w]
             probs_rows.append(probs)
             chosen_rows.append(chosen)
             for c in range(k):
@@ -59,7 +57,7 @@ def topk_logits(router, v):
 def xmoe_logits(router, v):
     z = v @ router.proj.weight.t()
     z = z / z.norm()
-    tau = torch.exp(router.log_temperature)
+    tau = torch.exp(router.log_temperature.reshape(()))
     return torch.stack([z @ (e / e.norm()) / tau for e in router.expert_emb])
 
 
@@ -145,3 +143,10 @@ def test_balance_loss_is_one_for_uniform_router():
     _, aux = layer(torch.randn(8, 16))
     # f = [1, 0, 0, 0], P = [1/4]*4 -> N * 1 * 1/4 = 1
     assert math.isclose(aux.item(), layer.cfg.balance_loss_coef * 1.0, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("router", ["topk", "xmoe", "stablemoe", "smoe_dropout", "vq", "vqmoe"])
+def test_no_zero_dim_parameters(router):
+    """DeepSpeed's initial broadcast views every parameter as bytes, which fails on 0-dim tensors."""
+    layer = make_layer(router=router, codebook_size=6)
+    assert [n for n, p in layer.named_parameters() if p.dim() == 0] == []

@@ -23,8 +23,9 @@ class XMoERouter(TopKRouter):
         self.proj = nn.Linear(hidden_size, dim, bias=False)
         self.expert_emb = nn.Parameter(torch.empty(num_experts, dim))
         nn.init.orthogonal_(self.expert_emb, gain=0.32)
-        # temperature is learned in log space so it stays positive
-        self.log_temperature = nn.Parameter(torch.tensor(math.log(init_temperature)))
+        # temperature is learned in log space so it stays positive; shape [1], not a 0-dim scalar, because
+        # DeepSpeed's initial broadcast views every parameter as bytes, which a 0-dim tensor cannot do
+        self.log_temperature = nn.Parameter(torch.full((1,), math.log(init_temperature)))
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         z_TC = F.normalize(self.proj(x_TD.float()), dim=-1)
