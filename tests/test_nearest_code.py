@@ -200,7 +200,9 @@ def test_non_contiguous_and_low_precision(distance):
 @pytest.mark.parametrize("tiles", [{"VQMOE_NC_TILE_TOKENS": "16", "VQMOE_NC_TILE_CODES": "8"},  # row-major blocks
                                    {"VQMOE_NC_TILE_TOKENS": "40", "VQMOE_NC_TILE_CODES": "100"},  # transposed blocks
                                    {"VQMOE_NC_TILE_TOKENS": "7", "VQMOE_NC_TILE_CODES": "1000",
-                                    "VQMOE_NC_TILE_ELEMS": "1"}])  # refine one row at a time
+                                    "VQMOE_NC_TILE_ELEMS": "1"},  # refine one row at a time
+                                   {"VQMOE_NC_GEMM": "hand", "VQMOE_NC_TILE_TOKENS": "24",
+                                    "VQMOE_NC_TILE_CODES": "37"}])  # the hand-written GEMM (measured alternative)
 def test_cpu_tilings_agree(monkeypatch, distance, tiles):
     # The tile shape is read per call: the multi-block scan, both block orientations, odd tails and
     # the chunked near-tie path must all give the oracle's answer.

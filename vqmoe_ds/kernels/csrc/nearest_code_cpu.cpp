@@ -32,6 +32,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -199,11 +200,53 @@ int64_t env_int(const char* name, int64_t fallback) {
 #define VQ_MULTIVERSION
 #endif
 
+// Hand-written alternative to at::mm for the score block, kept to measure the choice (select with
+// VQMOE_NC_GEMM=hand; docs/kernels.md has the numbers).  S^T[k, t] = sum_j W[k, j] * XT[j, t] for a
+// block of kb codes and npad tokens (XT = the x tile transposed, zero-padded), register-blocked 4 codes x
+// 16 tokens.  Compiled with FMA contraction (the score error bound allows any fp32 evaluation) and
+// for x86-64-v4/v3 (FMA) or baseline; it is a separate, never-inlined function so that contraction
+// cannot reach the exact fp64 re-check.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define VQ_GEMM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), \
+                                     optimize("fp-contract=fast"), noinline))
+#else
+#define VQ_GEMM_CLONES
+#endif
+VQ_GEMM_CLONES void hand_scores(const float* W, int64_t kb, int64_t d, const float* XT, int64_t npad, float* S) {
+  int64_t k = 0;
+  for (; k + 4 <= kb; k += 4) {
+    const float* w0 = W + k * d;
+    for (int64_t t = 0; t < npad; t += 16) {
+      const bool two = t + 16 <= npad;
+      vf8 acc[4][2] = {};
+      for (int64_t j = 0; j < d; ++j) {
+        const vf8 x0 = load8(XT + j * npad + t);
+        const vf8 x1 = two ? load8(XT + j * npad + t + 8) : vf8{};
+        for (int c = 0; c < 4; ++c) {
+          const float wv = w0[c * d + j];
+          acc[c][0] += wv * x0;
+          acc[c][1] += wv * x1;
+        }
+      }
+      for (int c = 0; c < 4; ++c) {
+        store8(S + (k + c) * npad + t, acc[c][0]);
+        if (two) store8(S + (k + c) * npad + t + 8, acc[c][1]);
+      }
+    }
+  }
+  for (; k < kb; ++k)
+    for (int64_t t = 0; t < npad; t += 8) {
+      vf8 acc = {};
+      for (int64_t j = 0; j < d; ++j) acc += W[k * d + j] * load8(XT + j * npad + t);
+      store8(S + k * npad + t, acc);
+    }
+}
+
 struct TileArgs {
   const at::Tensor* x;
   const Codebook* cb;
   int64_t mode, T, d, K, TT, KB, refine_rows;
-  bool x_is_f32_contig, return_distances, row_major;
+  bool x_is_f32_contig, return_distances, row_major, hand_gemm;
   int64_t* pidx;
   float* pdist;
 };
@@ -216,6 +259,7 @@ struct TileScratch {
   std::vector<uint8_t> single;  // the fast path settled the token
   std::vector<float> nx2;       // upper bound on |x|^2 (for the error bound only)
   std::vector<int64_t> refine;  // tokens with near-ties
+  std::vector<float> xT;        // hand-loop GEMM only: the x tile transposed
 };
 
 // Running best/second-best over the codes of one block, 8 tokens per vector; s1, s2, am hold the
@@ -387,11 +431,21 @@ VQ_MULTIVERSION void process_tile(const TileArgs& a, int64_t tile, TileScratch& 
     w.s2[r] = inf;
     w.am[r] = 0;
   }
+  if (any_fast && a.hand_gemm) {  // x tile transposed and zero-padded for the hand loop
+    w.xT.assign(d * npad, 0.0f);
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t j = 0; j < d; ++j) w.xT[j * npad + r] = px[r * d + j];
+  }
   if (any_fast) {
     for (int64_t k0 = 0; k0 < K; k0 += KB) {
       const int64_t kb = std::min(KB, K - k0);
       const float* pb = mode == kL2 ? cb.bias.data_ptr<float>() + k0 : nullptr;
-      if (a.row_major) {  // S = X W^T: [n, kb]
+      if (a.hand_gemm) {  // S^T by the hand loop, into the same [kb, npad] layout
+        float* ps = w.scores.data_ptr<float>();
+        hand_scores(cb.w.data_ptr<float>() + k0 * d, kb, d, w.xT.data(), npad, ps);
+        top2_block<true>(ps, 1, npad, kb, npad, n, pb, static_cast<int32_t>(k0), w.s1.data(), w.s2.data(),
+                         w.am.data());
+      } else if (a.row_major) {  // S = X W^T: [n, kb]
         at::Tensor sc = w.scores.view({-1}).narrow(0, 0, n * kb).view({n, kb});
         at::mm_out(sc, xt, cb.w.narrow(0, k0, kb).t());
         top2_block<false>(sc.data_ptr<float>(), kb, 1, kb, npad, n, pb, static_cast<int32_t>(k0),
@@ -465,6 +519,8 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(const at::Tensor& x, const a
   // made W X^T 1.4x slower than X W^T at K=16, d=64 (measured, 1 thread); at larger K the transposed
   // block wins because the top-2 scan then reads contiguous vectors.
   const bool row_major = KB <= env_int("VQMOE_NC_ROW_MAJOR_MAX_K", 64);
+  const char* gemm_env = std::getenv("VQMOE_NC_GEMM");
+  const bool hand_gemm = gemm_env != nullptr && std::string(gemm_env) == "hand";
   const int64_t TTpad = (TT + 7) / 8 * 8;
 
   const TileArgs args{&x,
@@ -478,7 +534,8 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(const at::Tensor& x, const a
                       std::max<int64_t>(1, tile_elems / K),
                       x.scalar_type() == at::kFloat && x.is_contiguous(),
                       return_distances,
-                      row_major,
+                      row_major && !hand_gemm,
+                      hand_gemm,
                       idx.data_ptr<int64_t>(),
                       return_distances ? dist.data_ptr<float>() : nullptr};
   at::parallel_for(0, ntiles, 1, [&](int64_t tb, int64_t te) {
