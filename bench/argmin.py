@@ -2,7 +2,7 @@
 to the bare matmul ``x @ V.T`` of the same shapes (the floor any method must pay).
 
     python bench/argmin.py                        # 65,536 tokens, K in {16,256,1024,8192}, d in {64,256}
-    python bench/argmin.py --K 16 256 --d 64 --reps 5
+    python bench/argmin.py --K 16 256 --d 64 --reps 5 --threads 1
 
 Methods (indices only):
   matmul   x @ V.T                               the floor, and what it allocates (T x K)
@@ -75,9 +75,8 @@ def peak_extra_bytes(fn, device):
 
 
 def best_time(fn, reps, device):
+    """Best of ``reps`` runs (the memory measurement before it has already warmed ``fn`` up)."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    fn()
-    sync()
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -114,7 +113,10 @@ def main():
     ap.add_argument("--reps", type=int, default=3, help="timed runs per method (K >= 4096: at most 2)")
     ap.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     ap.add_argument("--skip", nargs="*", default=[], help="methods to leave out, e.g. --skip torch cdist")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if args.device != "all":
         devices = [args.device]
@@ -136,8 +138,8 @@ def main():
                 V = torch.randn(K, d, generator=g).to(device)
                 fns = methods(x, V)
                 reps = min(args.reps, 2) if K >= 4096 else args.reps
+                mems = {m: peak_extra_bytes(fns[m], device) for m in names}  # also the warm-up run
                 times = {m: best_time(fns[m], reps, device) for m in names}
-                mems = {m: peak_extra_bytes(fns[m], device) for m in names}
                 base = times.get("matmul")
                 cells = []
                 for m in names:
@@ -146,7 +148,8 @@ def main():
                                  f"<br>{fmt_mem(mems[m])}")
                 print(f"| {K} | {d} | " + " | ".join(cells) + " |", flush=True)
                 del x, V, fns
-    print(f"\n(total bench time {time.perf_counter() - t_start:.0f} s)")
+    print(f"\n(total bench time {time.perf_counter() - t_start:.0f} s; load average at the end "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ target on near-ties.  We define the answer by an fp64 reference distance evaluat
 * ``cosine``: ``D[i, k] = 1 - c``, ``c = dot / (|x_i| |V_k|)`` with ``dot = sum_j x_ij V_kj`` and
   ``|x| = sqrt(sum_j x_j**2)`` (same sequential fp64 sums); ``c = 0`` when either norm is 0.
 * ``idx[i] = torch.argmin(D[i])``: the lowest index among the minima; a row that contains NaN gives
-  the index of its first NaN (that is what ``torch.argmin`` does).  So a token with a NaN gives 0, and a
-  code with a NaN is chosen by every token (the lowest such code).  An all-``inf`` row gives 0.
+  the index of its first NaN (that is what ``torch.argmin`` does).  So a token with a NaN gives 0 (its
+  whole row is NaN), a code with a NaN is chosen by every token whose row has no earlier NaN (the
+  lowest such code), and an all-``inf`` row gives 0.  (For cosine, an inf in x makes the row NaN.)
 * the returned distance is ``D[i, idx[i]]`` rounded to fp32 (may overflow to ``inf`` for huge inputs).
 
 Every path ranks codes with a fast fp32 score, then re-checks with the fp64 formula every code whose
@@ -43,7 +44,7 @@ import importlib
 import os
 import threading
 import warnings
-from typing import Optional, Tuple, Union
+from typing import Tuple, Union
 
 import torch
 
