@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,10 +52,11 @@ def main():
     cmd = torchrun_cmd(2, driver_args, free_port())
     print("running:", " ".join(cmd), flush=True)
     before, t0 = shm_files(), time.time()
-    try:
-        rc = subprocess.call(cmd, env=env_for_ranks(threads=1), cwd=ROOT)
-    finally:
-        remove_new_shm(before)
+    with tempfile.TemporaryDirectory() as tmp:  # torchrun's torchelastic_* folders go here and are removed
+        try:
+            rc = subprocess.call(cmd, env=env_for_ranks(tmp, threads=1), cwd=ROOT)
+        finally:
+            remove_new_shm(before)
     if rc != 0:
         print(f"demo: training failed with exit code {rc}", file=sys.stderr)
         return rc
