@@ -39,3 +39,13 @@ def test_ep_layer_without_expert_parallel_group_names_the_fix():
     layer = MoEConfig(**BASE, num_experts=4, ep_size=2).build()
     with pytest.raises(RuntimeError, match="deepspeed.initialize"):
         layer(torch.randn(4, 16))
+
+
+def test_layers_build_on_the_meta_device():
+    """Large configs are sized on the meta device, without memory."""
+    import torch
+
+    for router in ("topk", "vqmoe", "xmoe", "stablemoe", "smoe_dropout"):
+        with torch.device("meta"):
+            layer = MoEConfig(**BASE, router=router, num_experts=4).build()
+        assert all(p.is_meta for p in layer.parameters())

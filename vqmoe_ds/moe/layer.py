@@ -77,7 +77,7 @@ class MoELayer(nn.Module):
         self.vq_router: VQRouter = build_router(cfg, "vq") if self.discrete else None
         self.mix = nn.Linear(D, 2) if (self.discrete and self.continuous) else None  # W_g of eq. 5
         self._stats: Dict[str, torch.Tensor] = {}
-        self.reset_experts(int(torch.randint(0, 2**31 - 1, ()).item()))
+        self.reset_experts(int(torch.randint(0, 2**31 - 1, (), device="cpu").item()))  # cpu: builds under a meta device too
 
     @torch.no_grad()
     def reset_experts(self, seed: int) -> None:
