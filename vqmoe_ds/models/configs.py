@@ -19,6 +19,21 @@ from ..moe.config import ConfigError, MoEConfig
 MODEL_TYPES = ("gpt", "txl")
 
 
+
+def parse_moe_layers(pattern, n_layer: int) -> List[int]:
+    """Which blocks get an MoE FFN: ``all``, ``every_other`` (1, 3, 5, ...), ``none`` or a comma list."""
+    p = str(pattern).strip()
+    if p in ("all", "none", "every_other"):
+        return {"all": list(range(n_layer)), "none": [], "every_other": list(range(1, n_layer, 2))}[p]
+    try:
+        ids = sorted({int(s) for s in p.split(",") if s.strip()})
+    except ValueError:
+        raise ConfigError(f"moe_layers={p!r}: use all, every_other, none or a comma list of layer ids like 0,2"
+                          ) from None
+    if any(not 0 <= i < n_layer for i in ids):
+        raise ConfigError(f"moe_layers={p!r} names a layer outside 0..{n_layer - 1}")
+    return ids
+
 @dataclass
 class ModelConfig:
     model: str = "gpt"  # "gpt" (learned absolute positions, SDPA) or "txl" (relative positions + memory)
@@ -61,21 +76,7 @@ class ModelConfig:
         self.moe_config(0)  # MoEConfig validates the MoE settings
 
     def moe_layer_ids(self) -> List[int]:
-        p = str(self.moe_layers).strip()
-        if p == "all":
-            return list(range(self.n_layer))
-        if p == "none":
-            return []
-        if p == "every_other":
-            return list(range(1, self.n_layer, 2))
-        try:
-            ids = sorted({int(s) for s in p.split(",") if s.strip()})
-        except ValueError:
-            raise ConfigError(f"moe_layers={p!r}: use all, every_other, none or a comma list of layer ids "
-                              f"like 0,2") from None
-        if any(not 0 <= i < self.n_layer for i in ids):
-            raise ConfigError(f"moe_layers={p!r} names a layer outside 0..{self.n_layer - 1}")
-        return ids
+        return parse_moe_layers(self.moe_layers, self.n_layer)
 
     @property
     def is_moe(self) -> bool:

@@ -14,14 +14,16 @@ import torch.distributed as dist
 from ..models import moe_stats
 
 
-def gather_moe_stats(model) -> List[Dict[str, Any]]:
+def gather_moe_stats(model, layers: Optional[List[Any]] = None) -> List[Dict[str, Any]]:
     """Per MoE layer: counts summed over all ranks (expert_load, code_counts), scalars averaged.
 
-    Collective (all ranks call it at the same steps).  Every rank's layers expose the same keys."""
-    layers = moe_stats(model)
+    ``layers``: the modules whose ``stats()`` to gather (default: the model's MoE layers; the vision driver
+    passes its SoftMoE slots too).  Collective (all ranks call it at the same steps).  Every rank's layers
+    expose the same keys."""
+    stats = moe_stats(model) if layers is None else [layer.stats() for layer in layers]
     world = dist.get_world_size() if dist.is_initialized() else 1
     out = []
-    for st in layers:
+    for st in stats:
         row: Dict[str, Any] = {}
         for key in sorted(st):
             t = st[key].detach().to(torch.float64).reshape(-1).clone()

@@ -31,7 +31,7 @@ from ..moe.config import ROUTERS, VQ_DISTANCES, VQ_KINDS, VQMOE_MODES, ConfigErr
 from ..routers import set_step
 from ..training import checkpoint as ckpt
 from ..training.arguments import ArgError, check_world, resolve_ds_config
-from ..training.run_log import RunLog
+from ..training.run_log import RunLog, gather_moe_stats
 from .augment import AUGMENTS, channel_stats, normalize, random_crop_flip, to_tensor
 from .datasets import DATASETS, ImageSet, load_dataset
 from .vit import NAMED, ViTConfig, build_vit, count_params, moe_ffn_layers, vit_config
@@ -414,7 +414,8 @@ class VisionTrainer:
                 self.log.write({"kind": "train", "step": self.step, "loss": mean_loss, "aux_loss": mean_aux,
                                 "acc": mean_acc, "lr": float(self.engine.get_lr()[0]),
                                 "grad_norm": float(gn) if gn is not None else float("nan"),
-                                "images_per_s": win_images / win_time, "moe": gather_ffn_stats(self.model)})
+                                "images_per_s": win_images / win_time,
+                                "moe": gather_moe_stats(self.model, moe_ffn_layers(self.model))})
                 win = {k: [] for k in win}
                 win_images, win_time = 0, 0.0
             if (args.eval_interval and self.step % args.eval_interval == 0) or last:
@@ -445,25 +446,6 @@ class VisionTrainer:
         if self.rank == 0:
             print(f"logs: {os.path.join(self.args.out_dir, 'log.jsonl')}, TensorBoard: "
                   f"{os.path.join(self.args.out_dir, 'tensorboard')}, checkpoints: {self.save_dir}", flush=True)
-
-
-def gather_ffn_stats(model) -> List[Dict[str, Any]]:
-    """`training.run_log.gather_moe_stats` for the layers of a ViT: MoELayer *and* SoftMoE (that function
-    collects MoELayers only).  Collective: counts summed over ranks, scalars averaged."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    out = []
-    for layer in moe_ffn_layers(model):
-        st, row = layer.stats(), {}
-        for key in sorted(st):
-            t = st[key].detach().to(torch.float64).reshape(-1).clone()
-            if world > 1:
-                dist.all_reduce(t)
-            counts = key in ("expert_load", "code_counts")
-            if not counts:
-                t = t / world
-            row[key] = t.tolist() if t.numel() > 1 or counts else t.item()
-        out.append(row)
-    return out
 
 
 def make_vision_plots(out_dir: str) -> List[str]:

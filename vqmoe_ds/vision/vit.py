@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.common import init_weights
-from ..models.configs import routes_per_token, router_params
+from ..models.configs import parse_moe_layers, routes_per_token, router_params
 from ..moe.config import ConfigError, MoEConfig
 from .soft_moe import SoftMoE, SoftMoEConfig
 
@@ -80,17 +80,7 @@ class ViTConfig:
         return self.router != "dense" and bool(self.moe_layer_ids())
 
     def moe_layer_ids(self) -> List[int]:
-        p = str(self.moe_layers).strip()
-        if p in ("all", "none", "every_other"):
-            return {"all": list(range(self.n_layer)), "none": [], "every_other": list(range(1, self.n_layer, 2))}[p]
-        try:
-            ids = sorted({int(s) for s in p.split(",") if s.strip()})
-        except ValueError:
-            raise ConfigError(f"moe_layers={p!r}: use all, every_other, none or a comma list of layer ids like 0,2"
-                              ) from None
-        if any(not 0 <= i < self.n_layer for i in ids):
-            raise ConfigError(f"moe_layers={p!r} names a layer outside 0..{self.n_layer - 1}")
-        return ids
+        return parse_moe_layers(self.moe_layers, self.n_layer)
 
     def ffn_config(self, layer: int):
         """MoEConfig (dense, or MoE with any router) or SoftMoEConfig of block ``layer``'s FFN slot."""
