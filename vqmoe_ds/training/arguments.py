@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--codebook-dim", type=int)
     g.add_argument("--vq-distance", choices=VQ_DISTANCES)
     g.add_argument("--vq-kind", choices=VQ_KINDS)
+    g.add_argument("--vq-ema", action=argparse.BooleanOptionalAction, default=None,
+                   help="EMA codebook updates instead of gradient updates")
+    g.add_argument("--vq-dead-code-threshold", type=float,
+                   help=">0: restart codes whose EMA usage falls below this many tokens per step")
     g.add_argument("--smoe-dropout-k-start", type=int)
     g.add_argument("--smoe-dropout-k-end", type=int)
     g.add_argument("--smoe-dropout-k-steps", type=int)
@@ -89,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save", help="checkpoint folder (default: OUT_DIR/checkpoints)")
     g.add_argument("--save-interval", type=int, default=0, help="save every N steps (0: only best and final)")
     g.add_argument("--load", help="resume from the latest checkpoint in this folder")
+    g.add_argument("--keep-last", type=int, default=0,
+                   help="keep only the newest N regular checkpoints (0: all); best is always kept")
+    g.add_argument("--max-skipped-steps", type=int, default=10,
+                   help="stop after this many steps in a row with a non-finite loss (each is skipped)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     g.add_argument("--no-plots", action="store_true")
     g = p.add_argument_group("data")
@@ -99,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     g.add_argument("--distributed-port", type=int, default=int(os.environ.get("MASTER_PORT", 29500)),
                    help="rendezvous port when ranks are found through MPI (mpirun)")
+    g.add_argument("--dist-timeout-minutes", type=float, default=30.0,
+                   help="a collective that waits longer than this (a rank died or hangs) fails the run")
     import deepspeed
 
     return deepspeed.add_config_arguments(p)
@@ -127,7 +137,12 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("train_iters", "log_interval", "moe_expert_parallel_size"):
         if getattr(args, name) < 1:
             bad(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
-    for name in ("eval_interval", "eval_iters", "test_iters", "save_interval", "lr_warmup_iters", "mem_len"):
+    if args.max_skipped_steps < 1:
+        bad(f"--max-skipped-steps {args.max_skipped_steps} must be >= 1")
+    if not args.dist_timeout_minutes > 0:
+        bad(f"--dist-timeout-minutes {args.dist_timeout_minutes} must be > 0")
+    for name in ("eval_interval", "eval_iters", "test_iters", "save_interval", "lr_warmup_iters", "mem_len",
+                 "keep_last"):
         v = getattr(args, name)
         if v is not None and v < 0:
             bad(f"--{name.replace('_', '-')} {v} must be >= 0")
@@ -159,7 +174,8 @@ def model_config(args: argparse.Namespace, vocab_size: int) -> ModelConfig:
         "eval_capacity_factor": args.eval_capacity_factor, "drop_tokens": args.drop_tokens,
         "balance_loss_coef": args.balance_loss_coef, "vqmoe_mode": args.vqmoe_mode, "vq_alpha": args.vq_alpha,
         "codebook_size": args.codebook_size, "codebook_dim": args.codebook_dim, "vq_distance": args.vq_distance,
-        "vq_kind": args.vq_kind, "smoe_dropout_k_start": args.smoe_dropout_k_start,
+        "vq_kind": args.vq_kind, "vq_ema": args.vq_ema, "vq_dead_code_threshold": args.vq_dead_code_threshold,
+        "smoe_dropout_k_start": args.smoe_dropout_k_start,
         "smoe_dropout_k_end": args.smoe_dropout_k_end, "smoe_dropout_k_steps": args.smoe_dropout_k_steps,
         "stablemoe_stage1_steps": args.stablemoe_stage1_steps, "dropout": args.dropout}.items() if v is not None}
     seq = args.seq_length or NAMED[args.config]["seq_len"]
@@ -255,3 +271,17 @@ def resolve_ds_config(args: argparse.Namespace, world_size: int, on_cpu: bool) -
     ds.setdefault("steps_per_print", 10 ** 9)  # the driver logs; keep DeepSpeed's own step prints quiet
     ds.setdefault("wall_clock_breakdown", False)
     return ds
+
+
+def check_save_dir(path: str, rank: int = 0) -> None:
+    """The checkpoint folder can be created and written (each rank probes it: on several nodes it must be shared)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_probe_rank{rank}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ArgError(f"checkpoint folder {path} is not writable ({e.strerror}): give --save a folder you can "
+                       f"write to") from None
+

@@ -8,10 +8,12 @@ MoE layers' auxiliary losses (balance, VQ, distillation); the logged ``loss`` is
 """
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from typing import List, Optional
@@ -25,7 +27,7 @@ from ..models import build_model, count_params, flops_per_token, param_report
 from ..moe.config import ConfigError
 from ..routers import set_step
 from . import checkpoint as ckpt
-from .arguments import ArgError, check_world, model_config, parse_args, resolve_ds_config
+from .arguments import ArgError, check_save_dir, check_world, model_config, parse_args, resolve_ds_config
 from .data import TrainBatches, eval_batches, eval_sizes_ok, load_corpus
 from .metrics import NLLMeter
 from .run_log import RunLog, gather_moe_stats
@@ -38,8 +40,10 @@ class Trainer:
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
         self.args = args
-        deepspeed.init_distributed(auto_mpi_discovery=True, distributed_port=args.distributed_port)
+        deepspeed.init_distributed(auto_mpi_discovery=True, distributed_port=args.distributed_port,
+                                   timeout=datetime.timedelta(minutes=args.dist_timeout_minutes))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        _announce(self.rank)
         self.device = torch.device(get_accelerator().device_name(args.local_rank))
         on_cpu = get_accelerator().device_name() == "cpu"
         # ---- checks, all before the model exists -------------------------------------------------------
@@ -57,6 +61,17 @@ class Trainer:
                                           self.rank, self.world, args.seed)
         for split in ("valid", "test"):
             eval_sizes_ok(self.corpus.streams[split], cfg.model, self.eval_bs, self.eval_len, self.world)
+        self.save_dir = args.save or os.path.join(args.out_dir, "checkpoints")
+        check_save_dir(self.save_dir, self.rank)
+        self.resume_tag = None
+        if args.load:  # the checkpoint is complete and fits this run, checked before the model exists
+            self.resume_tag = ckpt.resolve_tag(args.load)
+            marker = ckpt.verify(args.load, self.resume_tag)
+            where = f"checkpoint {os.path.join(args.load, self.resume_tag)}"
+            if marker.get("world_size", self.world) != self.world:
+                raise ArgError(f"{where} was made with {marker['world_size']} ranks, this run has {self.world}: "
+                               f"resume with the same number of ranks (or tools/reshard_checkpoint.py)")
+            ckpt.check_architecture(marker.get("model_config"), cfg.to_dict(), where)
         # ---- model and engine ---------------------------------------------------------------------------
         random.seed(args.seed)
         np.random.seed(args.seed)
@@ -73,8 +88,8 @@ class Trainer:
         self.model = model
         torch.manual_seed(args.seed + 1 + self.rank)  # dropout, jitter: different per rank
         self.flops_per_token = flops_per_token(cfg)
-        self.save_dir = args.save or os.path.join(args.out_dir, "checkpoints")
         self.step, self.best_valid, self.mems = 0, math.inf, None
+        self.skipped_total, self.skipped_in_row, self.stop_signal = 0, 0, None
         if args.load:
             self._resume(args.load)
         self.log = RunLog(args.out_dir, self.rank, args.train_iters, self.step, progress=not args.no_progress)
@@ -93,20 +108,23 @@ class Trainer:
     # ---- checkpoints ------------------------------------------------------------------------------------
     def _client_state(self):
         return {"step": self.step, "data": self.train_batches.state_dict(), "best_valid": self.best_valid,
-                "world_size": self.world, "model_config": self.cfg.to_dict()}
+                "world_size": self.world, "model_config": self.cfg.to_dict(), "skipped_total": self.skipped_total}
 
     def _resume(self, load_dir):
-        client, mems = ckpt.load(self.engine, load_dir, resume=True)
+        client, mems = ckpt.load(self.engine, load_dir, tag=self.resume_tag, resume=True, model=self.model,
+                                 model_config=self.cfg.to_dict())
         if client.get("world_size", self.world) != self.world:
             raise ArgError(f"the checkpoint in {load_dir} was made with {client['world_size']} ranks, this run has "
                            f"{self.world}: resume with the same number of ranks")
         self.step = int(client["step"])
         self.best_valid = float(client.get("best_valid", math.inf))
+        self.skipped_total = int(client.get("skipped_total", 0))
         self.train_batches.load_state_dict(client["data"])
         self.mems = [m.to(self.device) for m in mems] if mems else None
 
     def save(self, tag, latest=True):
-        return ckpt.save(self.engine, self.save_dir, tag, self._client_state(), self.mems, latest=latest)
+        return ckpt.save(self.engine, self.save_dir, tag, self._client_state(), self.mems, latest=latest,
+                         keep_last=self.args.keep_last, model=self.model, step=self.step)
 
     # ---- evaluation -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -124,27 +142,60 @@ class Trainer:
         res = self.evaluate("valid", self.args.eval_iters)
         self.log.write({"kind": "valid", "step": self.step, **res})
         self.log.info(f"step {self.step}: valid loss {res['loss']:.4f}, bpc {res['bpc']:.4f}, ppl {res['ppl']:.3f}")
-        if res["loss"] < self.best_valid:
+        if math.isfinite(res["loss"]) and res["loss"] < self.best_valid:  # never a NaN model as best
             self.best_valid = res["loss"]
             self.save(ckpt.BEST, latest=False)
         return res
 
     # ---- training ---------------------------------------------------------------------------------------
+    def _any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any rank."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
     def train_step(self):
+        """One optimizer step.  A non-finite loss on any rank (all ranks agree through an all-reduce) skips
+        it: the step's gradients are made NaN everywhere, which ZeRO 1/2 treat as an overflow (no optimizer
+        or scheduler step, gradients cleared); at ZeRO 0 the gradients are dropped before the optimizer
+        sees them.  Buffers the forward passes changed (router step, VQ EMA) are put back.  Returns
+        (loss, aux, tokens, skipped)."""
+        if ckpt.fault("exit", self.step + 1):  # the tests' dying rank
+            os._exit(1)
         set_step(self.model, self.step)
-        losses, auxes = [], []
-        for _ in range(self.accum):
+        buffers = ckpt.module_buffers(self.model)
+        mems_before = self.mems
+        losses, auxes, bad = [], [], False
+        for i in range(self.accum):
             x, y = next(self.train_batches)
             if self.train_batches.new_epoch:
                 self.mems = None
             _, loss, aux, self.mems = self.engine(x.to(self.device), y.to(self.device), self.mems)
-            self.engine.backward(loss + aux)
+            if ckpt.fault("nan", self.step + 1):  # the tests' non-finite loss
+                loss = loss * float("nan")
+            total = loss + aux
+            bad = self._any(bad or not bool(torch.isfinite(total.detach()).all()))
+            if bad:
+                total = total * float("nan")  # NaN gradients on every rank: the whole step is dropped
+            self.engine.backward(total)
+            if bad and i == self.accum - 1 and not self.engine.zero_optimization():
+                self.engine.optimizer.zero_grad(set_to_none=True)  # torch optimizers skip params without grad
             self.engine.step()
             losses.append(loss.item())
             auxes.append(aux.item())
             tokens = x.numel()
+        if bad:
+            if self.engine.zero_optimization() and getattr(self.engine, "_step_applied", False):
+                raise TrainingStopped("DeepSpeed applied an optimizer step with non-finite gradients (bf16 without "
+                                      "overflow checks): set bf16.check_grad_overflow true in the ds_config")
+            with torch.no_grad():
+                for name, b in self.model.named_buffers():
+                    b.copy_(buffers[name].to(b.device))
+            self.mems = mems_before
         self.step += 1
-        return sum(losses) / len(losses), sum(auxes) / len(auxes), tokens * self.accum * self.world
+        return sum(losses) / len(losses), sum(auxes) / len(auxes), tokens * self.accum * self.world, bad
 
     def _mean(self, values: List[float]) -> List[float]:
         t = torch.tensor(values, dtype=torch.float64)
@@ -158,8 +209,24 @@ class Trainer:
         window_loss, window_aux, window_tokens, window_time = [], [], 0, 0.0
         while self.step < args.train_iters:
             t0 = time.perf_counter()
-            loss, aux, tokens = self.train_step()
+            loss, aux, tokens, skipped = self.train_step()
             dt = time.perf_counter() - t0
+            if skipped:
+                self.skipped_total += 1
+                self.skipped_in_row += 1
+                self.log.write({"kind": "skip", "step": self.step, "skipped_total": self.skipped_total,
+                                "skipped_in_row": self.skipped_in_row})
+                self.log.info(f"step {self.step}: non-finite loss, step skipped "
+                              f"({self.skipped_in_row} in a row, {self.skipped_total} in all)")
+                if self.skipped_in_row >= args.max_skipped_steps:
+                    raise TrainingStopped(
+                        f"{self.skipped_in_row} steps in a row (up to step {self.step}) had a non-finite loss, "
+                        f"--max-skipped-steps {args.max_skipped_steps}: lower --lr or check the data, then resume "
+                        f"from the last checkpoint in {self.save_dir}")
+                if self._any(self.stop_signal is not None):
+                    return self._stop_on_signal()
+                continue
+            self.skipped_in_row = 0
             window_loss.append(loss)
             window_aux.append(aux)
             window_tokens += tokens
@@ -181,7 +248,24 @@ class Trainer:
                 self.validate()
             if args.save_interval and self.step % args.save_interval == 0 and not last:
                 self.save(f"step{self.step}")
+            if self._any(self.stop_signal is not None):
+                return self._stop_on_signal()
         self.save(f"step{self.step}")
+        return True
+
+    def _stop_on_signal(self) -> bool:
+        """SIGTERM/SIGINT on any rank: the current step is done; save it and stop (exit 0)."""
+        path = self.save(f"step{self.step}")
+        self.log.info(f"stopped by {self.stop_signal or 'a signal on another rank'} after step {self.step}; "
+                      f"saved {path}: resume with --load {self.save_dir}")
+        return False
+
+    def install_signal_handlers(self):
+        def handler(signum, frame):
+            self.stop_signal = signal.Signals(signum).name
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, handler)
 
     def test(self) -> dict:
         if os.path.isdir(os.path.join(self.save_dir, ckpt.BEST)):
@@ -215,17 +299,64 @@ def _shutdown(clean: bool) -> None:
         dist.destroy_process_group()
 
 
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite steps in a row); one line naming problem and fix."""
+
+
+def _announce(rank: int) -> None:
+    """Mark this rank alive in the rendezvous store, so that survivors can name a rank that died."""
+    try:
+        dist.distributed_c10d._get_default_store().set(f"vqmoe/alive/{rank}", str(os.getpid()))
+    except Exception:  # a backend without a store (MPI): dead ranks are then not named
+        pass
+
+
+def dead_ranks(rank: int, world: int, wait_s: float = 5.0) -> Optional[List[int]]:
+    """After a failed collective: every survivor writes ``vqmoe/failed/{rank}`` and waits ``wait_s`` for the
+    others; the ranks that never write are the dead ones.  None when the store is gone (it lives with rank 0
+    or the launcher's agent)."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"vqmoe/failed/{rank}", "1")
+        deadline = time.monotonic() + wait_s
+        while True:
+            missing = [r for r in range(world) if not store.check([f"vqmoe/failed/{r}"])]
+            if not missing or time.monotonic() > deadline:
+                return missing
+            time.sleep(0.2)
+    except Exception:
+        return None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     try:
         args = parse_args(argv)
         trainer = Trainer(args)
-    except (ArgError, ConfigError, DataError, FileNotFoundError) as e:
+    except (ArgError, ConfigError, DataError, FileNotFoundError, ckpt.CheckpointError) as e:
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         _shutdown(clean=False)
         return 2
-    trainer.train()
-    trainer.test()
+    trainer.install_signal_handlers()
+    try:
+        finished = trainer.train()
+    except TrainingStopped as e:
+        if trainer.rank == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        trainer.log.close()
+        _shutdown(clean=True)
+        return 3
+    except RuntimeError as e:  # a collective failed: a rank died or hung past --dist-timeout-minutes
+        dead = dead_ranks(trainer.rank, trainer.world)
+        who = (f"rank(s) {', '.join(map(str, dead))} stopped" if dead else
+               "rank 0 or the launcher (it holds the rendezvous store) stopped" if dead is None else
+               "a collective failed")
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        print(f"error: rank {trainer.rank}: {who} responding during step {trainer.step + 1} ({first}): see that "
+              f"rank's log, then resume with --load {trainer.save_dir}", file=sys.stderr, flush=True)
+        os._exit(4)  # the process group is broken: destroying it could hang
+    if finished:
+        trainer.test()
     trainer.finish()
     _shutdown(clean=True)
     return 0
