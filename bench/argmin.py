@@ -75,7 +75,7 @@ def peak_extra_bytes(fn, device):
 
 
 def best_time(fn, reps, device):
-    """Best of ``reps`` runs (the memory measurement before it has already warmed ``fn`` up)."""
+    """Best of ``reps`` runs (``fn`` has already run: warm-up and memory measurement)."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     best = float("inf")
     for _ in range(reps):
@@ -99,6 +99,11 @@ def methods(x, V, chunk=4096):
         "chunked": chunked,
         "torch": lambda: nearest_code(x, V, impl="torch"),
     }
+
+
+def fmt_rate(tokens, seconds):
+    r = tokens / seconds
+    return f"{r / 1e6:.2f} M tok/s" if r >= 1e6 else f"{r / 1e3:.0f} k tok/s"
 
 
 def fmt_mem(b):
@@ -138,13 +143,16 @@ def main():
                 V = torch.randn(K, d, generator=g).to(device)
                 fns = methods(x, V)
                 reps = min(args.reps, 2) if K >= 4096 else args.reps
-                mems = {m: peak_extra_bytes(fns[m], device) for m in names}  # also the warm-up run
+                if K < 4096:  # warm up first (one-time allocations); at large K the memory run warms up
+                    for m in names:
+                        fns[m]()
+                mems = {m: peak_extra_bytes(fns[m], device) for m in names}
                 times = {m: best_time(fns[m], reps, device) for m in names}
                 base = times.get("matmul")
                 cells = []
                 for m in names:
                     ratio = f" ({times[m] / base:.2f}x)" if base else ""
-                    cells.append(f"{times[m] * 1e3:.1f} ms{ratio}<br>{args.tokens / times[m] / 1e6:.1f} M tok/s"
+                    cells.append(f"{times[m] * 1e3:.1f} ms{ratio}<br>{fmt_rate(args.tokens, times[m])}"
                                  f"<br>{fmt_mem(mems[m])}")
                 print(f"| {K} | {d} | " + " | ".join(cells) + " |", flush=True)
                 del x, V, fns

@@ -576,7 +576,9 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_autograd(const at::Tensor& x, co
 }  // namespace
 }  // namespace vqmoe
 
-TORCH_LIBRARY(vqmoe_ds, m) {
+// FRAGMENT: the Python side registers vqmoe_ds::nearest_code_torch in the same namespace, and other
+// extensions of the project may add ops there too.
+TORCH_LIBRARY_FRAGMENT(vqmoe_ds, m) {
   m.def("nearest_code_kernel(Tensor x, Tensor codebook, int mode, bool return_distances) -> (Tensor, Tensor)");
 }
 
