@@ -1,0 +1,113 @@
+"""Failures during training, with 2 real gloo ranks (ep_size=2, ZeRO 1) started the way torchrun starts them:
+  * non-finite losses (on rank 1 only) are skipped by both ranks, counted, and the run stops with one line
+    after --max-skipped-steps in a row; the checkpoints left are finite and loadable;
+  * SIGTERM to one rank: both finish the step, save it, exit 0;
+  * a rank that dies (os._exit) mid-training: the survivor exits non-zero, naming the dead rank, within the
+    distributed timeout instead of hanging.
+"""
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from test_launchers import records, tiny_args
+
+from vqmoe_ds.training import checkpoint as ckpt
+from vqmoe_ds.training.launch import DRIVER, ROOT, env_for_ranks, free_port, remove_new_shm, shm_files
+
+
+def start_ranks(tmp_path, args, fault=None, nprocs=2):
+    port = str(free_port())
+    procs = []
+    for rank in range(nprocs):
+        env = env_for_ranks(str(tmp_path))
+        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_WORLD_SIZE=str(nprocs),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        if fault:
+            env["VQMOE_FAULT"] = fault
+        procs.append(subprocess.Popen([sys.executable, DRIVER, *args], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, cwd=ROOT))
+    return procs
+
+
+def finish(procs, timeout=180):
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=timeout))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return outs
+
+
+def small(out, *extra, steps=10):
+    return tiny_args(out, "--seq-length", "32", "--eval-iters", "1", "--test-iters", "1", *extra, steps=steps)
+
+
+def test_non_finite_steps_skipped_then_stop(tmp_path):
+    out = tmp_path / "nan"
+    before = shm_files()
+    procs = start_ranks(tmp_path, small(out, "--save-interval", "2", "--max-skipped-steps", "3"),
+                        fault="nan@3@1,nan@5@1,nan@6@1,nan@7@1")
+    outs = finish(procs)
+    remove_new_shm(before)
+    assert [p.returncode for p in procs] == [3, 3], outs[0][1][-3000:]
+    errors = [line for line in outs[0][1].splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "3 steps in a row" in errors[0] and "--max-skipped-steps 3" in errors[0], outs[0][1]
+    skips = records(out, "skip")
+    assert [r["step"] for r in skips] == [3, 5, 6, 7]
+    assert [r["skipped_in_row"] for r in skips] == [1, 1, 2, 3]
+    train = {r["step"]: r for r in records(out, "train")}
+    assert sorted(train) == [1, 2, 4]  # the skipped steps are not logged as training steps
+    saved = out / "checkpoints"
+    assert (saved / "latest").read_text() == "step4"
+    ckpt.verify(str(saved), "step4")
+    sd = torch.load(saved / "step4" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in sd["module"].values() if torch.is_tensor(v) and v.is_floating_point())
+    assert sd["skipped_steps"] == 1  # DeepSpeed counted step 3 as skipped: no optimizer update
+    assert not (saved / "best").exists()  # no validation ran: nothing (and nothing NaN) saved as best
+
+
+def test_sigterm_to_one_rank_saves_and_exits_zero(tmp_path):
+    out = tmp_path / "term"
+    before = shm_files()
+    procs = start_ranks(tmp_path, small(out, "--log-interval", "1", steps=500))
+    try:
+        log = out / "log.jsonl"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if log.exists() and len([ln for ln in log.read_text().splitlines() if '"train"' in ln]) >= 3:
+                break
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        outs = finish(procs, timeout=60)
+        elapsed = time.monotonic() - t0
+    finally:
+        remove_new_shm(before)
+    assert [p.returncode for p in procs] == [0, 0], (outs[0][1][-2000:], outs[1][1][-2000:])
+    assert elapsed < 30
+    last = records(out, "train")[-1]["step"]
+    assert 3 <= last < 500
+    saved = out / "checkpoints"
+    assert (saved / "latest").read_text() == f"step{last}"
+    assert ckpt.verify(str(saved), f"step{last}")["step"] == last
+    assert "stopped by" in outs[0][0] + outs[0][1] + outs[1][0] + outs[1][1]
+
+
+def test_dead_rank_named_by_survivor(tmp_path):
+    out = tmp_path / "dead"
+    before = shm_files()
+    procs = start_ranks(tmp_path, small(out, "--dist-timeout-minutes", "0.5", steps=50), fault="exit@3@1")
+    t0 = time.monotonic()
+    outs = finish(procs, timeout=120)
+    elapsed = time.monotonic() - t0
+    remove_new_shm(before)
+    assert procs[1].returncode == 1
+    assert procs[0].returncode not in (0, None), outs[0][1][-3000:]
+    assert elapsed < 60, elapsed  # the 30 s timeout plus start-up, not a hang
+    errors = [line for line in outs[0][1].splitlines() if line.startswith("error:")]
+    assert errors and "rank(s) 1 stopped" in errors[-1], outs[0][1][-3000:]
