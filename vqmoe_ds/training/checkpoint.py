@@ -257,13 +257,16 @@ def check_architecture(saved: Optional[Dict[str, Any]], current: Dict[str, Any],
         return
     for key in ARCH_KEYS:
         if key in saved and key in current and saved[key] != current[key]:
+            if key == "vocab_size":
+                raise CheckpointError(f"{where} was saved with a vocabulary of {saved[key]} tokens, this run's data "
+                                      f"has {current[key]}: use the tokenizer (--data-path / --vocab-size) of the "
+                                      f"run that saved it")
             raise CheckpointError(f"{where} was saved from a model with {key}={saved[key]!r}, this run has "
                                   f"{current[key]!r}: use the same model flags as the run that saved it")
     sm, cm = saved.get("moe") or {}, current.get("moe") or {}
     for key in MOE_ARCH_KEYS:
         if key in sm and key in cm and sm[key] != cm[key]:
-            what = "vocabulary (tokenizer)" if key == "vocab_size" else f"moe.{key}"
-            raise CheckpointError(f"{where} was saved from a model with {what}={sm[key]!r}, this run has "
+            raise CheckpointError(f"{where} was saved from a model with moe.{key}={sm[key]!r}, this run has "
                                   f"{cm[key]!r}: use the same MoE flags as the run that saved it")
 
 

@@ -1,0 +1,187 @@
+"""The bad-input catalogue of docs/checkpoints.md: every entry fails before the first training step with one
+line naming the problem and the fix.  Most are checked by calling the check functions the driver calls
+(they run before the model is built); the last one runs the driver in one process end to end."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from vqmoe_ds.data import DataError
+from vqmoe_ds.training import checkpoint as ckpt
+from vqmoe_ds.training.arguments import (ArgError, check_save_dir, check_world, model_config, parse_args,
+                                         resolve_ds_config)
+from vqmoe_ds.training.data import eval_sizes_ok, load_corpus, split_in_order
+from vqmoe_ds.training.launch import DRIVER, ROOT, env_for_ranks
+
+# (flags, words the one-line message must contain)
+FLAGS = [
+    (["--config", "huge"], "unknown --config"),
+    (["--num-layers", "0"], "--num-layers 0 must be >= 1"),
+    (["--top-k", "0"], "--top-k 0 must be >= 1"),
+    (["--train-iters", "0"], "--train-iters 0 must be >= 1"),
+    (["--eval-interval", "-1"], "--eval-interval -1 must be >= 0"),
+    (["--keep-last", "-2"], "--keep-last -2 must be >= 0"),
+    (["--max-skipped-steps", "0"], "--max-skipped-steps 0 must be >= 1"),
+    (["--dist-timeout-minutes", "0"], "--dist-timeout-minutes 0.0 must be > 0"),
+    (["--lr", "-1"], "--lr -1.0 must be > 0"),
+    (["--lr", "1e-3", "--min-lr", "1e-2"], "--min-lr 0.01 must lie in [0, --lr"),
+    (["--train-iters", "5", "--lr-warmup-iters", "10"], "exceeds --train-iters"),
+    (["--data-path", "x", "--data-file", "y"], "both given"),
+    (["--mem-len", "16"], "applies to --model txl only"),
+    (["--load", "/nonexistent/run"], "is not a folder"),
+    (["--deepspeed_config", "/nonexistent.json"], "does not exist"),
+    (["--router", "bogus"], "invalid choice"),
+    (["--router", "topk", "--num-experts", "4", "--top-k", "8"], "top_k"),
+]
+
+
+@pytest.mark.parametrize("argv,words", FLAGS, ids=[" ".join(a) for a, _ in FLAGS])
+def test_flag(argv, words):
+    with pytest.raises(ArgError) as e:
+        parse_args(argv)
+    msg = str(e.value)
+    assert words in msg and "\n" not in msg, msg
+
+
+def _ds(tmp_path, cfg):
+    path = tmp_path / "ds.json"
+    path.write_text(cfg if isinstance(cfg, str) else json.dumps(cfg))
+    return str(path)
+
+
+DS = [
+    ('{"zero_optimization": {"stage": 1', "not valid JSON"),
+    ({"zero_optimization": {"stage": 3}}, "ZeRO stage 3"),
+    ({"zero_optimization": {"stage": 5}}, "use 0, 1 or 2"),
+    ({"train_micro_batch_size_per_gpu": 4}, "contradicts train_micro_batch_size_per_gpu=4"),  # with --micro-batch-size 8
+    ({"train_batch_size": 7}, "train_batch_size=7"),
+    ({"optimizer": {"type": "Adam", "params": {"lr": 0.1}}}, "contradicts optimizer.params.lr"),  # with --lr 3e-3
+    ({"scheduler": {"type": "WarmupLR", "params": {}}}, "has its own scheduler block"),  # with --lr-warmup-iters
+    ({"gradient_clipping": 5.0}, "contradicts gradient_clipping"),  # with --clip-grad 1
+    ({"fp16": {"enabled": True}}, "fp16"),
+    ({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
+     "offloads the optimizer"),
+]
+
+
+@pytest.mark.parametrize("cfg,words", DS, ids=[w for _, w in DS])
+def test_ds_config(tmp_path, cfg, words):
+    with pytest.raises(ArgError) as e:
+        args = parse_args(["--deepspeed_config", _ds(tmp_path, cfg), "--micro-batch-size", "8", "--lr", "3e-3",
+                           "--lr-warmup-iters", "1", "--clip-grad", "1"])
+        resolve_ds_config(args, world_size=2, on_cpu=True)
+    assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_world_checks():
+    args = parse_args(["--router", "topk", "--moe-expert-parallel-size", "4"])
+    with pytest.raises(ArgError, match="does not divide the world size 2"):
+        check_world(args, model_config(args, 256), 2)
+    args = parse_args(["--router", "dense", "--moe-expert-parallel-size", "2"])
+    with pytest.raises(ArgError, match="the model is dense"):
+        check_world(args, model_config(args, 256), 2)
+
+
+def test_data_checks(tmp_path):
+    with pytest.raises(DataError, match="--data-file"):
+        load_corpus(data_file=str(tmp_path / "missing.txt"))
+    with pytest.raises((DataError, FileNotFoundError), match="tokenizer.json"):
+        load_corpus(data_path=str(tmp_path / "nothing"))
+    tiny = split_in_order(np.arange(200, dtype=np.int64) % 256, "tiny")
+    with pytest.raises(DataError):
+        eval_sizes_ok(tiny["valid"], "gpt", 8, 128, 2)
+
+
+def test_unwritable_save_folder(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the folder should go")
+    with pytest.raises(ArgError, match="is not writable.*give --save a folder"):
+        check_save_dir(str(blocker / "checkpoints"))
+
+
+def _fake_checkpoint(root, tag, cfg, files=("mp_rank_00_model_states.pt", "rank0_state.pt"), latest=True):
+    path = root / tag
+    path.mkdir(parents=True)
+    sizes = {}
+    for name in files:
+        (path / name).write_bytes(b"x" * 10)
+        sizes[name] = 10
+    (path / ckpt.MARKER).write_text(json.dumps({"tag": tag, "step": 1, "world_size": 1, "files": sizes,
+                                                "model_config": cfg}))
+    if latest:
+        (root / "latest").write_text(tag)
+    return path
+
+
+def test_checkpoint_checks(tmp_path):
+    cfg = model_config(parse_args(["--router", "vqmoe", "--num-experts", "4"]), 256).to_dict()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint in .*no 'latest' file"):
+        ckpt.resolve_tag(str(empty))
+    with pytest.raises(ckpt.CheckpointError, match="does not exist"):
+        ckpt.resolve_tag(str(tmp_path / "nope"))
+    root = tmp_path / "ck"
+    path = _fake_checkpoint(root, "step1", cfg)
+    assert ckpt.verify(str(root), "step1")["step"] == 1
+    with pytest.raises(ckpt.CheckpointError, match="step7 does not exist"):
+        ckpt.verify(str(root), "step7")
+    (path / "rank0_state.pt").write_bytes(b"xy")  # truncated
+    with pytest.raises(ckpt.CheckpointError, match="rank0_state.pt has 2 bytes, 10 were saved"):
+        ckpt.verify(str(root), "step1")
+    os.remove(path / "rank0_state.pt")
+    with pytest.raises(ckpt.CheckpointError, match="missing rank0_state.pt"):
+        ckpt.verify(str(root), "step1")
+    os.remove(path / ckpt.MARKER)
+    with pytest.raises(ckpt.CheckpointError, match="incomplete"):
+        ckpt.verify(str(root), "step1")
+    # another architecture, another router, another vocabulary
+    other = model_config(parse_args(["--router", "vqmoe", "--num-experts", "4", "--num-layers", "3"]), 256).to_dict()
+    with pytest.raises(ckpt.CheckpointError, match="n_layer=3.*same model flags"):
+        ckpt.check_architecture(other, cfg, "checkpoint X")
+    other = model_config(parse_args(["--router", "topk", "--num-experts", "4"]), 256).to_dict()
+    with pytest.raises(ckpt.CheckpointError, match="moe.router='topk'"):
+        ckpt.check_architecture(other, cfg, "checkpoint X")
+    other = model_config(parse_args(["--router", "vqmoe", "--num-experts", "4"]), 512).to_dict()
+    with pytest.raises(ckpt.CheckpointError, match="vocabulary of 512 tokens.*tokenizer"):
+        ckpt.check_architecture(other, cfg, "checkpoint X")
+
+
+def test_checkpoint_with_missing_expert_file(tmp_path):
+    from deepspeed.moe.layer import MoE
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.moe = MoE(8, torch.nn.Linear(8, 8), num_experts=2, ep_size=1, k=1)
+
+    root = tmp_path / "ck"
+    _fake_checkpoint(root, "step1", None, files=("layer_0_expert_0_mp_rank_00_model_states.pt",))
+    with pytest.raises(ckpt.CheckpointError, match="lacks the file of expert 1 of MoE layer 0"):
+        ckpt.check_expert_files(str(root), "step1", Two())
+
+
+def test_driver_refuses_foreign_checkpoint_before_training(tmp_path):
+    """End to end, one process: a checkpoint of another architecture stops the driver with exit 2, one line."""
+    cfg = model_config(parse_args(["--num-layers", "3"]), 256).to_dict()
+    root = tmp_path / "ck"
+    _fake_checkpoint(root, "step1", cfg)
+    env = env_for_ranks(str(tmp_path))
+    env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()))
+    r = subprocess.run([sys.executable, DRIVER, "--load", str(root), "--train-iters", "2", "--corpus-bytes", "100000",
+                        "--out-dir", str(tmp_path / "out"), "--no-plots", "--no-progress"],
+                       env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2, r.stderr[-2000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "n_layer=3" in errors[0], r.stderr[-2000:]
+    assert not (tmp_path / "out" / "log.jsonl").exists()  # no training step ran
+
+
+def _port():
+    from vqmoe_ds.training.launch import free_port
+
+    return free_port()
