@@ -541,8 +541,8 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(const at::Tensor& x, const a
                       return_distances ? dist.data_ptr<float>() : nullptr};
   // Tiles are handed out dynamically (an atomic counter) rather than as one static range per thread:
   // on a shared machine a descheduled thread otherwise leaves its whole range for the others to wait
-  // on (measured under load, K=8192, d=64, 2 threads: 1.77x the matmul with static ranges, 0.50x with
-  // this counter).
+  // on (K=8192, d=64, 2 threads, machine under load: 1.77x the matmul with static ranges; 0.48-0.50x
+  // with this counter in later runs).
   std::atomic<int64_t> next_tile{0};
   const int64_t nworkers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntiles));
   at::parallel_for(0, nworkers, 1, [&](int64_t, int64_t) {
