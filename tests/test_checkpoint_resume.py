@@ -15,6 +15,7 @@ middle of the schedule: bit-exact too.
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 from test_launchers import CPU_CFG, records, tiny_args
@@ -112,3 +113,34 @@ def test_exact_resume_gpt_smoe_dropout_schedule(tmp_path):
     for s in b:
         assert a[s] == b[s], (s, a[s], b[s])
     assert records(full, "valid")[-1]["loss"] == records(resumed, "valid")[-1]["loss"]
+
+    # export step8 to safetensors + JSON; tools/generate.py samples the same text from it as from the checkpoint
+    from safetensors.torch import load_file
+
+    import torch
+
+    exported = tmp_path / "export" / "model.safetensors"
+    tool = os.path.join(ROOT, "tools")
+    r = subprocess.run([sys.executable, os.path.join(tool, "export_checkpoint.py"), "--load", str(full / "checkpoints"),
+                        "--tag", "step8", "--out", str(exported)], env=env_for_ranks(str(tmp_path)),
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    tensors = load_file(str(exported))
+    meta = json.load(open(exported.with_suffix(".json")))
+    n_exp = meta["model_config"]["moe"]["num_experts"]
+    assert meta["model_config"]["moe"]["ep_size"] == 1 and n_exp == 4
+    dense = torch.load(full / "checkpoints" / "step8" / "mp_rank_00_model_states.pt", map_location="cpu",
+                       weights_only=False)["module"]
+    shared = [k for k in dense if k in tensors and "deepspeed_experts" not in k]
+    assert len(shared) > 10 and all(torch.equal(dense[k], tensors[k]) for k in shared)
+    expert_keys = {k.split("deepspeed_experts.")[1].split(".")[0] for k in tensors if "deepspeed_experts." in k}
+    assert expert_keys == {str(e) for e in range(n_exp)}  # every expert gathered at ep 1
+    samples = []
+    for source in (["--load", str(full / "checkpoints"), "--tag", "step8"], ["--weights", str(exported)]):
+        r = subprocess.run([sys.executable, os.path.join(tool, "generate.py"), *source, "--prompt", "7 + 5 = ",
+                            "--tokens", "30"], env=env_for_ranks(str(tmp_path)), capture_output=True, text=True,
+                           timeout=120, cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-3000:]
+        samples.append(r.stdout[r.stdout.index("7 + 5 = "):])  # DeepSpeed's log lines before it differ
+    assert samples[0] == samples[1] and len(samples[0]) > 30
+

@@ -21,7 +21,8 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/vqmoe
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--load", required=True, help="the --save folder of a run")
+    p.add_argument("--load", help="the --save folder of a run")
+    p.add_argument("--weights", help="instead of --load: FILE.safetensors written by tools/export_checkpoint.py")
     p.add_argument("--tag", default="best", help="checkpoint tag: best (default), step<N>, or 'latest'")
     p.add_argument("--prompt", default="\n")
     p.add_argument("--tokens", type=int, default=200)
@@ -29,6 +30,19 @@ def main():
     p.add_argument("--top-k", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    if bool(args.load) == bool(args.weights):
+        print("error: give exactly one of --load (a checkpoint folder) and --weights (an exported file)",
+              file=sys.stderr)
+        return 2
+    if args.weights:
+        from vqmoe_ds.training.checkpoint import CheckpointError, load_exported
+
+        try:
+            model, cfg = load_exported(args.weights)
+        except CheckpointError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return sample(model, cfg, args)
     tag = args.tag
     if tag == "latest":
         tag = open(os.path.join(args.load, "latest")).read().strip()
@@ -57,6 +71,13 @@ def main():
     engine.load_checkpoint(args.load, tag=tag, load_module_only=True, load_optimizer_states=False,
                            load_lr_scheduler_states=False)
     model.eval()
+    return sample(model, cfg, args)
+
+
+def sample(model, cfg, args):
+    import torch
+    import torch.distributed as dist
+
     torch.manual_seed(args.seed)
     byte_level = cfg.vocab_size == 256
     ids = list(args.prompt.encode("utf-8")) if byte_level else [int(t) for t in args.prompt.split()]

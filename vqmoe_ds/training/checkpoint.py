@@ -314,3 +314,65 @@ def load(engine, load_dir: str, tag: Optional[str] = None, resume: bool = True,
                     if name in own:
                         own[name].copy_(value.to(own[name].device))
     return client_state or {}, mems
+
+
+def _single_process_group() -> None:
+    """A one-process group for tools that run outside a launcher (DeepSpeed's MoE layers need one)."""
+    if dist.is_initialized():
+        return
+    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
+        os.environ.setdefault(k, v)
+    if "MASTER_PORT" not in os.environ:
+        from .launch import free_port
+
+        os.environ["MASTER_PORT"] = str(free_port())
+    import deepspeed
+
+    deepspeed.init_distributed()
+
+
+def load_for_inference(load_dir: str, tag: Optional[str] = None):
+    """The model of a checkpoint, rebuilt in one process at expert parallelism 1 (DeepSpeed names expert files
+    by global id, so any ep size loads).  Returns (model in eval mode, ModelConfig, tag)."""
+    from ..models import ModelConfig, build_model
+
+    tag = resolve_tag(load_dir, tag)
+    marker = verify(load_dir, tag)
+    cfg_dict = dict(marker.get("model_config") or torch.load(os.path.join(load_dir, tag, "mp_rank_00_model_states.pt"),
+                                                            map_location="cpu", weights_only=False)["model_config"])
+    cfg_dict["moe"] = {**cfg_dict["moe"], "ep_size": 1}
+    cfg = ModelConfig(**cfg_dict)
+    _single_process_group()
+    import deepspeed
+
+    model = build_model(cfg)
+    engine, *_ = deepspeed.initialize(model=model, config={"train_micro_batch_size_per_gpu": 1})
+    check_expert_files(load_dir, tag, model)
+    engine.load_checkpoint(load_dir, tag=tag, load_module_only=True, load_optimizer_states=False,
+                           load_lr_scheduler_states=False)
+    model.eval()
+    return model, cfg, tag
+
+
+def load_exported(path: str):
+    """A model from ``tools/export_checkpoint.py``'s ``FILE.safetensors`` + ``FILE.json`` (no DeepSpeed
+    checkpoint machinery; the MoE layers still need a one-process group).  Returns (model, ModelConfig)."""
+    from safetensors.torch import load_file
+
+    from ..models import ModelConfig, build_model
+
+    cfg_path = os.path.splitext(path)[0] + ".json"
+    for p in (path, cfg_path):
+        if not os.path.isfile(p):
+            raise CheckpointError(f"{p} does not exist: export the checkpoint with tools/export_checkpoint.py")
+    with open(cfg_path) as f:
+        meta = json.load(f)
+    cfg = ModelConfig(**meta["model_config"])
+    _single_process_group()
+    model = build_model(cfg)
+    missing, unexpected = model.load_state_dict(load_file(path), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not fit the model of {cfg_path} (missing {missing[:3]}, unexpected "
+                              f"{unexpected[:3]}): re-export it")
+    model.eval()
+    return model, cfg
