@@ -297,7 +297,11 @@ def load(engine, load_dir: str, tag: Optional[str] = None, resume: bool = True,
         check_architecture(marker.get("model_config"), model_config, f"checkpoint {os.path.join(load_dir, tag)}")
     if model is not None:
         check_expert_files(load_dir, tag, model)
-    path, client_state = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=resume,
+    fresh_optimizer = resume and bool(marker.get("resharded"))  # tools/reshard_checkpoint.py: no optimizer files
+    if fresh_optimizer and _rank() == 0:
+        print(f"notice: {os.path.join(load_dir, tag)} was resharded (tools/reshard_checkpoint.py): model weights, "
+              f"step, lr schedule and data position are loaded, the optimizer starts fresh", flush=True)
+    path, client_state = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=resume and not fresh_optimizer,
                                                 load_lr_scheduler_states=resume)
     if path is None:
         raise CheckpointError(f"DeepSpeed found no loadable checkpoint in {load_dir} (tag {tag}): load another tag")
@@ -305,7 +309,8 @@ def load(engine, load_dir: str, tag: Optional[str] = None, resume: bool = True,
     extra = os.path.join(load_dir, tag, f"rank{_rank()}_state.pt")
     if resume and os.path.isfile(extra):
         state = torch.load(extra, weights_only=False)
-        set_rng_state(state["rng"])
+        if state.get("rng") is not None:  # a resharded checkpoint's extra ranks keep the driver's seeding
+            set_rng_state(state["rng"])
         mems = state["mems"]
         if model is not None and state.get("buffers"):
             own = dict(model.named_buffers())
