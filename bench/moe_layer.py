@@ -22,7 +22,9 @@ from vqmoe_ds.moe import MoEConfig  # noqa: E402
 
 
 def timeit(fn, repeat, warmup=1):
-    """Best of ``repeat``: on a shared 2-core machine the minimum is the figure least disturbed by others."""
+    """Best of ``repeat`` wall-clock runs: the run least disturbed by other jobs.  (Process CPU time is no
+    steadier here: torch's OpenMP threads spin while they wait for a descheduled sibling.)  For figures
+    worth quoting, run on an otherwise idle machine."""
     for _ in range(warmup):
         fn()
     ts = []
@@ -50,7 +52,7 @@ def layer_time(layer, x, repeat):
     def step():
         xx = x.detach().requires_grad_(True)
         y, aux = layer(xx)
-        ((y * R).sum() + aux).backward()
+        torch.autograd.backward([y, aux], [R, torch.ones_like(aux)])  # as the bare run: gradient fed in directly
     return timeit(step, repeat)
 
 

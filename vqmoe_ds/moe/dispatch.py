@@ -105,8 +105,8 @@ class SortedDispatch:
             back[self.regroup] = torch.arange(self.regroup.numel(), device=back.device)
             y_MD = _AllToAllV.apply(y_MD.index_select(0, back), self.in_splits, self.out_splits, self.ep_group)
         w_M = weights_R.index_select(0, plan.order_M).to(y_MD.dtype)
-        out_TD = y_MD.new_zeros(num_tokens, y_MD.shape[1])
-        return out_TD.index_add(0, tokens_R.index_select(0, plan.order_M), y_MD * w_M.unsqueeze(1))
+        out_TD = y_MD.new_zeros(num_tokens, y_MD.shape[1])  # in place: no copy of a fresh zero tensor
+        return out_TD.index_add_(0, tokens_R.index_select(0, plan.order_M), y_MD * w_M.unsqueeze(1))
 
 
 def agree_capacity(counts_E: torch.Tensor, ep_group) -> int:
