@@ -1,6 +1,38 @@
 import os
 import sys
 
+import pytest
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/vqmoe_ds/torch_extensions"))
 sys.path.insert(0, os.path.dirname(__file__))
+
+_DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+
+
+@pytest.fixture(autouse=True)
+def _isolate_process_group():
+    """Tests that load a checkpoint in-process start a 1-rank process group and set MASTER_PORT in os.environ
+    (as the tools do when run alone).  Left behind, the group's store keeps that port listening and every
+    later subprocess inherits MASTER_PORT and fails with EADDRINUSE: end the group and restore the
+    environment after each test."""
+    saved = {k: os.environ.get(k) for k in _DIST_ENV}
+    yield
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+        from deepspeed.utils import groups  # its cached groups belong to the group just destroyed
+
+        for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_DATA_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS",
+                     "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):
+            if isinstance(getattr(groups, name, None), dict):
+                getattr(groups, name).clear()
+        for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP"):
+            if hasattr(groups, name):
+                setattr(groups, name, None)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
