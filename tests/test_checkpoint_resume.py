@@ -11,6 +11,8 @@ restarts, gradient accumulation 2, ZeRO 2.
   * a checkpoint with a file deleted is refused with a one-line error naming the file.
 Case 2: GPT + SMoE-Dropout (top-k schedule 1 -> 4 over steps 0..8) at ZeRO 1, resumed at step 4, in the
 middle of the schedule: bit-exact too.
+Case 3: GPT + StableMoE, stage switch at step 4, resumed at step 6: the stage-2 snapshot comes back from the
+checkpoint (the distilled parameters moved on after the switch), bit-exact.
 """
 import json
 import os
@@ -144,3 +146,20 @@ def test_exact_resume_gpt_smoe_dropout_schedule(tmp_path):
         samples.append(r.stdout[r.stdout.index("7 + 5 = "):])  # DeepSpeed's log lines before it differ
     assert samples[0] == samples[1] and len(samples[0]) > 30
 
+
+
+def test_exact_resume_gpt_stablemoe_after_stage_switch(tmp_path):
+    """StableMoE switches to its frozen snapshot at step 4; resuming at step 6 must route with the snapshot
+    taken at step 4 (saved in buffers), not with the distilled parameters, which Adam kept moving."""
+    args = ("--router", "stablemoe", "--top-k", "1", "--stablemoe-stage1-steps", "4", "--save-interval", "2",
+            "--eval-iters", "1", "--test-iters", "1", "--seq-length", "32")
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    _run(torchrun_cmd(2, tiny_args(full, *args, steps=8), free_port()), tmp_path)
+    (full / "checkpoints" / "latest").write_text("step6")
+    _run(torchrun_cmd(2, tiny_args(resumed, *args, "--load", str(full / "checkpoints"), "--save",
+                                   str(tmp_path / "ck2"), steps=8), free_port()), tmp_path)
+    a, b = _losses(full), _losses(resumed)
+    assert sorted(b) == [7, 8]
+    for s in b:
+        assert a[s] == b[s], (s, a[s], b[s])
+    assert records(full, "valid")[-1]["loss"] == records(resumed, "valid")[-1]["loss"]
