@@ -98,15 +98,32 @@ class SortedDispatch:
         self.regroup = torch.argsort(local_expert, stable=True)
         return recv.index_select(0, self.regroup), recv_counts.sum(0).tolist()
 
-    def combine(self, y_MD: torch.Tensor, tokens_R: torch.Tensor, weights_R: torch.Tensor, num_tokens: int):
+    def combine(self, y_chunks: List[torch.Tensor], tokens_R: torch.Tensor, weights_R: torch.Tensor,
+                num_tokens: int):
+        """Expert outputs (one chunk per local expert, in dispatch order) -> weighted sum per token.
+
+        With one rank the chunks are added into the tokens one by one (no concatenated copy of all expert
+        outputs); routes whose weight is a constant 1 (the VQ router's) skip the multiplication."""
         plan = self.plan
+        tokens_M = tokens_R.index_select(0, plan.order_M)
+        w_M = weights_R.index_select(0, plan.order_M)
+        unweighted = not w_M.requires_grad and bool((w_M == 1).all())
         if self.ep_size > 1:
+            y_MD = torch.cat(y_chunks)
             back = torch.empty_like(self.regroup)
             back[self.regroup] = torch.arange(self.regroup.numel(), device=back.device)
-            y_MD = _AllToAllV.apply(y_MD.index_select(0, back), self.in_splits, self.out_splits, self.ep_group)
-        w_M = weights_R.index_select(0, plan.order_M).to(y_MD.dtype)
-        out_TD = y_MD.new_zeros(num_tokens, y_MD.shape[1])  # in place: no copy of a fresh zero tensor
-        return out_TD.index_add_(0, tokens_R.index_select(0, plan.order_M), y_MD * w_M.unsqueeze(1))
+            y_chunks = [_AllToAllV.apply(y_MD.index_select(0, back), self.in_splits, self.out_splits, self.ep_group)]
+        d = y_chunks[0].shape[1]
+        out_TD = y_chunks[0].new_zeros(num_tokens, d)  # filled in place: no copy of a fresh zero tensor
+        start = 0
+        for y_nD in y_chunks:
+            n = y_nD.shape[0]
+            if n:
+                rows = tokens_M[start:start + n]
+                src = y_nD if unweighted else y_nD * w_M[start:start + n].to(y_nD.dtype).unsqueeze(1)
+                out_TD.index_add_(0, rows, src)
+            start += n
+        return out_TD
 
 
 def agree_capacity(counts_E: torch.Tensor, ep_group) -> int:

@@ -175,9 +175,9 @@ class MoELayer(nn.Module):
         x_MD, counts = dispatch.dispatch(X_SD, rows_R, experts_R, plan)
         # experts: each local expert on exactly its rows (split, not slicing: its backward is one cat instead
         # of a full-size zero tensor per expert)
-        y_MD = torch.cat([expert(x_nD) for expert, x_nD in zip(self.experts, torch.split(x_MD, counts))])
+        y_chunks = [expert(x_nD) for expert, x_nD in zip(self.experts, torch.split(x_MD, counts))]
         # combine
-        return dispatch.combine(y_MD, rows_R % T, weights_R, T)
+        return dispatch.combine(y_chunks, rows_R % T, weights_R, T)
 
     def _forward_deepspeed(self, X_SD, grid: RouteGrid, T: int, stats):
         self.moe.deepspeed_moe.gate.pending = grid
