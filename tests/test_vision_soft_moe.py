@@ -171,3 +171,10 @@ def _worker(out_dir):
 
 if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "--worker":
     _worker(sys.argv[2])
+
+
+def test_no_zero_dim_parameters_with_normalize():
+    """DeepSpeed's initial broadcast views every parameter as bytes, which fails on 0-dim tensors."""
+    layer = SoftMoEConfig(hidden_size=8, ffn_hidden_size=8, num_experts=2, normalize=True).build()
+    assert layer.scale.shape == (1,)
+    assert [n for n, p in layer.named_parameters() if p.dim() == 0] == []

@@ -79,24 +79,8 @@ class MoELayer(nn.Module):
         self._stats: Dict[str, torch.Tensor] = {}
         self.reset_experts(int(torch.randint(0, 2**31 - 1, (), device="cpu").item()))  # cpu: builds under a meta device too
 
-    @torch.no_grad()
     def reset_experts(self, seed: int) -> None:
-        """Give every expert its own initialisation, drawn from (seed, global expert id).
-
-        DeepSpeed's ``Experts`` deep-copies one expert module, so all experts would start identical.  Seeding
-        by the *global* id makes expert e the same tensor whatever the expert-parallel size, so an ep=2 run
-        starts from exactly the model of an ep=1 run.
-        """
-        first = expert_parallel_rank(self.cfg.ep_size) * len(self.experts)
-        for i, expert in enumerate(self.experts):
-            g = torch.Generator().manual_seed(seed * 1_000_003 + first + i)
-            for name, p in expert.named_parameters():
-                if p.is_meta:
-                    continue
-                if name.endswith("weight"):
-                    p.copy_(torch.randn(p.shape, generator=g) * self.cfg.init_std)
-                else:
-                    p.zero_()
+        init_experts_by_global_id(self.experts, self.cfg.ep_size, seed, self.cfg.init_std)
 
     @property
     def experts(self) -> nn.ModuleList:
@@ -189,6 +173,27 @@ class MoELayer(nn.Module):
         """Detached numbers of the last forward: expert_load (routes per expert, before capacity),
         dropped_fraction, balance_loss, vq_loss, code_counts, codes_used, discrete_gate, ..."""
         return dict(self._stats)
+
+
+@torch.no_grad()
+def init_experts_by_global_id(experts: nn.ModuleList, ep_size: int, seed: int, init_std: float) -> None:
+    """Give every expert its own initialisation, drawn from (seed, global expert id): N(0, init_std) weights,
+    zero biases.
+
+    DeepSpeed's ``Experts`` deep-copies one expert module, so all experts would start identical.  Seeding
+    by the *global* id makes expert e the same tensor whatever the expert-parallel size, so an ep=2 run
+    starts from exactly the model of an ep=1 run.
+    """
+    first = expert_parallel_rank(ep_size) * len(experts)
+    for i, expert in enumerate(experts):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + first + i)
+        for name, p in expert.named_parameters():
+            if p.is_meta:
+                continue
+            if name.endswith("weight"):
+                p.copy_(torch.randn(p.shape, generator=g) * init_std)
+            else:
+                p.zero_()
 
 
 def expert_parallel_rank(ep_size: int) -> int:

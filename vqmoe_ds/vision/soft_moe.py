@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..moe.config import ConfigError
-from ..moe.layer import ExpertMLP, expert_parallel_rank
+from ..moe.layer import ExpertMLP, init_experts_by_global_id
 
 
 @dataclass
@@ -93,23 +93,13 @@ class SoftMoE(nn.Module):
         self.moe.deepspeed_moe.gate = _GroupOnlyGate()
         # Phi: LeCun-normal columns, as in the paper (logits start O(1) whatever D is)
         self.phi_DS = nn.Parameter(torch.randn(D, E * p) / math.sqrt(D))
-        self.scale = nn.Parameter(torch.ones(())) if cfg.normalize else None
+        self.scale = nn.Parameter(torch.ones(1)) if cfg.normalize else None  # [1]: DeepSpeed cannot broadcast 0-dim
         self._stats: Dict[str, torch.Tensor] = {}
-        self.reset_experts(int(torch.randint(0, 2**31 - 1, ()).item()))
+        self.reset_experts(int(torch.randint(0, 2**31 - 1, (), device="cpu").item()))
 
-    @torch.no_grad()
     def reset_experts(self, seed: int) -> None:
         """Expert e drawn from (seed, global id e): an ep=2 run starts from the model of an ep=1 run."""
-        first = expert_parallel_rank(self.cfg.ep_size) * len(self.experts)
-        for i, expert in enumerate(self.experts):
-            g = torch.Generator().manual_seed(seed * 1_000_003 + first + i)
-            for name, p in expert.named_parameters():
-                if p.is_meta:
-                    continue
-                if name.endswith("weight"):
-                    p.copy_(torch.randn(p.shape, generator=g) * self.cfg.init_std)
-                else:
-                    p.zero_()
+        init_experts_by_global_id(self.experts, self.cfg.ep_size, seed, self.cfg.init_std)
 
     @property
     def experts(self) -> nn.ModuleList:
