@@ -131,8 +131,10 @@ def test_exact_resume_gpt_smoe_dropout_schedule(tmp_path):
     meta = json.load(open(exported.with_suffix(".json")))
     n_exp = meta["model_config"]["moe"]["num_experts"]
     assert meta["model_config"]["moe"]["ep_size"] == 1 and n_exp == 4
-    dense = torch.load(full / "checkpoints" / "step8" / "mp_rank_00_model_states.pt", map_location="cpu",
-                       weights_only=False)["module"]
+    states = torch.load(full / "checkpoints" / "step8" / "mp_rank_00_model_states.pt", map_location="cpu",
+                        weights_only=False)
+    assert states["tokenizer"] == {"kind": "byte", "vocab_size": 256}  # the checkpoint says how to decode
+    dense = states["module"]
     shared = [k for k in dense if k in tensors and "deepspeed_experts" not in k]
     assert len(shared) > 10 and all(torch.equal(dense[k], tensors[k]) for k in shared)
     expert_keys = {k.split("deepspeed_experts.")[1].split(".")[0] for k in tensors if "deepspeed_experts." in k}

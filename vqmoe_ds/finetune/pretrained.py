@@ -81,7 +81,7 @@ def read_run(path: str, tag: Optional[str] = None, run_config: Optional[str] = N
         raise CheckpointError(f"{os.path.join(save_dir, tag)} has no model_config in its client state: it was not "
                               f"written by pretrain_vqmoe.py (or tools/convert_to_vqmoe.py)")
     client = {k: v for k, v in state.items() if k in ("step", "best_valid", "world_size", "model_config",
-                                                       "converted_from", "finetune")}
+                                                       "converted_from", "finetune", "tokenizer")}
     cfg = ModelConfig(**client["model_config"])
     if run_config is None:
         cand = os.path.join(os.path.dirname(os.path.normpath(save_dir)), "config.json")
@@ -96,11 +96,20 @@ def read_run(path: str, tag: Optional[str] = None, run_config: Optional[str] = N
 
 
 def tokenizer_for(run: PretrainedRun, meta_path: Optional[str] = None):
-    """The tokenizer of the run's data: ``<data_path>.tokenizer.json`` for preprocessed data, else bytes
-    (``--data-file`` and the default corpus are read as bytes).  ``meta_path`` overrides the lookup."""
+    """The tokenizer of the run's data.  In order: ``meta_path``; the tokenizer the checkpoint recorded (the
+    driver saves it in the client state, so a checkpoint saved away from its run folder still decodes
+    right); ``<data_path>.tokenizer.json`` of the run's config; else bytes (``--data-file`` and the default
+    corpus are read as bytes)."""
     from ..data import TokenizerMeta, check_vocab
     from ..data.tokenizers import ByteTokenizer, Tokenizer
 
+    recorded = run.client_state.get("tokenizer")
+    if meta_path is None and recorded is not None:
+        if recorded.get("kind") == "byte" and "dtype" not in recorded:
+            return ByteTokenizer()
+        meta = TokenizerMeta(**recorded)
+        check_vocab(meta, run.model_config.vocab_size)
+        return Tokenizer.from_metadata(meta)
     data_path = run.run_args.get("data_path")
     if meta_path is None and data_path:
         meta_path = data_path + ".tokenizer.json"

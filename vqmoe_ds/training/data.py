@@ -31,6 +31,13 @@ class Corpus:
     vocab_size: int
     source: str
     tokenizer: str = "byte"
+    meta: Optional[object] = None  # TokenizerMeta of preprocessed data; None: raw bytes
+
+    def tokenizer_state(self) -> dict:
+        """What a checkpoint records about the tokens, so tools can decode without the data folder."""
+        import dataclasses
+
+        return dataclasses.asdict(self.meta) if self.meta is not None else {"kind": "byte", "vocab_size": 256}
 
 
 def bytes_to_tokens(data: bytes) -> np.ndarray:
@@ -54,7 +61,7 @@ def load_corpus(data_path: Optional[str] = None, data_file: Optional[str] = None
         streams, meta = {}, None
         for split in SPLITS:
             streams[split], meta = load_split(data_path, split, model_vocab_size)
-        return Corpus(streams, meta.vocab_size, f"{data_path}.{{train,valid,test}}", meta.kind)
+        return Corpus(streams, meta.vocab_size, f"{data_path}.{{train,valid,test}}", meta.kind, meta)
     if data_file:
         from ..data.errors import require_file
 

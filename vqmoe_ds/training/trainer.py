@@ -108,7 +108,8 @@ class Trainer:
     # ---- checkpoints ------------------------------------------------------------------------------------
     def _client_state(self):
         return {"step": self.step, "data": self.train_batches.state_dict(), "best_valid": self.best_valid,
-                "world_size": self.world, "model_config": self.cfg.to_dict(), "skipped_total": self.skipped_total}
+                "world_size": self.world, "model_config": self.cfg.to_dict(), "skipped_total": self.skipped_total,
+                "tokenizer": self.corpus.tokenizer_state()}
 
     def _resume(self, load_dir):
         client, mems = ckpt.load(self.engine, load_dir, tag=self.resume_tag, resume=True, model=self.model,
