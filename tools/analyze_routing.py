@@ -191,18 +191,9 @@ def analyse(args):
 
 
 def main(argv=None):
-    args = parse(argv)
-    try:
-        analyse(args)
-    except (CheckpointError, DataError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        import torch.distributed as dist
+    from vqmoe_ds.training.launch import run_tool
 
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return run_tool(analyse, parse(argv), (CheckpointError, DataError, FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

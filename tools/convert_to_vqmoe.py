@@ -103,18 +103,9 @@ def evaluate(args, run, src, dst, cfg):
 
 
 def main(argv=None):
-    args = parse(argv)
-    try:
-        convert(args)
-    except (CheckpointError, ConfigError, DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        import torch.distributed as dist
+    from vqmoe_ds.training.launch import run_tool
 
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return run_tool(convert, parse(argv), (CheckpointError, ConfigError, DataError, FileNotFoundError))
 
 
 if __name__ == "__main__":

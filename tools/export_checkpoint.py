@@ -29,7 +29,6 @@ def main(argv=None):
         print(f"error: --out {args.out} must end in .safetensors: name the file like model.safetensors",
               file=sys.stderr)
         return 2
-    import torch
     import torch.distributed as dist
     from safetensors.torch import save_file
 

@@ -9,7 +9,6 @@ checkpoint written at ep_size 2 loads at 1).  Byte-level models print text; othe
 Transformer-XL samples with its memory: the prompt once, then one token at a time.
 """
 import argparse
-import json
 import os
 import sys
 
@@ -58,7 +57,6 @@ def main():
         os.environ["MASTER_PORT"] = str(free_port())
     import deepspeed
     import torch
-    import torch.distributed as dist
 
     from vqmoe_ds.models import ModelConfig, build_model
 

@@ -13,7 +13,6 @@ Modes (``--mode``):
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time

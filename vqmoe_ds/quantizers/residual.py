@@ -8,7 +8,6 @@ tokens, while deeper levels refine the value of x~.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .codebook import CodebookQuantizer, QuantizerOutput

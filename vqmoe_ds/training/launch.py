@@ -57,3 +57,19 @@ def remove_new_shm(before: set) -> List[str]:
         except OSError:
             pass
     return gone
+
+
+def run_tool(fn, args, errors) -> int:
+    """A command-line tool's body: ``fn(args)``; a bad input (one of ``errors``) prints one ``error:`` line and
+    gives exit status 2; any process group the tool opened to load a checkpoint is closed either way."""
+    import torch.distributed as dist
+
+    try:
+        fn(args)
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0

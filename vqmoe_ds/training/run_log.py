@@ -88,6 +88,17 @@ class RunLog:
             else:
                 print(msg, flush=True)
 
+    def finish(self, save_dir: str, make_plots=None) -> None:
+        """End of a run: close the logs, then on rank 0 draw the plots (``make_plots(out_dir) -> paths``;
+        None: none) and say where everything is."""
+        self.close()
+        if self.rank != 0:
+            return
+        for p in make_plots(self.out_dir) if make_plots is not None else []:
+            print(f"plot: {p}", flush=True)
+        print(f"logs: {os.path.join(self.out_dir, 'log.jsonl')}, TensorBoard: "
+              f"{os.path.join(self.out_dir, 'tensorboard')}, checkpoints: {save_dir}", flush=True)
+
     def close(self) -> None:
         if self.rank != 0:
             return

@@ -282,15 +282,9 @@ class Trainer:
         return res
 
     def finish(self):
-        self.log.close()
-        if self.rank == 0 and not self.args.no_plots:
-            from .plots import make_plots
+        from .plots import make_plots
 
-            for p in make_plots(self.args.out_dir):
-                print(f"plot: {p}", flush=True)
-        if self.rank == 0:
-            print(f"logs: {os.path.join(self.args.out_dir, 'log.jsonl')}, TensorBoard: "
-                  f"{os.path.join(self.args.out_dir, 'tensorboard')}, checkpoints: {self.save_dir}", flush=True)
+        self.log.finish(self.save_dir, None if self.args.no_plots else make_plots)
 
 
 def _shutdown(clean: bool) -> None:

@@ -439,13 +439,7 @@ class VisionTrainer:
         return res
 
     def finish(self):
-        self.log.close()
-        if self.rank == 0 and not self.args.no_plots:
-            for p in make_vision_plots(self.args.out_dir):
-                print(f"plot: {p}", flush=True)
-        if self.rank == 0:
-            print(f"logs: {os.path.join(self.args.out_dir, 'log.jsonl')}, TensorBoard: "
-                  f"{os.path.join(self.args.out_dir, 'tensorboard')}, checkpoints: {self.save_dir}", flush=True)
+        self.log.finish(self.save_dir, None if self.args.no_plots else make_vision_plots)
 
 
 def make_vision_plots(out_dir: str) -> List[str]:

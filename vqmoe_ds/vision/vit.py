@@ -139,7 +139,7 @@ def count_params(cfg: ViTConfig) -> Dict[str, int]:
 
     "active": parameters a token's output depends on -- k (+1 VQ) routed experts of an MoE layer, but *all*
     experts of a SoftMoE layer (every slot output reaches every token)."""
-    D, F_, K, L = cfg.d_model, cfg.d_inner, cfg.num_classes, cfg.n_layer
+    D, K, L = cfg.d_model, cfg.num_classes, cfg.n_layer
     patch = cfg.in_chans * cfg.patch_size ** 2 * D + D
     emb = patch + cfg.num_tokens * D + (D if cfg.pool == "cls" else 0)
     attn = D * 3 * D + 3 * D + D * D + D
