@@ -16,4 +16,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from vqmoe_ds.finetune.trainer import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from vqmoe_ds.parallel import exit_process
+
+    exit_process(main())

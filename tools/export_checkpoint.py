@@ -60,4 +60,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from vqmoe_ds.parallel import exit_process
+
+    exit_process(main())

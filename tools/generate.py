@@ -101,4 +101,6 @@ def sample(model, cfg, args):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from vqmoe_ds.parallel import exit_process
+
+    exit_process(main())

@@ -206,9 +206,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    code = main()
-    import torch.distributed as dist
+    from vqmoe_ds.parallel import exit_process
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    sys.exit(code)
+    exit_process(main())

@@ -25,6 +25,7 @@ from ..analysis.expert_flops import ExpertFlopsCounter
 from ..data import DataError
 from ..models import build_model, moe_layers
 from ..moe.config import ConfigError
+from ..parallel import shutdown
 from ..training.arguments import ArgError, resolve_ds_config
 from . import data as ftdata
 from .arguments import parse_args
@@ -207,12 +208,6 @@ class _nullctx:
         return False
 
 
-def _shutdown(clean: bool) -> None:
-    if dist.is_available() and dist.is_initialized():
-        if clean:
-            dist.barrier()
-        dist.destroy_process_group()
-
 
 def main(argv: Optional[List[str]] = None) -> int:
     try:
@@ -221,9 +216,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ArgError, ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
-        _shutdown(clean=False)
+        shutdown(clean=False)
         return 2
     trainer.train()
     trainer.finish()
-    _shutdown(clean=True)
+    shutdown(clean=True)
     return 0

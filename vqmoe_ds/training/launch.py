@@ -62,7 +62,7 @@ def remove_new_shm(before: set) -> List[str]:
 def run_tool(fn, args, errors) -> int:
     """A command-line tool's body: ``fn(args)``; a bad input (one of ``errors``) prints one ``error:`` line and
     gives exit status 2; any process group the tool opened to load a checkpoint is closed either way."""
-    import torch.distributed as dist
+    from ..parallel import shutdown
 
     try:
         fn(args)
@@ -70,6 +70,5 @@ def run_tool(fn, args, errors) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown(clean=False)
     return 0

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from ..data import DataError
 from ..models import build_model, count_params, flops_per_token, param_report
 from ..moe.config import ConfigError
+from ..parallel import shutdown
 from ..routers import set_step
 from . import checkpoint as ckpt
 from .arguments import ArgError, check_save_dir, check_world, model_config, parse_args, resolve_ds_config
@@ -287,12 +288,6 @@ class Trainer:
         self.log.finish(self.save_dir, None if self.args.no_plots else make_plots)
 
 
-def _shutdown(clean: bool) -> None:
-    if dist.is_available() and dist.is_initialized():
-        if clean:
-            dist.barrier()  # all ranks done before the group goes (avoids a SIGABRT at exit, see FACTS.md)
-        dist.destroy_process_group()
-
 
 class TrainingStopped(RuntimeError):
     """The run cannot go on (e.g. too many non-finite steps in a row); one line naming problem and fix."""
@@ -330,7 +325,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ArgError, ConfigError, DataError, FileNotFoundError, ckpt.CheckpointError) as e:
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
-        _shutdown(clean=False)
+        shutdown(clean=False)
         return 2
     trainer.install_signal_handlers()
     try:
@@ -339,7 +334,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if trainer.rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         trainer.log.close()
-        _shutdown(clean=True)
+        shutdown(clean=True)
         return 3
     except RuntimeError as e:  # a collective failed: a rank died or hung past --dist-timeout-minutes
         dead = dead_ranks(trainer.rank, trainer.world)
@@ -353,5 +348,5 @@ def main(argv: Optional[List[str]] = None) -> int:
     if finished:
         trainer.test()
     trainer.finish()
-    _shutdown(clean=True)
+    shutdown(clean=True)
     return 0

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from ..data.errors import DataError
 from ..moe.config import ROUTERS, VQ_DISTANCES, VQ_KINDS, VQMOE_MODES, ConfigError
+from ..parallel import shutdown
 from ..routers import set_step
 from ..training import checkpoint as ckpt
 from ..training.arguments import ArgError, check_world, resolve_ds_config
@@ -470,12 +471,6 @@ def make_vision_plots(out_dir: str) -> List[str]:
     return written
 
 
-def _shutdown(clean: bool) -> None:
-    if dist.is_available() and dist.is_initialized():
-        if clean:
-            dist.barrier()  # all ranks done before the group goes (avoids a SIGABRT at exit, see FACTS.md)
-        dist.destroy_process_group()
-
 
 def main(argv: Optional[List[str]] = None) -> int:
     try:
@@ -486,10 +481,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             "OMPI_COMM_WORLD_RANK", 0)))
         if rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
-        _shutdown(clean=False)
+        shutdown(clean=False)
         return 2
     trainer.train()
     trainer.test()
     trainer.finish()
-    _shutdown(clean=True)
+    shutdown(clean=True)
     return 0
