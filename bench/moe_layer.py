@@ -35,7 +35,21 @@ def timeit(fn, repeat, warmup=1):
     return min(ts)
 
 
-def bare_expert_time(experts, counts, D, repeat):
+def paired_times(step_a, step_b, repeat, warmup=1):
+    """Best of ``repeat`` for two steps run alternately (a, b, a, b, ...): a slow stretch of the shared
+    machine hits both, so their ratio is steadier than from two separate series."""
+    for _ in range(warmup):
+        step_a(), step_b()
+    ta, tb = [], []
+    for _ in range(repeat):
+        for fn, ts in ((step_a, ta), (step_b, tb)):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return min(ta), min(tb)
+
+
+def bare_expert_step(experts, counts, D):
     """The same per-expert row counts through the same expert MLPs, no routing: the floor."""
     xs = [torch.randn(int(n), D, requires_grad=True) for n in counts]
     gs = [torch.randn(int(n), D) for n in counts]
@@ -43,17 +57,25 @@ def bare_expert_time(experts, counts, D, repeat):
     def step():
         for e, x, g in zip(experts, xs, gs):
             e(x).backward(g)
-    return timeit(step, repeat)
+    return step
 
 
-def layer_time(layer, x, repeat):
+def bare_expert_time(experts, counts, D, repeat):
+    return timeit(bare_expert_step(experts, counts, D), repeat)
+
+
+def layer_step(layer, x):
     R = torch.randn_like(x)
 
     def step():
         xx = x.detach().requires_grad_(True)
         y, aux = layer(xx)
         torch.autograd.backward([y, aux], [R, torch.ones_like(aux)])  # as the bare run: gradient fed in directly
-    return timeit(step, repeat)
+    return step
+
+
+def layer_time(layer, x, repeat):
+    return timeit(layer_step(layer, x), repeat)
 
 
 def stock_deepspeed_moe(D, H, E, k, cf):
@@ -95,7 +117,7 @@ def main():
     args = ap.parse_args()
     D, H, E, cf = args.hidden, args.ffn, args.experts, args.capacity_factor
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; d={D}, hidden={H}, {E} experts, "
-          f"capacity factor {cf}; fwd+bwd, best of {args.repeat}")
+          f"capacity factor {cf}; fwd+bwd, layer and bare alternated, best of {args.repeat} each")
     variants = {
         "vqmoe pretrain (top-2 + VQ)": dict(router="vqmoe", codebook_size=16, codebook_dim=8, vq_distance="cosine"),
         "vqmoe discrete_only": dict(router="vqmoe", vqmoe_mode="discrete_only", codebook_size=16, codebook_dim=8,
@@ -110,7 +132,6 @@ def main():
         for name, kw in variants.items():
             torch.manual_seed(0)
             layer = MoEConfig(hidden_size=D, ffn_hidden_size=H, num_experts=E, capacity_factor=cf, **kw).build()
-            t_layer = layer_time(layer, x, args.repeat)
             from vqmoe_ds.moe.dispatch import capacity_for, plan_routes
 
             with torch.no_grad():
@@ -118,15 +139,16 @@ def main():
                 _, experts_R, _ = grid.flat()
                 plan = plan_routes(experts_R, E, capacity_for(experts_R.numel(), E, cf, layer.cfg.min_capacity))
             counts = plan.counts_E.tolist()
-            t_bare = bare_expert_time(layer.experts, counts, D, args.repeat)
+            t_layer, t_bare = paired_times(layer_step(layer, x), bare_expert_step(layer.experts, counts, D), args.repeat)
             rows.append((T, name, sum(counts), t_layer, t_bare))
             print(f"  {T:6d} {name:40s} {T / t_layer:9.0f} tok/s  {t_layer * 1e3:8.1f} ms  bare {t_bare * 1e3:8.1f} ms"
                   f"  ratio {t_layer / t_bare:5.2f}", flush=True)
         torch.manual_seed(0)
         stock = stock_deepspeed_moe(D, H, E, 2, cf)
-        t_layer = layer_time(stock, x, args.repeat)
         counts = stock_assignments(stock, x)
-        t_bare = bare_expert_time(stock.moe.deepspeed_moe.experts.deepspeed_experts, counts, D, args.repeat)
+        t_layer, t_bare = paired_times(layer_step(stock, x),
+                                       bare_expert_step(stock.moe.deepspeed_moe.experts.deepspeed_experts, counts, D),
+                                       args.repeat)
         rows.append((T, "deepspeed.moe MoE top-2 (stock)", sum(counts), t_layer, t_bare))
         print(f"  {T:6d} {'deepspeed.moe MoE top-2 (stock)':40s} {T / t_layer:9.0f} tok/s  {t_layer * 1e3:8.1f} ms  "
               f"bare {t_bare * 1e3:8.1f} ms  ratio {t_layer / t_bare:5.2f}", flush=True)
