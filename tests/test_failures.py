@@ -5,13 +5,15 @@
   * a rank that dies (os._exit) mid-training: the survivor exits non-zero, naming the dead rank, within the
     distributed timeout instead of hanging.
 """
+import json
 import signal
 import subprocess
 import sys
 import time
 
+import pytest
 import torch
-from test_launchers import records, tiny_args
+from test_launchers import CPU_CFG, records, tiny_args
 
 from vqmoe_ds.training import checkpoint as ckpt
 from vqmoe_ds.training.launch import DRIVER, ROOT, env_for_ranks, free_port, remove_new_shm, shm_files
@@ -111,3 +113,36 @@ def test_dead_rank_named_by_survivor(tmp_path):
     assert elapsed < 60, elapsed  # the 30 s timeout plus start-up, not a hang
     errors = [line for line in outs[0][1].splitlines() if line.startswith("error:")]
     assert errors and "rank(s) 1 stopped" in errors[-1], outs[0][1][-3000:]
+
+
+def _lr_run(tmp_path, stage, fault):
+    out, cfg = tmp_path / f"z{stage}_{bool(fault)}", tmp_path / f"zero{stage}.json"
+    ds = json.load(open(CPU_CFG))
+    ds["zero_optimization"] = {"stage": stage}
+    cfg.write_text(json.dumps(ds))
+    before = shm_files()
+    procs = start_ranks(tmp_path, small(out, "--deepspeed_config", str(cfg), "--moe-expert-parallel-size", "1",
+                                        "--lr-warmup-iters", "3", "--save-interval", "6", steps=6),
+                        fault=fault, nprocs=1)
+    outs = finish(procs)
+    remove_new_shm(before)
+    assert procs[0].returncode == 0, outs[0][1][-3000:]
+    sd = torch.load(out / "checkpoints" / "step6" / "mp_rank_00_model_states.pt", map_location="cpu",
+                    weights_only=False)
+    if stage == 0:  # the optimizer state is in the model file: Adam counted only the steps it took
+        adam_steps = {float(v["step"]) for v in sd["optimizer"]["state"].values()}
+        assert adam_steps == {6.0 - bool(fault)}, adam_steps
+    return {r["step"]: r["lr"] for r in records(out, "train")}, sd["skipped_steps"]
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_skipped_step_does_not_advance_the_lr_schedule(tmp_path, stage):
+    """A skipped step moves neither the weights nor the LR schedule, at ZeRO 0 (skipped by hand) as at ZeRO 1
+    (DeepSpeed's overflow path): after a skip at step 3, steps 4..6 get the lr the clean run had at 3..5."""
+    clean, clean_skips = _lr_run(tmp_path, stage, None)
+    lrs, skips = _lr_run(tmp_path, stage, "nan@3@0")
+    assert (clean_skips, skips) == (0, 1)
+    assert sorted(lrs) == [1, 2, 4, 5, 6]
+    assert len(set(clean.values())) == 6  # warmup then cosine: every step's lr differs
+    assert [lrs[s] for s in (1, 2)] == [clean[1], clean[2]]
+    assert [lrs[s] for s in (4, 5, 6)] == [clean[3], clean[4], clean[5]]

@@ -63,7 +63,9 @@ def main():
     cfg_dict = torch.load(states, map_location="cpu", weights_only=False)["model_config"]
     cfg_dict["moe"] = {**cfg_dict["moe"], "ep_size": 1}
     cfg = ModelConfig(**cfg_dict)
-    deepspeed.init_distributed()
+    from vqmoe_ds.parallel import init_distributed
+
+    init_distributed()
     model = build_model(cfg)
     engine, *_ = deepspeed.initialize(model=model, config={"train_micro_batch_size_per_gpu": 1})
     engine.load_checkpoint(args.load, tag=tag, load_module_only=True, load_optimizer_states=False,

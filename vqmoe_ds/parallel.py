@@ -1,9 +1,12 @@
-"""Parallelism set-up outside a DeepSpeed engine (tests, benchmarks, evaluation scripts).
+"""Process-level parallel set-up: starting (``init_distributed``), expert-parallel groups outside a DeepSpeed
+engine (tests, benchmarks, evaluation scripts), and ending (``shutdown``, ``exit_process``).
 
 Inside training, ``deepspeed.initialize`` does this itself: it calls ``set_deepspeed_parallelism`` on every
 ``deepspeed.moe.layer.MoE``, which creates DeepSpeed's expert-parallel and expert-data-parallel groups.
 """
 from __future__ import annotations
+
+from typing import List, Optional
 
 from torch import nn
 
@@ -17,6 +20,56 @@ def setup_expert_parallel(model: nn.Module) -> nn.Module:
         if isinstance(m, MoE) and m.deepspeed_moe.ep_group is None:
             m.set_deepspeed_parallelism()
     return model
+
+
+# --- process start ----------------------------------------------------------------------------------------
+def extension_build_root() -> str:
+    """Where torch builds JIT extensions (DeepSpeed's CPU shm comm op, our nearest-code kernel)."""
+    import os
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+
+
+def clear_stale_extension_locks(root: Optional[str] = None, max_age_s: float = 600.0) -> List[str]:
+    """Remove JIT-extension ``lock`` files older than ``max_age_s``; return their paths.
+
+    torch's extension loader serialises builds with a ``lock`` file and waits, without a timeout, for it to
+    disappear.  A process killed during the build or load (a pre-empted job, a Ctrl-C at start-up) leaves
+    the file behind, and every later run on the machine then hangs before its first step (seen here after
+    killing a test run).  A build holds the lock for about 30-60 s, so a lock older than 10 minutes has no
+    owner.  Each removal is reported on stderr."""
+    import os
+    import sys
+    import time
+
+    root = root or extension_build_root()
+    removed = []
+    if not os.path.isdir(root):
+        return removed
+    now = time.time()
+    for name in sorted(os.listdir(root)):
+        lock = os.path.join(root, name, "lock")
+        try:
+            age = now - os.path.getmtime(lock)
+            if age > max_age_s:
+                os.remove(lock)
+                removed.append(lock)
+                print(f"warning: removed {lock} ({age / 60:.0f} min old), left by a process killed while building "
+                      f"or loading that extension", file=sys.stderr, flush=True)
+        except OSError:  # no lock, or another rank removed it first
+            continue
+    return removed
+
+
+def init_distributed(**kwargs) -> None:
+    """``deepspeed.init_distributed(**kwargs)`` (it picks NCCL on GPUs, gloo on CPUs, and reads mpirun's ranks
+    through mpi4py when asked), after clearing stale extension locks that would hang its CPU comm-op load."""
+    import deepspeed
+
+    clear_stale_extension_locks()
+    deepspeed.init_distributed(**kwargs)
 
 
 # --- process end ------------------------------------------------------------------------------------------

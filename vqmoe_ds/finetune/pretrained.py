@@ -221,7 +221,9 @@ def load_lm(path: str, tag: Optional[str] = None, cfg: Optional[ModelConfig] = N
 
     run = read_run(path, tag, run_config)
     single_process_env()
-    deepspeed.init_distributed(auto_mpi_discovery=True)
+    from ..parallel import init_distributed
+
+    init_distributed(auto_mpi_discovery=True)
     cfg = cfg or run.model_config.replace(moe=dict(run.model_config.moe, ep_size=1))
     torch.manual_seed(0)
     model = build_model(cfg)

@@ -25,7 +25,7 @@ from ..analysis.expert_flops import ExpertFlopsCounter
 from ..data import DataError
 from ..models import build_model, moe_layers
 from ..moe.config import ConfigError
-from ..parallel import shutdown
+from ..parallel import init_distributed, shutdown
 from ..training.arguments import ArgError, resolve_ds_config
 from . import data as ftdata
 from .arguments import parse_args
@@ -56,7 +56,7 @@ class FinetuneTrainer:
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
         self.args = args
-        deepspeed.init_distributed(auto_mpi_discovery=True, distributed_port=args.distributed_port)
+        init_distributed(auto_mpi_discovery=True, distributed_port=args.distributed_port)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = torch.device(get_accelerator().device_name(args.local_rank))
         on_cpu = get_accelerator().device_name() == "cpu"

@@ -331,9 +331,9 @@ def _single_process_group() -> None:
         from .launch import free_port
 
         os.environ["MASTER_PORT"] = str(free_port())
-    import deepspeed
+    from ..parallel import init_distributed
 
-    deepspeed.init_distributed()
+    init_distributed()
 
 
 def load_for_inference(load_dir: str, tag: Optional[str] = None):

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from ..data import DataError
 from ..models import build_model, count_params, flops_per_token, param_report
 from ..moe.config import ConfigError
-from ..parallel import shutdown
+from ..parallel import init_distributed, shutdown
 from ..routers import set_step
 from . import checkpoint as ckpt
 from .arguments import ArgError, check_save_dir, check_world, model_config, parse_args, resolve_ds_config
@@ -41,7 +41,7 @@ class Trainer:
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
         self.args = args
-        deepspeed.init_distributed(auto_mpi_discovery=True, distributed_port=args.distributed_port,
+        init_distributed(auto_mpi_discovery=True, distributed_port=args.distributed_port,
                                    timeout=datetime.timedelta(minutes=args.dist_timeout_minutes))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         _announce(self.rank)
@@ -161,8 +161,8 @@ class Trainer:
     def train_step(self):
         """One optimizer step.  A non-finite loss on any rank (all ranks agree through an all-reduce) skips
         it: the step's gradients are made NaN everywhere, which ZeRO 1/2 treat as an overflow (no optimizer
-        or scheduler step, gradients cleared); at ZeRO 0 the gradients are dropped before the optimizer
-        sees them.  Buffers the forward passes changed (router step, VQ EMA) are put back.  Returns
+        or scheduler step, gradients cleared); at ZeRO 0 ``_skip_step_zero0`` does the same by hand.
+        Buffers the forward passes changed (router step, VQ EMA) are put back.  Returns
         (loss, aux, tokens, skipped)."""
         if ckpt.fault("exit", self.step + 1):  # the tests' dying rank
             os._exit(1)
@@ -183,8 +183,9 @@ class Trainer:
                 total = total * float("nan")  # NaN gradients on every rank: the whole step is dropped
             self.engine.backward(total)
             if bad and i == self.accum - 1 and not self.engine.zero_optimization():
-                self.engine.optimizer.zero_grad(set_to_none=True)  # torch optimizers skip params without grad
-            self.engine.step()
+                self._skip_step_zero0()
+            else:
+                self.engine.step()
             losses.append(loss.item())
             auxes.append(aux.item())
             tokens = x.numel()
@@ -198,6 +199,30 @@ class Trainer:
             self.mems = mems_before
         self.step += 1
         return sum(losses) / len(losses), sum(auxes) / len(auxes), tokens * self.accum * self.world, bad
+
+    def _skip_step_zero0(self) -> None:
+        """ZeRO 0 has no overflow check, so skip the boundary step the way ZeRO 1/2 skip an overflow: the engine
+        closes the step (clipping, zeroing, counters) around an optimizer step that does nothing, then the LR
+        schedule is put back and the step counted as skipped.  The gradients are zeroed, not dropped:
+        DeepSpeed's clipping fails on a model without any gradient."""
+        opt, sched = self.engine.optimizer, self.engine.lr_scheduler
+        opt.zero_grad(set_to_none=False)
+        lrs = [g["lr"] for g in opt.param_groups]
+        sched_state = sched.state_dict() if sched is not None else None
+        own_step = opt.__dict__.get("step")
+        opt.step = lambda *a, **k: None  # Adam's moments and step count stay as they were
+        try:
+            self.engine.step()
+        finally:
+            if own_step is None:
+                del opt.step
+            else:
+                opt.step = own_step
+        if sched is not None:
+            sched.load_state_dict(sched_state)
+        for g, lr in zip(opt.param_groups, lrs):
+            g["lr"] = lr
+        self.engine.skipped_steps += 1
 
     def _mean(self, values: List[float]) -> List[float]:
         t = torch.tensor(values, dtype=torch.float64)

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from ..data.errors import DataError
 from ..moe.config import ROUTERS, VQ_DISTANCES, VQ_KINDS, VQMOE_MODES, ConfigError
-from ..parallel import shutdown
+from ..parallel import init_distributed, shutdown
 from ..routers import set_step
 from ..training import checkpoint as ckpt
 from ..training.arguments import ArgError, check_world, resolve_ds_config
@@ -247,7 +247,7 @@ class VisionTrainer:
         # ---- checks and data, all before the model exists (the data first: its errors need no ranks) -----
         self.splits = self._load_data()
         train = self.splits["train"]
-        deepspeed.init_distributed(auto_mpi_discovery=True, distributed_port=args.distributed_port)
+        init_distributed(auto_mpi_discovery=True, distributed_port=args.distributed_port)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = torch.device(get_accelerator().device_name(args.local_rank))
         on_cpu = get_accelerator().device_name() == "cpu"

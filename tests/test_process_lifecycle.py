@@ -1,8 +1,10 @@
-"""How entry points end (vqmoe_ds.parallel.exit_process): the status comes through, and nothing printed or
-logged before the exit is lost, with and without a process group."""
+"""How entry points start and end (vqmoe_ds.parallel): stale JIT-extension locks are cleared before
+DeepSpeed loads its comm op; ``exit_process`` keeps the exit status and everything printed or logged, with and
+without a process group."""
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -52,3 +54,20 @@ def test_exit_process_without_group_is_sys_exit(monkeypatch):
     with pytest.raises(SystemExit) as e:
         parallel.exit_process(5)
     assert e.value.code == 5
+
+
+def test_stale_extension_locks_are_cleared_and_fresh_ones_kept(tmp_path, monkeypatch, capsys):
+    for name, age_s in (("deepspeed_shm_comm", 3600), ("vqmoe_ds_nearest_code", 5), ("no_lock_here", None)):
+        (tmp_path / name).mkdir()
+        if age_s is not None:
+            lock = tmp_path / name / "lock"
+            lock.write_text("")
+            os.utime(lock, (time.time() - age_s, time.time() - age_s))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    removed = parallel.clear_stale_extension_locks()
+    assert removed == [str(tmp_path / "deepspeed_shm_comm" / "lock")]
+    assert not (tmp_path / "deepspeed_shm_comm" / "lock").exists()
+    assert (tmp_path / "vqmoe_ds_nearest_code" / "lock").exists()  # a build may own it: left alone
+    err = capsys.readouterr().err
+    assert err.count("warning: removed") == 1 and "60 min old" in err
+    assert parallel.clear_stale_extension_locks(str(tmp_path / "missing")) == []
