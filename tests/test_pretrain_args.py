@@ -83,3 +83,24 @@ def test_driver_refuses_zero3_and_bad_ep_before_training(tmp_path):
     r = run_driver(tmp_path, "--data-file", str(tmp_path / "missing.txt"))
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert r.returncode == 2 and len(errors) == 1 and "does not exist" in errors[0], r.stderr[-2000:]
+
+
+def test_moe_flags_mean_the_same_in_every_driver():
+    """The language and vision drivers share one set of MoE flags (add_moe_args) and one mapping to MoEConfig
+    fields (moe_overrides): the same flags give the same fields, and the named config's values stand where a
+    flag is not given."""
+    from vqmoe_ds.training.arguments import model_config, moe_overrides
+    from vqmoe_ds.vision import train as vision
+
+    flags = ["--router", "vqmoe", "--num-experts", "4", "--top-k", "1", "--codebook-size", "12", "--codebook-dim", "6",
+             "--vq-distance", "l2", "--vq-ema", "--vq-dead-code-threshold", "0.5", "--vq-alpha", "0.1",
+             "--capacity-factor", "2.0", "--no-drop-tokens", "--stablemoe-stage1-steps", "7"]
+    lm, vit = parse_args(["--config", "tiny", *flags]), vision.parse_args(["--config", "tiny", *flags])
+    expected = {"router": "vqmoe", "num_experts": 4, "top_k": 1, "ep_size": 1, "codebook_size": 12, "codebook_dim": 6,
+                "vq_distance": "l2", "vq_ema": True, "vq_dead_code_threshold": 0.5, "vq_alpha": 0.1,
+                "capacity_factor": 2.0, "drop_tokens": False, "stablemoe_stage1_steps": 7}
+    assert moe_overrides(lm) == moe_overrides(vit) == expected
+    lm_moe, vit_moe = model_config(lm, 256).moe, vision.model_config(vit, 10).moe
+    for k, v in expected.items():
+        assert lm_moe[k] == v and vit_moe[k] == v, k
+    assert moe_overrides(parse_args(["--config", "tiny"])) == {"ep_size": 1}  # nothing given: the config's values

@@ -49,30 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-seq-length", type=int, help="TXL evaluation tgt_len (default: --seq-length)")
     g.add_argument("--dropout", type=float)
     g.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None)
-    g = p.add_argument_group("mixture of experts")
-    g.add_argument("--router", choices=ROUTERS)
-    g.add_argument("--moe-layers", help="all | every_other | none | comma list of layer ids")
-    g.add_argument("--num-experts", type=int)
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--moe-expert-parallel-size", type=int, default=1)
-    g.add_argument("--capacity-factor", type=float)
-    g.add_argument("--eval-capacity-factor", type=float)
-    g.add_argument("--drop-tokens", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--balance-loss-coef", type=float)
-    g.add_argument("--vqmoe-mode", choices=VQMOE_MODES)
-    g.add_argument("--vq-alpha", type=float)
-    g.add_argument("--codebook-size", type=int)
-    g.add_argument("--codebook-dim", type=int)
-    g.add_argument("--vq-distance", choices=VQ_DISTANCES)
-    g.add_argument("--vq-kind", choices=VQ_KINDS)
-    g.add_argument("--vq-ema", action=argparse.BooleanOptionalAction, default=None,
-                   help="EMA codebook updates instead of gradient updates")
-    g.add_argument("--vq-dead-code-threshold", type=float,
-                   help=">0: restart codes whose EMA usage falls below this many tokens per step")
-    g.add_argument("--smoe-dropout-k-start", type=int)
-    g.add_argument("--smoe-dropout-k-end", type=int)
-    g.add_argument("--smoe-dropout-k-steps", type=int)
-    g.add_argument("--stablemoe-stage1-steps", type=int)
+    add_moe_args(p, ROUTERS)
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, help="per rank; default: the ds_config's or 8")
     g.add_argument("--gradient-accumulation-steps", type=int, help="default: the ds_config's or 1")
@@ -166,18 +143,55 @@ def check_args(args: argparse.Namespace) -> None:
         raise ArgError(str(e)) from None
 
 
-def model_config(args: argparse.Namespace, vocab_size: int) -> ModelConfig:
-    """The ModelConfig of --config with the flags that were given applied on top."""
-    moe = {k: v for k, v in {
+def add_moe_args(p: argparse.ArgumentParser, routers, router_help: Optional[str] = None):
+    """The mixture-of-experts flags, shared by every driver (language models, vision); returns their group so
+    a driver can add its own (e.g. SoftMoE's).  ``moe_overrides`` turns them into MoEConfig fields."""
+    g = p.add_argument_group("mixture of experts")
+    g.add_argument("--router", choices=routers, help=router_help)
+    g.add_argument("--moe-layers", help="all | every_other | none | comma list of layer ids")
+    g.add_argument("--num-experts", type=int)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--moe-expert-parallel-size", type=int, default=1)
+    g.add_argument("--capacity-factor", type=float)
+    g.add_argument("--eval-capacity-factor", type=float)
+    g.add_argument("--drop-tokens", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--balance-loss-coef", type=float)
+    g.add_argument("--vqmoe-mode", choices=VQMOE_MODES)
+    g.add_argument("--vq-alpha", type=float)
+    g.add_argument("--codebook-size", type=int)
+    g.add_argument("--codebook-dim", type=int)
+    g.add_argument("--vq-distance", choices=VQ_DISTANCES)
+    g.add_argument("--vq-kind", choices=VQ_KINDS)
+    g.add_argument("--vq-ema", action=argparse.BooleanOptionalAction, default=None,
+                   help="EMA codebook updates instead of gradient updates")
+    g.add_argument("--vq-dead-code-threshold", type=float,
+                   help=">0: restart codes whose EMA usage falls below this many tokens per step")
+    g.add_argument("--smoe-dropout-k-start", type=int)
+    g.add_argument("--smoe-dropout-k-end", type=int)
+    g.add_argument("--smoe-dropout-k-steps", type=int)
+    g.add_argument("--stablemoe-stage1-steps", type=int)
+    return g
+
+
+def moe_overrides(args: argparse.Namespace, **extra) -> Dict[str, Any]:
+    """The MoEConfig fields the flags of ``add_moe_args`` (and ``extra``) set; flags not given are left out, so
+    the named config's values stand."""
+    fields = {
         "router": args.router, "num_experts": args.num_experts, "top_k": args.top_k,
         "ep_size": args.moe_expert_parallel_size, "capacity_factor": args.capacity_factor,
         "eval_capacity_factor": args.eval_capacity_factor, "drop_tokens": args.drop_tokens,
         "balance_loss_coef": args.balance_loss_coef, "vqmoe_mode": args.vqmoe_mode, "vq_alpha": args.vq_alpha,
         "codebook_size": args.codebook_size, "codebook_dim": args.codebook_dim, "vq_distance": args.vq_distance,
         "vq_kind": args.vq_kind, "vq_ema": args.vq_ema, "vq_dead_code_threshold": args.vq_dead_code_threshold,
-        "smoe_dropout_k_start": args.smoe_dropout_k_start,
-        "smoe_dropout_k_end": args.smoe_dropout_k_end, "smoe_dropout_k_steps": args.smoe_dropout_k_steps,
-        "stablemoe_stage1_steps": args.stablemoe_stage1_steps, "dropout": args.dropout}.items() if v is not None}
+        "smoe_dropout_k_start": args.smoe_dropout_k_start, "smoe_dropout_k_end": args.smoe_dropout_k_end,
+        "smoe_dropout_k_steps": args.smoe_dropout_k_steps, "stablemoe_stage1_steps": args.stablemoe_stage1_steps,
+        **extra}
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def model_config(args: argparse.Namespace, vocab_size: int) -> ModelConfig:
+    """The ModelConfig of --config with the flags that were given applied on top."""
+    moe = moe_overrides(args, dropout=args.dropout)
     seq = args.seq_length or NAMED[args.config]["seq_len"]
     mem_len = args.mem_len if args.mem_len is not None else (seq if args.model == "txl" else 0)
     return named_config(args.config, model=args.model, n_layer=args.num_layers, d_model=args.hidden_size,

@@ -27,11 +27,11 @@ import torch
 import torch.distributed as dist
 
 from ..data.errors import DataError
-from ..moe.config import ROUTERS, VQ_DISTANCES, VQ_KINDS, VQMOE_MODES, ConfigError
+from ..moe.config import ROUTERS, ConfigError
 from ..parallel import init_distributed, shutdown
 from ..routers import set_step
 from ..training import checkpoint as ckpt
-from ..training.arguments import ArgError, check_world, resolve_ds_config
+from ..training.arguments import ArgError, add_moe_args, check_world, moe_overrides, resolve_ds_config
 from ..training.run_log import RunLog, gather_moe_stats
 from .augment import AUGMENTS, channel_stats, normalize, random_crop_flip, to_tensor
 from .datasets import DATASETS, ImageSet, load_dataset
@@ -59,26 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--expert-ffn-hidden-size", type=int)
     g.add_argument("--pool", choices=("cls", "mean"))
     g.add_argument("--dropout", type=float)
-    g = p.add_argument_group("mixture of experts")
-    g.add_argument("--router", choices=VISION_ROUTERS, help="dense, a routed MoE, vqmoe, or soft (SoftMoE)")
-    g.add_argument("--moe-layers", help="all | every_other | none | comma list of layer ids")
-    g.add_argument("--num-experts", type=int)
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--moe-expert-parallel-size", type=int, default=1)
-    g.add_argument("--capacity-factor", type=float)
-    g.add_argument("--eval-capacity-factor", type=float)
-    g.add_argument("--drop-tokens", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--balance-loss-coef", type=float)
-    g.add_argument("--vqmoe-mode", choices=VQMOE_MODES)
-    g.add_argument("--vq-alpha", type=float)
-    g.add_argument("--codebook-size", type=int)
-    g.add_argument("--codebook-dim", type=int)
-    g.add_argument("--vq-distance", choices=VQ_DISTANCES)
-    g.add_argument("--vq-kind", choices=VQ_KINDS)
-    g.add_argument("--smoe-dropout-k-start", type=int)
-    g.add_argument("--smoe-dropout-k-end", type=int)
-    g.add_argument("--smoe-dropout-k-steps", type=int)
-    g.add_argument("--stablemoe-stage1-steps", type=int)
+    g = add_moe_args(p, VISION_ROUTERS, "dense, a routed MoE, vqmoe, or soft (SoftMoE)")
     g.add_argument("--soft-slots", type=int, help="SoftMoE: slots per expert (default 1)")
     g.add_argument("--soft-normalize", action=argparse.BooleanOptionalAction, default=None,
                    help="SoftMoE: l2-normalised logits with a learned scale (the paper's large-model recipe)")
@@ -161,16 +142,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def model_config(args: argparse.Namespace, num_classes: int) -> ViTConfig:
     """The ViTConfig of --config with the given flags on top."""
-    moe = {k: v for k, v in {
-        "router": args.router, "num_experts": args.num_experts, "top_k": args.top_k,
-        "ep_size": args.moe_expert_parallel_size, "capacity_factor": args.capacity_factor,
-        "eval_capacity_factor": args.eval_capacity_factor, "drop_tokens": args.drop_tokens,
-        "balance_loss_coef": args.balance_loss_coef, "vqmoe_mode": args.vqmoe_mode, "vq_alpha": args.vq_alpha,
-        "codebook_size": args.codebook_size, "codebook_dim": args.codebook_dim, "vq_distance": args.vq_distance,
-        "vq_kind": args.vq_kind, "smoe_dropout_k_start": args.smoe_dropout_k_start,
-        "smoe_dropout_k_end": args.smoe_dropout_k_end, "smoe_dropout_k_steps": args.smoe_dropout_k_steps,
-        "stablemoe_stage1_steps": args.stablemoe_stage1_steps, "slots_per_expert": args.soft_slots,
-        "normalize": args.soft_normalize, "dropout": args.dropout}.items() if v is not None}
+    moe = moe_overrides(args, slots_per_expert=args.soft_slots, normalize=args.soft_normalize, dropout=args.dropout)
     if moe.get("router", NAMED[args.config]["moe"]["router"]) == "dense":
         moe = {"router": "dense", **({"dropout": args.dropout} if args.dropout is not None else {})}
     elif moe.get("router") == "soft":
