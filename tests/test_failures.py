@@ -19,7 +19,7 @@ from vqmoe_ds.training import checkpoint as ckpt
 from vqmoe_ds.training.launch import DRIVER, ROOT, env_for_ranks, free_port, remove_new_shm, shm_files
 
 
-def start_ranks(tmp_path, args, fault=None, nprocs=2):
+def start_ranks(tmp_path, args, fault=None, nprocs=2, script=DRIVER):
     port = str(free_port())
     procs = []
     for rank in range(nprocs):
@@ -28,7 +28,7 @@ def start_ranks(tmp_path, args, fault=None, nprocs=2):
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         if fault:
             env["VQMOE_FAULT"] = fault
-        procs.append(subprocess.Popen([sys.executable, DRIVER, *args], env=env, stdout=subprocess.PIPE,
+        procs.append(subprocess.Popen([sys.executable, script, *args], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True, cwd=ROOT))
     return procs
 

@@ -135,3 +135,49 @@ def test_torchrun_two_ranks_expert_parallel(tmp_path):
     for png in ("loss.png", "accuracy.png", "expert_load.png", "code_usage.png"):
         assert (out / png).stat().st_size > 0
     assert json.load(open(out / "results.json"))["test"]["images"] == 301
+
+
+def test_sigterm_saves_the_step_and_the_run_resumes(tmp_path):
+    """Pre-emption as in pretraining: SIGTERM to one of 2 ranks -> both save the same step and exit 0 without
+    testing; --load then continues from that step to the end."""
+    import signal
+    import time
+
+    from test_failures import finish, start_ranks
+
+    from vqmoe_ds.training import checkpoint as ckpt
+
+    out = tmp_path / "run"
+    args = ["--config", "tiny", "--router", "vqmoe", "--moe-expert-parallel-size", "2", "--deepspeed_config",
+            CPU_CFG, "--log-interval", "1", "--lr", "3e-3", "--micro-batch-size", "16", "--synthetic-train-size",
+            "512", "--valid-size", "64", "--synthetic-test-size", "64", "--no-progress", "--no-plots",
+            "--out-dir", str(out)]
+    log = out / "log.jsonl"
+    before = shm_files()
+    try:
+        procs = start_ranks(tmp_path, [*args, "--train-iters", "500"], script=SCRIPT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if log.exists() and log.read_text().count('"kind": "train"') >= 3:
+                break
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)
+        outs = finish(procs, timeout=60)
+        assert [p.returncode for p in procs] == [0, 0], (outs[0][1][-2000:], outs[1][1][-2000:])
+        recs = [json.loads(line) for line in open(log)]
+        last = [r for r in recs if r["kind"] == "train"][-1]["step"]
+        assert 3 <= last < 500 and not any(r["kind"] == "test" for r in recs)
+        saved = out / "checkpoints"
+        assert (saved / "latest").read_text() == f"step{last}"
+        assert ckpt.verify(str(saved), f"step{last}")["step"] == last
+        assert "stopped by a signal on another rank" in outs[0][0] + outs[0][1]  # rank 0 logs; rank 1 got it
+
+        procs = start_ranks(tmp_path, [*args, "--train-iters", str(last + 2), "--load", str(saved)], script=SCRIPT)
+        outs = finish(procs, timeout=120)
+        assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:]
+    finally:
+        remove_new_shm(before)
+    recs = [json.loads(line) for line in open(log)]
+    steps = [r["step"] for r in recs if r["kind"] == "train"]
+    assert steps[-2:] == [last + 1, last + 2]  # continued from the saved step
+    assert sum(r["kind"] == "test" for r in recs) == 1

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import random
-import signal
 import sys
 import time
 from typing import List, Optional
@@ -31,6 +30,7 @@ from . import checkpoint as ckpt
 from .arguments import ArgError, check_save_dir, check_world, model_config, parse_args, resolve_ds_config
 from .data import TrainBatches, eval_batches, eval_sizes_ok, load_corpus
 from .metrics import NLLMeter
+from .preemption import StopRequest, any_rank
 from .run_log import RunLog, gather_moe_stats
 
 
@@ -90,7 +90,7 @@ class Trainer:
         torch.manual_seed(args.seed + 1 + self.rank)  # dropout, jitter: different per rank
         self.flops_per_token = flops_per_token(cfg)
         self.step, self.best_valid, self.mems = 0, math.inf, None
-        self.skipped_total, self.skipped_in_row, self.stop_signal = 0, 0, None
+        self.skipped_total, self.skipped_in_row, self.stop = 0, 0, StopRequest()
         if args.load:
             self._resume(args.load)
         self.log = RunLog(args.out_dir, self.rank, args.train_iters, self.step, progress=not args.no_progress)
@@ -151,12 +151,7 @@ class Trainer:
 
     # ---- training ---------------------------------------------------------------------------------------
     def _any(self, flag: bool) -> bool:
-        """True on every rank when ``flag`` is true on any rank."""
-        if self.world == 1:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return any_rank(flag, self.world)
 
     def train_step(self):
         """One optimizer step.  A non-finite loss on any rank (all ranks agree through an all-reduce) skips
@@ -250,7 +245,7 @@ class Trainer:
                         f"{self.skipped_in_row} steps in a row (up to step {self.step}) had a non-finite loss, "
                         f"--max-skipped-steps {args.max_skipped_steps}: lower --lr or check the data, then resume "
                         f"from the last checkpoint in {self.save_dir}")
-                if self._any(self.stop_signal is not None):
+                if self.stop.agreed(self.world):
                     return self._stop_on_signal()
                 continue
             self.skipped_in_row = 0
@@ -275,7 +270,7 @@ class Trainer:
                 self.validate()
             if args.save_interval and self.step % args.save_interval == 0 and not last:
                 self.save(f"step{self.step}")
-            if self._any(self.stop_signal is not None):
+            if self.stop.agreed(self.world):
                 return self._stop_on_signal()
         self.save(f"step{self.step}")
         return True
@@ -283,16 +278,9 @@ class Trainer:
     def _stop_on_signal(self) -> bool:
         """SIGTERM/SIGINT on any rank: the current step is done; save it and stop (exit 0)."""
         path = self.save(f"step{self.step}")
-        self.log.info(f"stopped by {self.stop_signal or 'a signal on another rank'} after step {self.step}; "
+        self.log.info(f"stopped by {self.stop.describe()} after step {self.step}; "
                       f"saved {path}: resume with --load {self.save_dir}")
         return False
-
-    def install_signal_handlers(self):
-        def handler(signum, frame):
-            self.stop_signal = signal.Signals(signum).name
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, handler)
 
     def test(self) -> dict:
         if os.path.isdir(os.path.join(self.save_dir, ckpt.BEST)):
@@ -352,7 +340,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"error: {e}", file=sys.stderr, flush=True)
         shutdown(clean=False)
         return 2
-    trainer.install_signal_handlers()
+    trainer.stop.install()
     try:
         finished = trainer.train()
     except TrainingStopped as e:

@@ -32,6 +32,7 @@ from ..parallel import init_distributed, shutdown
 from ..routers import set_step
 from ..training import checkpoint as ckpt
 from ..training.arguments import ArgError, add_moe_args, check_world, moe_overrides, resolve_ds_config
+from ..training.preemption import StopRequest
 from ..training.run_log import RunLog, gather_moe_stats
 from .augment import AUGMENTS, channel_stats, normalize, random_crop_flip, to_tensor
 from .datasets import DATASETS, ImageSet, load_dataset
@@ -221,6 +222,7 @@ class VisionTrainer:
         train = self.splits["train"]
         init_distributed(auto_mpi_discovery=True, distributed_port=args.distributed_port)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.stop = StopRequest()
         self.device = torch.device(get_accelerator().device_name(args.local_rank))
         on_cpu = get_accelerator().device_name() == "cpu"
         self.cfg = cfg = model_config(args, train.num_classes)
@@ -288,7 +290,7 @@ class VisionTrainer:
                 "world_size": self.world, "model_config": self.cfg.to_dict()}
 
     def _resume(self, load_dir):
-        client, _ = ckpt.load(self.engine, load_dir, resume=True)
+        client, _ = ckpt.load(self.engine, load_dir, resume=True, model=self.model, model_config=self.cfg.to_dict())
         if client.get("world_size", self.world) != self.world:
             raise ArgError(f"the checkpoint in {load_dir} was made with {client['world_size']} ranks, this run has "
                            f"{self.world}: resume with the same number of ranks")
@@ -297,7 +299,8 @@ class VisionTrainer:
         self.batches.load_state_dict(client["data"])
 
     def save(self, tag, latest=True):
-        return ckpt.save(self.engine, self.save_dir, tag, self._client_state(), None, latest=latest)
+        return ckpt.save(self.engine, self.save_dir, tag, self._client_state(), None, latest=latest, model=self.model,
+                         step=self.step)
 
     # ---- batches ----------------------------------------------------------------------------------------
     def _inputs(self, images_BHWC: np.ndarray, train: bool) -> torch.Tensor:
@@ -367,7 +370,8 @@ class VisionTrainer:
             t /= self.world
         return t.tolist()
 
-    def train(self):
+    def train(self) -> bool:
+        """Train to --train-iters (True), or until a stop signal on any rank (False: that step is saved)."""
         args = self.args
         win = {"loss": [], "aux": [], "acc": []}
         win_images, win_time = 0, 0.0
@@ -395,7 +399,13 @@ class VisionTrainer:
                 self.validate()
             if args.save_interval and self.step % args.save_interval == 0 and not last:
                 self.save(f"step{self.step}")
+            if not last and self.stop.agreed(self.world):  # pre-empted: save this step, skip the test
+                path = self.save(f"step{self.step}")
+                self.log.info(f"stopped by {self.stop.describe()} after step {self.step}; saved {path}: resume "
+                              f"with --load {self.save_dir}")
+                return False
         self.save(f"step{self.step}")
+        return True
 
     def test(self) -> Dict[str, Any]:
         on_best = os.path.isdir(os.path.join(self.save_dir, ckpt.BEST))
@@ -455,8 +465,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"error: {e}", file=sys.stderr, flush=True)
         shutdown(clean=False)
         return 2
-    trainer.train()
-    trainer.test()
+    trainer.stop.install()
+    if trainer.train():
+        trainer.test()
     trainer.finish()
     shutdown(clean=True)
     return 0

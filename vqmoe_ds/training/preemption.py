@@ -1,0 +1,43 @@
+"""Pre-emption: SIGTERM or SIGINT asks a run to stop after its current step, save it, and exit 0.
+
+Clusters pre-empt jobs with SIGTERM (Slurm sends it before SIGKILL; Ctrl-C is SIGINT).  The handler only
+records the signal; every rank asks ``agreed`` once per step, an all-reduce that is true everywhere as soon
+as any rank got a signal, so all ranks save the same step together (a checkpoint is collective) and none is
+left waiting in a collective that its peers abandoned.  Used by every training driver.
+"""
+from __future__ import annotations
+
+import signal
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+def any_rank(flag: bool, world: int) -> bool:
+    """True on every rank when ``flag`` is true on any rank (one all-reduce when world > 1)."""
+    if world == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+class StopRequest:
+    def __init__(self):
+        self.signal_name: Optional[str] = None
+
+    def install(self) -> "StopRequest":
+        def handler(signum, frame):
+            self.signal_name = signal.Signals(signum).name
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, handler)
+        return self
+
+    def agreed(self, world: int) -> bool:
+        """Whether any rank got a stop signal: the same answer on every rank."""
+        return any_rank(self.signal_name is not None, world)
+
+    def describe(self) -> str:
+        return self.signal_name or "a signal on another rank"
