@@ -101,8 +101,9 @@ def shutdown(clean: bool = True) -> None:
 
 def exit_process(code: int):
     """End an entry point with status ``code``.  After a process group (see the note above): flush the
-    standard streams and the logging handlers, finalise MPI if mpi4py started it, then ``os._exit``; otherwise a plain ``sys.exit``.  Files the
-    run writes are closed by their owners before this (RunLog.finish / close)."""
+    standard streams and the logging handlers, finalise MPI if mpi4py started it, then ``os._exit``;
+    otherwise a plain ``sys.exit``.  Files the run writes are closed by their owners before this
+    (``RunLog.finish`` / ``close``)."""
     import logging
     import os
     import sys
