@@ -71,3 +71,9 @@ def test_stale_extension_locks_are_cleared_and_fresh_ones_kept(tmp_path, monkeyp
     err = capsys.readouterr().err
     assert err.count("warning: removed") == 1 and "60 min old" in err
     assert parallel.clear_stale_extension_locks(str(tmp_path / "missing")) == []
+    # torch's default root has one more level (py311_cpu/<extension>/lock)
+    deep = tmp_path / "default" / "py311_cpu" / "some_op"
+    deep.mkdir(parents=True)
+    (deep / "lock").write_text("")
+    os.utime(deep / "lock", (time.time() - 3600, time.time() - 3600))
+    assert parallel.clear_stale_extension_locks(str(tmp_path / "default")) == [str(deep / "lock")]

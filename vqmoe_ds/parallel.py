@@ -40,6 +40,7 @@ def clear_stale_extension_locks(root: Optional[str] = None, max_age_s: float = 6
     the file behind, and every later run on the machine then hangs before its first step (seen here after
     killing a test run).  A build holds the lock for about 30-60 s, so a lock older than 10 minutes has no
     owner.  Each removal is reported on stderr."""
+    import glob
     import os
     import sys
     import time
@@ -49,8 +50,8 @@ def clear_stale_extension_locks(root: Optional[str] = None, max_age_s: float = 6
     if not os.path.isdir(root):
         return removed
     now = time.time()
-    for name in sorted(os.listdir(root)):
-        lock = os.path.join(root, name, "lock")
+    # $TORCH_EXTENSIONS_DIR/<ext>/lock, or <default root>/py311_cpu/<ext>/lock when the variable is unset
+    for lock in sorted(glob.glob(os.path.join(root, "*", "lock")) + glob.glob(os.path.join(root, "*", "*", "lock"))):
         try:
             age = now - os.path.getmtime(lock)
             if age > max_age_s:
