@@ -64,8 +64,8 @@ def test_tool_converts_a_driver_checkpoint_and_evaluates():
     out = tmpdir("conv")
     tool("convert_to_vqmoe.py", "--load", pretrained("topk"), "--out-dir", out, "--eval", "--eval-iters", "2")
     res = json.load(open(os.path.join(out, "conversion.json")))["eval"]
-    assert res["max_abs_logit_diff"] == 0.0
-    assert res["converted"] == res["source"]
+    assert res["max_abs_logit_diff"] < 1e-5  # see below
+    assert res["converted"]["loss"] == pytest.approx(res["source"]["loss"], abs=1e-6)
     assert res["discrete_only"]["loss"] != res["source"]["loss"]  # a different (top-1 nearest-code) model
     cfg, sd = reference_state(os.path.join(out, "checkpoints", "converted"))
     _, src_sd = reference_state(os.path.join(pretrained("topk"), "checkpoints", "step20"))
@@ -78,5 +78,7 @@ def test_tool_converts_a_driver_checkpoint_and_evaluates():
     with torch.no_grad():
         a = reference_model(os.path.join(pretrained("topk"), "checkpoints", "step20"))(x)[0]
         b = reference_model(os.path.join(out, "checkpoints", "converted"))(x)[0]
-    assert torch.equal(a, b)
+    # equal up to float reassociation: an expert's matmul may round a row differently when its batch also holds
+    # the (zero-weighted) discrete rows; a wrong conversion differs by O(1)
+    assert (a - b).abs().max() < 1e-5, (a - b).abs().max()
     assert isinstance(ModelConfig(**json.load(open(os.path.join(out, "config.json")))["model"]), ModelConfig)

@@ -6,6 +6,7 @@
     distributed timeout instead of hanging.
 """
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -143,6 +144,8 @@ def test_skipped_step_does_not_advance_the_lr_schedule(tmp_path, stage):
     lrs, skips = _lr_run(tmp_path, stage, "nan@3@0")
     assert (clean_skips, skips) == (0, 1)
     assert sorted(lrs) == [1, 2, 4, 5, 6]
-    assert len(set(clean.values())) == 6  # warmup then cosine: every step's lr differs
+    # logged after step s: the lr of step s+1 (peak 3e-3, 3 warmup steps, cosine to 3e-4 over steps 3..6)
+    cos = lambda p: 3e-4 + (3e-3 - 3e-4) * (1 + math.cos(math.pi * min(p, 1.0))) / 2  # noqa: E731
+    assert [clean[s] for s in range(1, 7)] == pytest.approx([2e-3, cos(1 / 3), cos(2 / 3), 3e-4, 3e-4, 3e-4])
     assert [lrs[s] for s in (1, 2)] == [clean[1], clean[2]]
-    assert [lrs[s] for s in (4, 5, 6)] == [clean[3], clean[4], clean[5]]
+    assert [lrs[s] for s in (4, 5, 6)] == [clean[3], clean[4], clean[5]]  # an advanced schedule: 3e-4 at 4

@@ -27,6 +27,7 @@ from ..models import build_model, moe_layers
 from ..moe.config import ConfigError
 from ..parallel import init_distributed, shutdown
 from ..training.arguments import ArgError, resolve_ds_config
+from ..training.lr_schedule import start_lr_schedule
 from . import data as ftdata
 from .arguments import parse_args
 from .model import SequenceClassifier
@@ -96,6 +97,7 @@ class FinetuneTrainer:
         trainable = [p for p in model.parameters() if p.requires_grad]
         groups = split_params_into_different_moe_groups_for_optimizer({"params": trainable, "name": "parameters"})
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=self.ds_config)
+        start_lr_schedule(self.engine)  # step 1 at the schedule's first lr, not 0 (see lr_schedule.py)
         self.model = model
         remap = StrictRemap(prefix="backbone.", may_drop=["backbone.lm_head.*"] + absent_path_keys(src, cfg, "backbone."),
                             may_be_new=["classifier.*"], where=run.path)

@@ -29,6 +29,7 @@ from ..routers import set_step
 from . import checkpoint as ckpt
 from .arguments import ArgError, check_save_dir, check_world, model_config, parse_args, resolve_ds_config
 from .data import TrainBatches, eval_batches, eval_sizes_ok, load_corpus
+from .lr_schedule import start_lr_schedule
 from .metrics import NLLMeter
 from .preemption import StopRequest, any_rank
 from .run_log import RunLog, gather_moe_stats
@@ -88,6 +89,7 @@ class Trainer:
             model=model, model_parameters=groups, config=self.ds_config)
         self.model = model
         torch.manual_seed(args.seed + 1 + self.rank)  # dropout, jitter: different per rank
+        start_lr_schedule(self.engine)  # step 1 at the schedule's first lr, not 0 (see lr_schedule.py)
         self.flops_per_token = flops_per_token(cfg)
         self.step, self.best_valid, self.mems = 0, math.inf, None
         self.skipped_total, self.skipped_in_row, self.stop = 0, 0, StopRequest()

@@ -32,6 +32,7 @@ from ..parallel import init_distributed, shutdown
 from ..routers import set_step
 from ..training import checkpoint as ckpt
 from ..training.arguments import ArgError, add_moe_args, check_world, moe_overrides, resolve_ds_config
+from ..training.lr_schedule import start_lr_schedule
 from ..training.preemption import StopRequest
 from ..training.run_log import RunLog, gather_moe_stats
 from .augment import AUGMENTS, channel_stats, normalize, random_crop_flip, to_tensor
@@ -248,6 +249,7 @@ class VisionTrainer:
             model=model, model_parameters=groups, config=self.ds_config)
         self.model = model
         torch.manual_seed(args.seed + 1 + self.rank)  # augmentation, dropout, jitter: different per rank
+        start_lr_schedule(self.engine)  # step 1 at the schedule's first lr, not 0 (see lr_schedule.py)
         self.save_dir = args.save or os.path.join(args.out_dir, "checkpoints")
         self.step, self.best_valid = 0, -math.inf
         if args.load:
