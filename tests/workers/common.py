@@ -3,7 +3,6 @@ import os
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import deepspeed  # noqa: E402
-import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 

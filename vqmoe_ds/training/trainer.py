@@ -152,9 +152,6 @@ class Trainer:
         return res
 
     # ---- training ---------------------------------------------------------------------------------------
-    def _any(self, flag: bool) -> bool:
-        return any_rank(flag, self.world)
-
     def train_step(self):
         """One optimizer step.  A non-finite loss on any rank (all ranks agree through an all-reduce) skips
         it: the step's gradients are made NaN everywhere, which ZeRO 1/2 treat as an overflow (no optimizer
@@ -175,7 +172,7 @@ class Trainer:
             if ckpt.fault("nan", self.step + 1):  # the tests' non-finite loss
                 loss = loss * float("nan")
             total = loss + aux
-            bad = self._any(bad or not bool(torch.isfinite(total.detach()).all()))
+            bad = any_rank(bad or not bool(torch.isfinite(total.detach()).all()), self.world)
             if bad:
                 total = total * float("nan")  # NaN gradients on every rank: the whole step is dropped
             self.engine.backward(total)
