@@ -23,7 +23,7 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/vqmoe
 import torch  # noqa: E402
 
 from vqmoe_ds.data import DataError  # noqa: E402
-from vqmoe_ds.finetune.pretrained import CheckpointError  # noqa: E402
+from vqmoe_ds.checkpoint import CheckpointError  # noqa: E402
 
 
 def parse(argv=None):
@@ -48,7 +48,7 @@ def parse(argv=None):
 def token_batches(args, run, cfg):
     """[B, T] windows of the analysed text, the same for every checkpoint."""
     from vqmoe_ds.finetune.lm_eval import run_corpus
-    from vqmoe_ds.finetune.pretrained import tokenizer_for
+    from vqmoe_ds.checkpoint import tokenizer_for
 
     if args.text_file:
         from vqmoe_ds.data.errors import require_text_file
@@ -143,7 +143,7 @@ def plot_stability(stab, tags, path):
 
 def analyse(args):
     from vqmoe_ds.analysis import stability_series
-    from vqmoe_ds.finetune.pretrained import load_lm, read_run, resolve
+    from vqmoe_ds.checkpoint import load_lm, read_run, resolve
     from vqmoe_ds.models import moe_layers
 
     save_dir, last = resolve(args.load)

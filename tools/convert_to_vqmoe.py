@@ -24,8 +24,8 @@ import torch  # noqa: E402
 
 from vqmoe_ds.data import DataError  # noqa: E402
 from vqmoe_ds.finetune.convert import convert_state, gate_bias, vqmoe_config  # noqa: E402
-from vqmoe_ds.finetune.pretrained import (CheckpointError, absent_path_keys, discrete_only_config, load_lm,  # noqa: E402
-                                          minimal_ds_config, read_run)
+from vqmoe_ds.checkpoint import CheckpointError, load_lm, minimal_ds_config, read_run  # noqa: E402
+from vqmoe_ds.finetune.discrete import absent_path_keys, discrete_only_config  # noqa: E402
 from vqmoe_ds.moe.config import ConfigError  # noqa: E402
 
 TAG = "converted"
@@ -51,7 +51,7 @@ def convert(args):
     import deepspeed
 
     from vqmoe_ds.models import build_model
-    from vqmoe_ds.training import checkpoint as ckpt
+    from vqmoe_ds import checkpoint as ckpt
 
     gate_bias(args.discrete_share)  # checks the share before anything is built
     run = read_run(args.load, args.tag, args.run_config)
@@ -64,10 +64,10 @@ def convert(args):
     engine, _, _, _ = deepspeed.initialize(model=dst, config=minimal_ds_config())
     save_dir = os.path.join(args.out_dir, "checkpoints")
     meta = {"source": run.path, "distance": args.distance, "discrete_share": args.discrete_share}
-    ckpt.save(engine, save_dir, TAG, {"step": int(run.client_state.get("step", 0)), "model_config": cfg.to_dict(),
-                                      "world_size": 1, "converted_from": meta})
     rc = dict(run.run_config or {})
-    rc.update(model=cfg.to_dict(), converted_from=meta)
+    rc.update(model={k: v for k, v in cfg.to_dict().items() if k != "moe"}, moe=dict(cfg.moe))
+    ckpt.save(engine, save_dir, TAG, {"step": int(run.client_state.get("step", 0)), "model_config": cfg.to_dict(),
+                                      "world_size": 1, "converted_from": meta}, config=rc)
     with open(os.path.join(args.out_dir, "config.json"), "w") as f:
         json.dump(rc, f, indent=1, default=str)
     print(f"converted {run.path} -> {os.path.join(save_dir, TAG)} (K = N = {cfg.moe['num_experts']} codes from W_e, "

@@ -20,7 +20,7 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/vqmoe
 import torch  # noqa: E402
 
 from vqmoe_ds.data import DataError  # noqa: E402
-from vqmoe_ds.finetune.pretrained import CheckpointError  # noqa: E402
+from vqmoe_ds.checkpoint import CheckpointError  # noqa: E402
 
 
 def parse(argv=None):
@@ -60,8 +60,8 @@ def read_labelled(path, args, label_names=None):
 def run(args):
     from vqmoe_ds.finetune.embedding import (embed_texts, logistic_regression, nearest_centroid, read_sts,
                                              sts_spearman)
-    from vqmoe_ds.finetune.pretrained import (absent_path_keys, discrete_only_config, load_lm, read_run,
-                                              tokenizer_for)
+    from vqmoe_ds.checkpoint import load_lm, read_run, tokenizer_for
+    from vqmoe_ds.finetune.discrete import absent_path_keys, discrete_only_config
 
     info = read_run(args.load, args.tag, args.run_config)
     tok = tokenizer_for(info, args.tokenizer_meta)

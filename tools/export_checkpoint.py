@@ -5,11 +5,10 @@ expert of every MoE layer gathered, expert parallelism 1) in safetensors, plus t
     python tools/export_checkpoint.py --load runs/demo/checkpoints [--tag best] --out runs/demo/model.safetensors
 
 writes ``model.safetensors`` and ``model.json``.  ``tools/generate.py --weights model.safetensors`` samples from
-it; ``vqmoe_ds.training.checkpoint.load_exported`` rebuilds the model.  Any reader of safetensors (numpy,
+it; ``vqmoe_ds.checkpoint.load_exported`` rebuilds the model.  Any reader of safetensors (numpy,
 JAX, Rust) can read the tensors; their names are those of the PyTorch modules.
 """
 import argparse
-import json
 import os
 import sys
 
@@ -25,37 +24,18 @@ def main(argv=None):
     p.add_argument("--tag", default="best", help="best (default), step<N> or latest")
     p.add_argument("--out", required=True, help="FILE.safetensors (FILE.json is written beside it)")
     args = p.parse_args(argv)
-    if not args.out.endswith(".safetensors"):
-        print(f"error: --out {args.out} must end in .safetensors: name the file like model.safetensors",
-              file=sys.stderr)
-        return 2
-    import torch.distributed as dist
-    from safetensors.torch import save_file
-
-    from vqmoe_ds.training import checkpoint as ckpt
+    from vqmoe_ds.checkpoint import CheckpointError
+    from vqmoe_ds.checkpoint.export import export_safetensors
+    from vqmoe_ds.parallel import shutdown
 
     try:
-        model, cfg, tag = ckpt.load_for_inference(args.load, args.tag)
-    except ckpt.CheckpointError as e:
+        n = export_safetensors(args.load, args.tag, args.out)
+    except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    seen = {}
-    for k, v in list(state.items()):  # tied weights: safetensors refuses shared storage, store copies
-        key = (v.data_ptr(), v.shape, v.stride())
-        if v.numel() and key in seen:
-            state[k] = v.clone()
-        seen[key] = k
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    save_file(state, tmp, metadata={"format": "pt", "source": os.path.join(args.load, tag)})
-    os.replace(tmp, args.out)
-    meta = {"model_config": cfg.to_dict(), "source": os.path.abspath(os.path.join(args.load, tag)),
-            "tensors": len(state), "parameters": int(sum(v.numel() for v in state.values()))}
-    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-        json.dump(meta, f, indent=1)
-    print(f"wrote {args.out} ({len(state)} tensors) and {os.path.splitext(args.out)[0]}.json")
-    dist.destroy_process_group()
+    finally:
+        shutdown(clean=False)
+    print(f"wrote {args.out} ({n['tensors']} tensors) and {os.path.splitext(args.out)[0]}.json")
     return 0
 
 

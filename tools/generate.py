@@ -3,7 +3,7 @@
 
     python tools/generate.py --load runs/demo/checkpoints [--tag best] --prompt "12 + 7 = " --tokens 200
 
-The model is rebuilt from the config stored in the checkpoint with expert parallelism 1, and DeepSpeed's
+The checkpoint is verified, and the model rebuilt from its stored config with expert parallelism 1; DeepSpeed's
 ``load_checkpoint`` gathers all experts into it (its expert files are named by global expert id, so a
 checkpoint written at ep_size 2 loads at 1).  Byte-level models print text; others print token ids.
 Transformer-XL samples with its memory: the prompt once, then one token at a time.
@@ -33,44 +33,16 @@ def main():
         print("error: give exactly one of --load (a checkpoint folder) and --weights (an exported file)",
               file=sys.stderr)
         return 2
-    if args.weights:
-        from vqmoe_ds.training.checkpoint import CheckpointError, load_exported
+    from vqmoe_ds.checkpoint import CheckpointError, load_exported, load_for_inference
 
-        try:
+    try:
+        if args.weights:
             model, cfg = load_exported(args.weights)
-        except CheckpointError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        return sample(model, cfg, args)
-    tag = args.tag
-    if tag == "latest":
-        tag = open(os.path.join(args.load, "latest")).read().strip()
-    states = os.path.join(args.load, tag, "mp_rank_00_model_states.pt")
-    if not os.path.isfile(states):
-        print(f"error: {states} does not exist: give the --save folder of a run and a saved --tag", file=sys.stderr)
+        else:
+            model, cfg, _ = load_for_inference(args.load, args.tag)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
-        os.environ.setdefault(k, v)
-    if "MASTER_PORT" not in os.environ:
-        from vqmoe_ds.training.launch import free_port
-
-        os.environ["MASTER_PORT"] = str(free_port())
-    import deepspeed
-    import torch
-
-    from vqmoe_ds.models import ModelConfig, build_model
-
-    cfg_dict = torch.load(states, map_location="cpu", weights_only=False)["model_config"]
-    cfg_dict["moe"] = {**cfg_dict["moe"], "ep_size": 1}
-    cfg = ModelConfig(**cfg_dict)
-    from vqmoe_ds.parallel import init_distributed
-
-    init_distributed()
-    model = build_model(cfg)
-    engine, *_ = deepspeed.initialize(model=model, config={"train_micro_batch_size_per_gpu": 1})
-    engine.load_checkpoint(args.load, tag=tag, load_module_only=True, load_optimizer_states=False,
-                           load_lr_scheduler_states=False)
-    model.eval()
     return sample(model, cfg, args)
 
 

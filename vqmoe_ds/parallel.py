@@ -64,6 +64,32 @@ def clear_stale_extension_locks(root: Optional[str] = None, max_age_s: float = 6
     return removed
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for single-machine rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_single_process() -> None:
+    """A one-process group for tools that run without a launcher (DeepSpeed's MoE layers need a group): the
+    rendezvous variables torchrun would set, then ``init_distributed``.  Nothing when a group exists or a
+    launcher (torchrun, mpirun) set the ranks."""
+    import os
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    init_distributed(auto_mpi_discovery=True)
+
+
 def init_distributed(**kwargs) -> None:
     """``deepspeed.init_distributed(**kwargs)`` (it picks NCCL on GPUs, gloo on CPUs, and reads mpirun's ranks
     through mpi4py when asked), after clearing stale extension locks that would hang its CPU comm-op load."""

@@ -21,7 +21,7 @@ from typing import Dict, Tuple
 import torch
 
 from ..models import ModelConfig
-from .pretrained import CheckpointError
+from ..checkpoint import CheckpointError
 
 OFF_LOGIT = -1.0e4  # exp(-1e4) underflows to exactly 0 in fp32 and bf16
 

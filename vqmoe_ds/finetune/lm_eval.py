@@ -13,11 +13,11 @@ import torch
 
 from ..training.data import eval_batches, load_corpus
 from ..training.metrics import NLLMeter
-from .pretrained import PretrainedRun
+from ..checkpoint import PretrainedRun
 
 
 def run_corpus(run: PretrainedRun, text_file: Optional[str] = None):
-    a = run.run_args
+    a = run.data_config
     if text_file:
         return load_corpus(None, text_file)
     return load_corpus(a.get("data_path"), a.get("data_file"), a.get("corpus_bytes") or 2_000_000, a.get("seed") or 0,

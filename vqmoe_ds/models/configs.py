@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 from ..moe.config import ConfigError, MoEConfig
 
@@ -36,22 +36,29 @@ def parse_moe_layers(pattern, n_layer: int) -> List[int]:
 
 @dataclass
 class ModelConfig:
-    model: str = "gpt"  # "gpt" (learned absolute positions, SDPA) or "txl" (relative positions + memory)
-    vocab_size: int = 256
-    n_layer: int = 4
-    n_head: int = 8
-    d_model: int = 256
-    d_inner: int = 512  # dense FFN width (and the experts' width unless expert_ffn is set)
+    model: str = "gpt"  # "gpt" (learned absolute positions, SDPA) or "txl" (Transformer-XL: relative positions + memory)
+    vocab_size: int = 256  # token vocabulary (the pretraining driver's default: the data's)
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 8  # attention heads
+    d_model: int = 256  # model width d
+    d_inner: int = 512  # dense FFN width (and the experts' width unless --expert-ffn-hidden-size is set)
     seq_len: int = 512  # GPT: context length; TXL: tgt_len (segment length)
-    mem_len: int = 0  # TXL: hidden states of previous segments kept per layer
-    dropout: float = 0.0
-    attn_dropout: float = 0.0
-    tie_embeddings: bool = True
-    moe_layers: str = "all"  # "all" | "every_other" (1, 3, 5, ...) | "none" | comma list of layer ids "0,2"
-    expert_ffn: Optional[int] = None  # experts' hidden width; None: d_inner
-    # everything of MoEConfig except hidden_size / ffn_hidden_size (router, num_experts, top_k, ep_size, vq...)
-    moe: Dict[str, Any] = field(default_factory=lambda: {"router": "topk", "num_experts": 8, "top_k": 2})
-    init_std: float = 0.02
+    mem_len: int = 0  # TXL: hidden states of previous segments kept per layer (the driver's default for txl: seq_len)
+    dropout: float = 0.0  # dropout on embeddings and residual branches
+    attn_dropout: float = 0.0  # dropout on attention weights
+    tie_embeddings: bool = True  # the output layer shares the token embedding
+    moe_layers: str = "all"  # blocks with an MoE FFN: all, every_other (1, 3, 5, ...), none, or a comma list "0,2"
+    expert_ffn: Optional[int] = None  # experts' hidden width; none: --ffn-hidden-size
+    moe: Dict[str, Any] = field(default_factory=lambda: {"router": "topk", "num_experts": 8, "top_k": 2})  # MoEConfig fields except hidden_size / ffn_hidden_size / init_std
+    init_std: float = 0.02  # standard deviation of the normal initialisation of the weights
+
+    FLAGS: ClassVar[Dict[str, Tuple[str, ...]]] = {
+        "n_layer": ("--num-layers",), "n_head": ("--num-attention-heads",), "d_model": ("--hidden-size",),
+        "d_inner": ("--ffn-hidden-size",), "seq_len": ("--seq-length",), "expert_ffn": ("--expert-ffn-hidden-size",),
+        "dropout": ("--hidden-dropout",), "attn_dropout": ("--attention-dropout",),
+        "tie_embeddings": ("--tie-embeddings", "--untie-embeddings-and-output-weights=false"),
+        "init_std": ("--init-method-std", "--init-std")}
+    CHOICES: ClassVar[Dict[str, Tuple[str, ...]]] = {"model": MODEL_TYPES}
 
     def __post_init__(self):
         self.validate()
@@ -65,6 +72,13 @@ class ModelConfig:
         for name in ("vocab_size", "n_layer", "n_head", "d_model", "d_inner", "seq_len"):
             if getattr(self, name) < 1:
                 bad(f"{name}={getattr(self, name)} must be >= 1")
+        if self.expert_ffn is not None and self.expert_ffn < 1:
+            bad(f"expert_ffn={self.expert_ffn} must be >= 1 (or none: the dense FFN width)")
+        for name in ("dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                bad(f"{name}={getattr(self, name)} must lie in [0, 1)")
+        if not self.init_std > 0:
+            bad(f"init_std={self.init_std} must be > 0")
         if self.d_model % self.n_head:
             bad(f"hidden size {self.d_model} is not divisible by {self.n_head} attention heads: "
                 f"change --hidden-size or --num-attention-heads")

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Dict, Optional, Tuple
 
 ROUTERS = ("dense", "topk", "xmoe", "stablemoe", "smoe_dropout", "vq", "vqmoe")
 VQ_KINDS = ("codebook", "residual", "lfq")
 VQ_DISTANCES = ("l2", "cosine")
 VQMOE_MODES = ("pretrain", "discrete_only")
 DISPATCHERS = ("sorted", "deepspeed")
+DISCRETE_INPUTS = ("quantized", "token")
+ACTIVATIONS = ("gelu", "relu", "silu")
 
 
 class ConfigError(ValueError):
@@ -29,50 +31,63 @@ class ConfigError(ValueError):
 
 @dataclass
 class MoEConfig:
-    hidden_size: int
-    ffn_hidden_size: int
-    router: str = "topk"  # one of ROUTERS; "vq" = discrete-only VQ routing, "vqmoe" = eq. 4-5 / eq. 7
-    num_experts: int = 8
-    top_k: int = 2
-    ep_size: int = 1
-    activation: str = "gelu"
-    init_std: float = 0.02  # experts: N(0, init_std) weights, zero biases, drawn per *global* expert id
-    dropout: float = 0.0
-    # capacity: capacity per expert = ceil(capacity_factor * routes / num_experts), at least min_capacity
-    capacity_factor: float = 1.25
-    eval_capacity_factor: float = 2.0
-    min_capacity: int = 4
-    drop_tokens: bool = True  # False: dropless (capacity = the largest expert load, agreed across the ep group)
-    dispatcher: str = "sorted"  # "sorted": vqmoe_ds's dispatch; "deepspeed": stock MOELayer dispatch via the gate contract
-    balance_loss_coef: float = 0.01
-    router_jitter: float = 0.0
-    # VQ (the "vq" and "vqmoe" routers)
-    codebook_size: int = 16  # K; expert = code % num_experts, so K need not equal N
-    codebook_dim: Optional[int] = None  # None: quantize in the model dim; else project to this low dim (VQGAN-style)
-    vq_kind: str = "codebook"  # one of VQ_KINDS
-    vq_distance: str = "cosine"  # "l2" (VQ-VAE) or "cosine"
-    vq_alpha: float = 0.08  # weight of the VQ loss (eq. 8)
-    vq_beta: float = 0.25  # commitment weight (eq. 8)
+    hidden_size: int  # the model width d (set by the model: --hidden-size)
+    ffn_hidden_size: int  # each expert's hidden width (set by the model: --expert-ffn-hidden-size)
+    router: str = "topk"  # "dense" (no MoE), a learned top-k router, "vq" (discrete-only VQ routing) or "vqmoe" (eq. 4-5 / eq. 7)
+    num_experts: int = 8  # experts N of every MoE layer
+    top_k: int = 2  # experts per token of the learned router (VQMoE's continuous path)
+    ep_size: int = 1  # expert-parallel size: ranks that share one layer's experts (a divisor of N and of the world size)
+    activation: str = "gelu"  # expert MLP activation
+    init_std: float = 0.02  # experts: N(0, init_std) weights, zero biases, drawn per *global* expert id (set by the model)
+    dropout: float = 0.0  # dropout after the FFN / expert output
+    capacity_factor: float = 1.25  # training capacity per expert = ceil(factor x routes / N), at least --min-capacity
+    eval_capacity_factor: float = 2.0  # the capacity factor in evaluation
+    min_capacity: int = 4  # the smallest capacity of an expert
+    drop_tokens: bool = True  # drop routes beyond capacity; --no-drop-tokens: dropless (capacity = the largest load)
+    dispatcher: str = "sorted"  # "sorted": vqmoe-ds's dispatch; "deepspeed": stock MOELayer dispatch via the gate contract
+    balance_loss_coef: float = 0.01  # weight of the Switch/GShard load-balancing loss
+    router_jitter: float = 0.0  # multiplicative uniform noise (1 +- eps) on the router input in training
+    codebook_size: int = 16  # VQ codes K; the discrete path sends code c to expert c mod N, so K need not equal N
+    codebook_dim: Optional[int] = None  # none: quantize in the model dim; else project down to this dim (VQGAN-style)
+    vq_kind: str = "codebook"  # quantizer: our codebook, residual VQ, or lookup-free quantization (LFQ)
+    vq_distance: str = "cosine"  # nearest code by "l2" (VQ-VAE) or "cosine" distance
+    vq_alpha: float = 0.08  # weight alpha of the VQ loss (eq. 8)
+    vq_beta: float = 0.25  # commitment weight beta (eq. 8)
     vq_ema: bool = False  # EMA codebook updates instead of gradient updates
-    vq_ema_decay: float = 0.99
-    vq_kmeans_init: bool = False
-    vq_kmeans_iters: int = 10
-    vq_dead_code_threshold: float = 0.0  # >0: restart codes whose EMA usage falls below this many tokens/step
+    vq_ema_decay: float = 0.99  # decay of the EMA codebook updates
+    vq_kmeans_init: bool = False  # initialise the codebook by k-means on the first batch
+    vq_kmeans_iters: int = 10  # k-means iterations of that initialisation
+    vq_dead_code_threshold: float = 0.0  # >0: restart codes whose EMA usage falls below this many tokens per step
     vq_num_quantizers: int = 2  # residual VQ depth
-    vqmoe_mode: str = "pretrain"  # "pretrain": both paths (eq. 4-5); "discrete_only": eq. 7
-    freeze_vq: bool = False  # codebook (and its projections) receive no updates
+    vqmoe_mode: str = "pretrain"  # "pretrain": both paths (eq. 4-5); "discrete_only": only the discrete path (eq. 7)
+    freeze_vq: bool = False  # the codebook and its projections receive no updates
     discrete_input: str = "quantized"  # expert input of the discrete path: "quantized" (x~, eq. 5) or "token" (x)
-    # XMoE
-    xmoe_dim: int = 16
-    xmoe_init_temperature: float = 0.07
-    # StableMoE
-    stablemoe_stage1_steps: int = 1000
-    stablemoe_distill_dim: int = 16
-    stablemoe_distill_coef: float = 1.0
-    # SMoE-Dropout (k grows linearly from k_start to k_end over k_steps)
-    smoe_dropout_k_start: int = 1
-    smoe_dropout_k_end: Optional[int] = None  # None: num_experts
-    smoe_dropout_k_steps: int = 1000
+    xmoe_dim: int = 16  # XMoE: dimension of the low-dimensional routing space
+    xmoe_init_temperature: float = 0.07  # XMoE: initial temperature of its cosine router
+    stablemoe_stage1_steps: int = 1000  # StableMoE: steps of stage 1 (learned routing) before routing is frozen
+    stablemoe_distill_dim: int = 16  # StableMoE: dimension of the distilled router
+    stablemoe_distill_coef: float = 1.0  # StableMoE: weight of the distillation loss
+    smoe_dropout_k_start: int = 1  # SMoE-Dropout: k at step 0 (k grows linearly to k_end)
+    smoe_dropout_k_end: Optional[int] = None  # SMoE-Dropout: k at the end of the schedule; none: num_experts
+    smoe_dropout_k_steps: int = 1000  # SMoE-Dropout: steps over which k grows
+
+    # command-line spellings (first = the flag, the rest aliases; "--flag=value" sets that value), and choices
+    FLAGS: ClassVar[Dict[str, Tuple[str, ...]]] = {
+        "top_k": ("--top-k", "--topk"),
+        "ep_size": ("--moe-expert-parallel-size", "--ep-size"),
+        "activation": ("--moe-activation",),
+        "dropout": ("--ffn-dropout",),
+        "capacity_factor": ("--capacity-factor", "--moe-train-capacity-factor"),
+        "eval_capacity_factor": ("--eval-capacity-factor", "--moe-eval-capacity-factor"),
+        "min_capacity": ("--min-capacity", "--moe-min-capacity"),
+        "drop_tokens": ("--drop-tokens", "--disable-moe-token-dropping=false"),
+        "dispatcher": ("--moe-dispatcher",),
+        "balance_loss_coef": ("--balance-loss-coef", "--moe-loss-coeff"),
+        "router_jitter": ("--router-jitter", "--moe-input-jitter-eps"),
+    }
+    CHOICES: ClassVar[Dict[str, Tuple[str, ...]]] = {
+        "router": ROUTERS, "vq_kind": VQ_KINDS, "vq_distance": VQ_DISTANCES, "vqmoe_mode": VQMOE_MODES,
+        "dispatcher": DISPATCHERS, "discrete_input": DISCRETE_INPUTS, "activation": ACTIVATIONS}
 
     def __post_init__(self):
         self.validate()
@@ -85,6 +100,10 @@ class MoEConfig:
             bad(f"unknown router {self.router!r}: choose one of {', '.join(ROUTERS)}")
         if self.hidden_size < 1 or self.ffn_hidden_size < 1:
             bad(f"hidden_size={self.hidden_size}, ffn_hidden_size={self.ffn_hidden_size}: both must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            bad(f"dropout={self.dropout} must lie in [0, 1)")
+        if self.activation not in ACTIVATIONS:
+            bad(f"unknown activation {self.activation!r}: choose one of {', '.join(ACTIVATIONS)}")
         if self.router == "dense":
             return
         if self.num_experts < 1:
@@ -101,6 +120,8 @@ class MoEConfig:
             bad(f"min_capacity={self.min_capacity} must be >= 0")
         if self.dispatcher not in DISPATCHERS:
             bad(f"unknown dispatcher {self.dispatcher!r}: choose one of {', '.join(DISPATCHERS)}")
+        if self.router_jitter < 0:
+            bad(f"router_jitter={self.router_jitter} must be >= 0 (0: no jitter)")
         if self.balance_loss_coef < 0:
             bad(f"balance_loss_coef={self.balance_loss_coef} must be >= 0")
         if self.router in ("vq", "vqmoe"):

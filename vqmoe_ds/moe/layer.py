@@ -27,7 +27,7 @@ from .config import MoEConfig
 from .dispatch import SortedDispatch, capacity_for, plan_routes
 from .ds_gate import DeepSpeedGate, RouteGrid
 
-ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+_ACT_FNS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
 
 class ExpertMLP(nn.Module):
@@ -37,7 +37,7 @@ class ExpertMLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(hidden_size, ffn_hidden_size)
         self.fc2 = nn.Linear(ffn_hidden_size, hidden_size)
-        self.act = ACTIVATIONS[activation]
+        self.act = _ACT_FNS[activation]
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x):

@@ -1,2 +1,3 @@
-"""The pretraining driver: flags and checks (`arguments`), data (`data`), metrics, checkpoints, logs, plots
-and the loop (`trainer`).  Entry point: ``pretrain_vqmoe.py`` -> `trainer.main`."""
+"""Training: the shared configs and DeepSpeed config resolution (`config`), the one loop (`loop`), language
+modelling as its task (`lm`, behind ``pretrain_vqmoe.py``), data (`data`), metrics, logs, plots, pre-emption and
+launch helpers."""

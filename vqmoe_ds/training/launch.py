@@ -6,18 +6,13 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import sys
 from typing import Dict, List, Optional, Sequence
 
+from ..parallel import free_port  # noqa: F401  (re-exported for the scripts and tests)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DRIVER = os.path.join(ROOT, "pretrain_vqmoe.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def bin_path(name: str) -> str:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict
+from typing import ClassVar, Dict, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -44,12 +44,15 @@ class SoftMoEConfig:
     hidden_size: int
     ffn_hidden_size: int
     num_experts: int = 8
-    slots_per_expert: int = 1  # p; the paper sets E * p ~ the number of tokens
+    slots_per_expert: int = 1  # SoftMoE: slots p per expert; the paper sets E * p ~ the number of tokens
     ep_size: int = 1
     activation: str = "gelu"
     dropout: float = 0.0
     init_std: float = 0.02  # experts: N(0, init_std) per global expert id, as MoELayer does
-    normalize: bool = False  # l2-normalise X and Phi and learn a scalar scale (the paper, for large D)
+    normalize: bool = False  # SoftMoE: l2-normalise X and Phi and learn a scalar scale (the paper, for large D)
+
+    FLAGS: ClassVar[Dict[str, Tuple[str, ...]]] = {"slots_per_expert": ("--soft-slots",),
+                                                   "normalize": ("--soft-normalize",)}
 
     def __post_init__(self):
         if self.hidden_size < 1 or self.ffn_hidden_size < 1:

@@ -1,14 +1,13 @@
-"""A pretraining run's checkpoint, read back: which folder and tag, the model config it was trained with, the
-tokenizer of its data, and the weights loaded into a (possibly reshaped) model through DeepSpeed.
+"""A run's checkpoint, read back outside the run that wrote it: which folder and tag, the model config it was
+trained with, its resolved run configuration, the tokenizer of its data, and its weights loaded into a (possibly
+reshaped) model.
 
-Why this file: fine-tuning, the training-free conversion, the routing analysis and the embedding tool all
-start from the driver's checkpoints (``vqmoe_ds/training/checkpoint.py``: DeepSpeed ``save_checkpoint`` with
-one file per expert, the run's ``model_config`` in ``client_state``, the run's flags in ``OUT_DIR/config.json``
-beside the default ``OUT_DIR/checkpoints``).  They load weights with ``engine.load_checkpoint(...,
-load_module_only=True, custom_load_fn=...)``, so DeepSpeed finds and re-maps the expert files for any
-expert-parallel size, and `StrictRemap` says exactly which keys may differ between the checkpoint and the
-new model (a dropped LM head, the continuous router of a discrete-only layer, a new classifier); any other
-difference is a one-line error instead of a silently half-loaded model.
+Fine-tuning, the training-free conversion, the routing analysis, the embedding tool, generation and export all
+start here.  Weights are loaded with ``engine.load_checkpoint(..., load_module_only=True, custom_load_fn=...)``,
+so DeepSpeed finds and re-maps the expert files for any expert-parallel size, and `StrictRemap` says exactly
+which keys may differ between the checkpoint and the new model (a dropped LM head, the continuous router of a
+discrete-only layer, a new classifier); any other difference is a one-line error instead of a silently
+half-loaded model.
 """
 from __future__ import annotations
 
@@ -22,12 +21,8 @@ import torch
 from torch import nn
 
 from ..models import ModelConfig
-
-MODEL_STATES = "mp_rank_00_model_states.pt"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used as asked; the message is one line naming the problem and the fix."""
+from .layout import MODEL_FILE, CheckpointError, resolve_tag, verify
+from .store import check_expert_files
 
 
 @dataclass
@@ -36,15 +31,16 @@ class PretrainedRun:
     tag: str
     model_config: ModelConfig
     client_state: Dict[str, Any]
-    run_config: Dict[str, Any] = field(default_factory=dict)  # OUT_DIR/config.json of the run ({} if absent)
+    run_config: Dict[str, Any] = field(default_factory=dict)  # the run's resolved config ({} if not found)
 
     @property
     def path(self) -> str:
         return os.path.join(self.save_dir, self.tag)
 
     @property
-    def run_args(self) -> Dict[str, Any]:
-        return self.run_config.get("args", {})
+    def data_config(self) -> Dict[str, Any]:
+        """The run's data settings (data_path, data_file, corpus_bytes) and its seed."""
+        return {**self.run_config.get("data", {}), "seed": self.run_config.get("optim", {}).get("seed", 0)}
 
 
 def resolve(path: str, tag: Optional[str] = None):
@@ -52,34 +48,31 @@ def resolve(path: str, tag: Optional[str] = None):
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path} is not a folder: give a run's --out-dir, its checkpoints folder "
                               f"or one checkpoint (e.g. OUT_DIR/checkpoints/best)")
-    if os.path.isfile(os.path.join(path, MODEL_STATES)):  # a tag folder
+    if os.path.isfile(os.path.join(path, MODEL_FILE)):  # a tag folder
         if tag is not None and tag != os.path.basename(os.path.normpath(path)):
             raise CheckpointError(f"--tag {tag} given with the checkpoint folder {path}: give the parent folder "
                                   f"with --tag, or the tag folder alone")
         return os.path.dirname(os.path.normpath(path)), os.path.basename(os.path.normpath(path))
     if not os.path.isfile(os.path.join(path, "latest")) and os.path.isdir(os.path.join(path, "checkpoints")):
         path = os.path.join(path, "checkpoints")
-    if tag is None:
-        latest = os.path.join(path, "latest")
-        if not os.path.isfile(latest):
-            raise CheckpointError(f"no checkpoint in {path} (no 'latest' file): give --tag (e.g. best) or the "
-                                  f"--save folder of a run that saved")
-        tag = open(latest).read().strip()
-    if not os.path.isfile(os.path.join(path, tag, MODEL_STATES)):
-        have = sorted(d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, MODEL_STATES)))
+    tag = resolve_tag(path, tag)
+    if not os.path.isfile(os.path.join(path, tag, MODEL_FILE)):
+        have = sorted(d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, MODEL_FILE)))
         raise CheckpointError(f"{os.path.join(path, tag)} holds no DeepSpeed model states: choose a tag of "
                               f"{', '.join(have) or '(none)'}")
     return path, tag
 
 
 def read_run(path: str, tag: Optional[str] = None, run_config: Optional[str] = None) -> PretrainedRun:
-    """The checkpoint's metadata (no model is built).  ``run_config``: the run's config.json when it does not
-    lie beside the checkpoint folder (the driver writes it to OUT_DIR, the default --save is OUT_DIR/checkpoints)."""
+    """The checkpoint's metadata (no model is built), after verifying it is complete.  ``run_config``: the run's
+    config.json when it does not lie beside the checkpoint folder (the drivers write it to OUT_DIR, and the
+    default --save is OUT_DIR/checkpoints); the checkpoint's own copy is used when there is none."""
     save_dir, tag = resolve(path, tag)
-    state = torch.load(os.path.join(save_dir, tag, MODEL_STATES), map_location="cpu", weights_only=False, mmap=True)
+    marker = verify(save_dir, tag)
+    state = torch.load(os.path.join(save_dir, tag, MODEL_FILE), map_location="cpu", weights_only=False, mmap=True)
     if "model_config" not in state:
         raise CheckpointError(f"{os.path.join(save_dir, tag)} has no model_config in its client state: it was not "
-                              f"written by pretrain_vqmoe.py (or tools/convert_to_vqmoe.py)")
+                              f"written by a vqmoe-ds driver or tool")
     client = {k: v for k, v in state.items() if k in ("step", "best_valid", "world_size", "model_config",
                                                        "converted_from", "finetune", "tokenizer")}
     cfg = ModelConfig(**client["model_config"])
@@ -88,7 +81,7 @@ def read_run(path: str, tag: Optional[str] = None, run_config: Optional[str] = N
         run_config = cand if os.path.isfile(cand) else None
     elif not os.path.isfile(run_config):
         raise CheckpointError(f"--run-config {run_config} does not exist: give the pretraining run's config.json")
-    rc = {}
+    rc = marker.get("config") or {}
     if run_config:
         with open(run_config) as f:
             rc = json.load(f)
@@ -110,7 +103,7 @@ def tokenizer_for(run: PretrainedRun, meta_path: Optional[str] = None):
         meta = TokenizerMeta(**recorded)
         check_vocab(meta, run.model_config.vocab_size)
         return Tokenizer.from_metadata(meta)
-    data_path = run.run_args.get("data_path")
+    data_path = run.data_config.get("data_path")
     if meta_path is None and data_path:
         meta_path = data_path + ".tokenizer.json"
     if meta_path is None:
@@ -121,32 +114,6 @@ def tokenizer_for(run: PretrainedRun, meta_path: Optional[str] = None):
     meta = TokenizerMeta.load(meta_path)
     check_vocab(meta, run.model_config.vocab_size)
     return Tokenizer.from_metadata(meta)
-
-
-def vqmoe_layer_ids(cfg: ModelConfig) -> List[int]:
-    return [i for i in range(cfg.n_layer) if cfg.moe_config(i).router in ("vq", "vqmoe")]
-
-
-def discrete_only_config(cfg: ModelConfig, freeze_vq: bool = True) -> ModelConfig:
-    """Eq. 7: every VQMoE layer keeps only its discrete path (``vqmoe_mode="discrete_only"``), codebook frozen."""
-    if not vqmoe_layer_ids(cfg):
-        raise CheckpointError(f"the discrete path needs a VQMoE checkpoint (router vqmoe or vq), this model's router "
-                              f"is {cfg.moe.get('router', 'topk')!r}: use --mode full or frozen_router")
-    moe = dict(cfg.moe, freeze_vq=freeze_vq)
-    if moe.get("router") == "vqmoe":
-        moe["vqmoe_mode"] = "discrete_only"
-    return cfg.replace(moe=moe)
-
-
-def absent_path_keys(cfg_src: ModelConfig, cfg_dst: ModelConfig, prefix: str = "") -> List[str]:
-    """Key patterns of the source that the destination drops on purpose: the continuous router and mixing gate
-    W_g of layers that went from VQMoE's pretrain mode to discrete-only."""
-    out = []
-    for i in range(cfg_src.n_layer):
-        a, b = cfg_src.moe_config(i), cfg_dst.moe_config(i)
-        if a.router == "vqmoe" and a.vqmoe_mode == "pretrain" and b.vqmoe_mode == "discrete_only":
-            out += [f"{prefix}blocks.{i}.ffn.router.*", f"{prefix}blocks.{i}.ffn.mix.*"]
-    return out
 
 
 class StrictRemap:
@@ -200,34 +167,56 @@ def minimal_ds_config(micro_batch: int = 1) -> Dict[str, Any]:
             "zero_optimization": {"stage": 0}, "steps_per_print": 10 ** 9}
 
 
-def single_process_env() -> None:
-    """Let a tool run as one process without a launcher: the rendezvous variables torchrun would set."""
-    if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
-        return
-    from ..training.launch import free_port
-
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
-
-
 def load_lm(path: str, tag: Optional[str] = None, cfg: Optional[ModelConfig] = None, run_config: Optional[str] = None,
             may_drop: Sequence[str] = ()):
     """For single-process tools: (model in eval mode, run, engine) with the run's weights, through a DeepSpeed
-    engine without optimizer.  ``cfg``: another config to build (e.g. discrete-only) -- ``may_drop`` then
-    names the source keys it lacks on purpose."""
+    engine without optimizer, at expert parallelism 1 (DeepSpeed names expert files by global id, so any ep
+    size loads).  ``cfg``: another config to build (e.g. discrete-only) -- ``may_drop`` then names the source
+    keys it lacks on purpose."""
     import deepspeed
 
     from ..models import build_model
+    from ..parallel import init_single_process
 
     run = read_run(path, tag, run_config)
-    single_process_env()
-    from ..parallel import init_distributed
-
-    init_distributed(auto_mpi_discovery=True)
+    init_single_process()
     cfg = cfg or run.model_config.replace(moe=dict(run.model_config.moe, ep_size=1))
     torch.manual_seed(0)
     model = build_model(cfg)
+    check_expert_files(run.save_dir, run.tag, model)
     engine, _, _, _ = deepspeed.initialize(model=model, config=minimal_ds_config())
     load_into(engine, run, StrictRemap(may_drop=may_drop, where=run.path))
     model.eval()
     return model, run, engine
+
+
+def load_for_inference(load_dir: str, tag: Optional[str] = None):
+    """The model of a checkpoint, rebuilt in one process at expert parallelism 1.  Returns (model in eval mode,
+    ModelConfig, tag)."""
+    model, run, _ = load_lm(load_dir, tag)
+    return model, model.cfg, run.tag
+
+
+def load_exported(path: str):
+    """A model from ``tools/export_checkpoint.py``'s ``FILE.safetensors`` + ``FILE.json`` (no DeepSpeed
+    checkpoint machinery; the MoE layers still need a one-process group).  Returns (model, ModelConfig)."""
+    from safetensors.torch import load_file
+
+    from ..models import build_model
+    from ..parallel import init_single_process
+
+    cfg_path = os.path.splitext(path)[0] + ".json"
+    for p in (path, cfg_path):
+        if not os.path.isfile(p):
+            raise CheckpointError(f"{p} does not exist: export the checkpoint with tools/export_checkpoint.py")
+    with open(cfg_path) as f:
+        meta = json.load(f)
+    cfg = ModelConfig(**meta["model_config"])
+    init_single_process()
+    model = build_model(cfg)
+    missing, unexpected = model.load_state_dict(load_file(path), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not fit the model of {cfg_path} (missing {missing[:3]}, unexpected "
+                              f"{unexpected[:3]}): re-export it")
+    model.eval()
+    return model, cfg

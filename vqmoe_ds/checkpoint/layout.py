@@ -1,0 +1,151 @@
+"""The on-disk layout of a checkpoint folder, and the one error type of the checkpoint package.
+
+A save folder (``--save``; the default is ``OUT_DIR/checkpoints``)::
+
+    latest                  the tag of the newest *complete* checkpoint (DeepSpeed's pointer file)
+    step{N}/                regular saves (the last ``--keep-last`` are kept); best/ the best validation metric
+      mp_rank_00_model_states.pt                     DeepSpeed: dense weights, client state (step, data, config)
+      layer_{l}_expert_{e}_mp_rank_00_model_states.pt  DeepSpeed: one file per expert, named by *global* id
+      *_optim_states.pt                              DeepSpeed: optimizer partitions (ZeRO 1/2) when present
+      rank{r}_state.pt      per rank: RNG states, module buffers, the task's per-rank state (TXL memory)
+      vqmoe_complete.json   the completion marker: every file with its size, step, world size, configs
+    .tmp_{tag}/             a save in progress (never loaded; removed by the next save)
+    .old_{tag}/             the previous ``{tag}`` during its replacement (a complete checkpoint)
+
+Only this module spells these names; everything else asks it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Dict, List, Optional, Tuple
+
+BEST = "best"
+LATEST = "latest"
+MARKER = "vqmoe_complete.json"
+MODEL_FILE = "mp_rank_00_model_states.pt"
+TMP_PREFIX, OLD_PREFIX = ".tmp_", ".old_"
+STEP_TAG = re.compile(r"^step(\d+)$")
+EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
+# a parameter key of one expert in a DeepSpeed MoE layer: (layer prefix, global expert id, parameter name)
+EXPERT_KEY = re.compile(r"^(.*)\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(.+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be saved, read or used as asked; the message is one line naming the problem and
+    the fix."""
+
+
+def expert_file(layer: int, expert: int) -> str:
+    return f"layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt"
+
+
+def rank_file(rank: int) -> str:
+    return f"rank{rank}_state.pt"
+
+
+def step_tag(step: int) -> str:
+    return f"step{step}"
+
+
+# ---- durable writes ----------------------------------------------------------------------------------------
+def fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str) -> None:
+    try:
+        fsync_file(path)
+    except OSError:  # some file systems cannot fsync a folder; the rename is still atomic
+        pass
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write ``text`` so that a reader sees the old content or the new one, never a mix (temp, fsync, rename)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+def list_files(folder: str) -> Dict[str, int]:
+    """Every file under ``folder`` (relative path -> size in bytes)."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            full = os.path.join(root, name)
+            out[os.path.relpath(full, folder)] = os.path.getsize(full)
+    return out
+
+
+# ---- finding a checkpoint ----------------------------------------------------------------------------------
+def step_tags(save_dir: str) -> List[Tuple[int, str]]:
+    """Complete regular checkpoints in ``save_dir`` as (step, tag), oldest first."""
+    if not os.path.isdir(save_dir):
+        return []
+    tags = []
+    for name in os.listdir(save_dir):
+        m = STEP_TAG.match(name)
+        if m and os.path.isfile(os.path.join(save_dir, name, MARKER)):
+            tags.append((int(m.group(1)), name))
+    return sorted(tags)
+
+
+def read_latest(load_dir: str) -> Optional[str]:
+    path = os.path.join(load_dir, LATEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return f.read().strip() or None
+
+
+def resolve_tag(load_dir: str, tag: Optional[str] = None) -> str:
+    """The tag to load: ``tag`` or the one ``latest`` names; a one-line error when there is none."""
+    if not os.path.isdir(load_dir):
+        raise CheckpointError(f"checkpoint folder {load_dir} does not exist: give the --save folder of an earlier run")
+    if tag is None or tag == LATEST:
+        tag = read_latest(load_dir)
+        if tag is None:
+            done = step_tags(load_dir)
+            hint = (f"it has complete checkpoint {done[-1][1]}: write that tag into {load_dir}/latest"
+                    if done else "give the --save folder of a run that saved (--save-interval) or start without --load")
+            raise CheckpointError(f"no checkpoint in {load_dir} (no 'latest' file): {hint}")
+    if tag == BEST and not os.path.isdir(os.path.join(load_dir, BEST)) and \
+            os.path.isdir(os.path.join(load_dir, OLD_PREFIX + BEST)):
+        tag = OLD_PREFIX + BEST  # killed between the two renames of a best save: the previous best is complete
+    return tag
+
+
+def verify(load_dir: str, tag: str) -> Dict[str, Any]:
+    """Check that checkpoint ``tag`` is complete; return its marker.  Raises CheckpointError naming the
+    missing or truncated file."""
+    path = os.path.join(load_dir, tag)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} does not exist: choose a saved tag "
+                              f"({', '.join(t for _, t in step_tags(load_dir)) or 'none complete'})")
+    marker_path = os.path.join(path, MARKER)
+    if not os.path.isfile(marker_path):
+        raise CheckpointError(f"checkpoint {path} is incomplete (no {MARKER}: its save did not finish, or it was not "
+                              f"written by vqmoe-ds): load another tag or re-save it")
+    try:
+        with open(marker_path) as f:
+            marker = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path}: unreadable {MARKER} ({e}): load another tag") from None
+    for name, size in sorted(marker["files"].items()):
+        full = os.path.join(path, name)
+        if not os.path.isfile(full):
+            raise CheckpointError(f"checkpoint {path} is missing {name}: restore the file or load another tag")
+        actual = os.path.getsize(full)
+        if actual != size:
+            raise CheckpointError(f"checkpoint {path}: {name} has {actual} bytes, {size} were saved (truncated or "
+                                  f"overwritten): restore the file or load another tag")
+    return marker

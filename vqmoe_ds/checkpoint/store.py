@@ -1,0 +1,233 @@
+"""Checkpoints that never lose work: DeepSpeed's ``save_checkpoint``/``load_checkpoint`` (model, optimizer,
+scheduler; one file per expert) made crash-safe, plus what an exact resume needs beyond them.
+
+Save protocol (collective; every rank calls :func:`save`):
+
+  1. every rank writes into ``.tmp_{tag}`` (DeepSpeed's files, then its own ``rank{r}_state.pt``);
+  2. barrier; rank 0 fsyncs every file, writes the marker (temp file, fsync, rename) and fsyncs the folder;
+  3. rank 0 renames ``.tmp_{tag}`` to ``{tag}`` (an existing ``{tag}``, e.g. ``best``, is first moved
+     to ``.old_{tag}`` and removed after), then switches ``latest``: ``latest.tmp``, fsync, ``os.replace``;
+  4. barrier; rank 0 prunes regular checkpoints beyond the newest ``keep_last``.
+
+``kill -9`` of any rank at any moment leaves ``latest`` pointing at the previous complete checkpoint.  A
+checkpoint is only loaded after ``layout.verify`` (marker present, every listed file present with its size).
+
+The save folder must be visible to all ranks (a shared file system on several nodes), as DeepSpeed's expert
+files already require.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .layout import (BEST, MARKER, OLD_PREFIX, TMP_PREFIX, CheckpointError, expert_file, fsync_dir, fsync_file,
+                     list_files, rank_file, read_latest, resolve_tag, step_tags, verify, write_atomic)
+
+# Fields of a model config that may change between a checkpoint and the run that resumes it: they shape neither
+# the weights nor the buffers (regularisation, capacity, loss weights, the dispatch implementation).  Every
+# other field must match.
+MAY_CHANGE_ON_RESUME = {"dropout", "attn_dropout", "init_std"}
+MOE_MAY_CHANGE_ON_RESUME = {"dropout", "capacity_factor", "eval_capacity_factor", "min_capacity", "drop_tokens",
+                            "dispatcher", "router_jitter", "balance_loss_coef", "vq_alpha", "vq_beta",
+                            "stablemoe_distill_coef", "init_std"}
+
+
+def rng_state() -> Dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def module_buffers(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """This rank's buffers (router step, VQ EMA / usage counters, StableMoE's frozen router): rank 0's copy
+    is what DeepSpeed saves, so ranks whose buffers differ get their own back from ``rank{r}_state.pt``."""
+    return {n: b.detach().cpu().clone() for n, b in model.named_buffers()}
+
+
+def write_rank_state(folder: str, rank: int, state: Dict[str, Any]) -> None:
+    torch.save(state, os.path.join(folder, rank_file(rank)))
+
+
+def save(engine, save_dir: str, tag: str, client_state: Dict[str, Any], task_state: Optional[Dict[str, Any]] = None,
+         latest: bool = True, keep_last: int = 0, model: Optional[torch.nn.Module] = None,
+         step: Optional[int] = None, config: Optional[Dict[str, Any]] = None) -> str:
+    """Collective: every rank calls it.  ``task_state``: this rank's own state beyond the model (e.g. the
+    Transformer-XL memory); ``config``: the run's resolved configuration, kept in the marker.  Returns the
+    checkpoint folder (complete when this returns)."""
+    rank = _rank()
+    tmp_tag = TMP_PREFIX + tag
+    tmp = os.path.join(save_dir, tmp_tag)
+    if rank == 0:
+        os.makedirs(save_dir, exist_ok=True)
+        for name in os.listdir(save_dir):  # leftovers of saves that were killed: never complete, never loaded
+            if name.startswith((TMP_PREFIX, OLD_PREFIX)) and os.path.isdir(os.path.join(save_dir, name)):
+                shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
+    _barrier()
+    engine.save_checkpoint(save_dir, tag=tmp_tag, client_state=client_state, save_latest=False)
+    write_rank_state(tmp, rank, {"rng": rng_state(), "task": _to_cpu(task_state),
+                                 "buffers": module_buffers(model) if model is not None else None})
+    _barrier()
+    if rank == 0:
+        files = list_files(tmp)
+        for name in files:
+            fsync_file(os.path.join(tmp, name))
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        missing = [rank_file(r) for r in range(world) if rank_file(r) not in files]
+        if missing:
+            raise CheckpointError(f"save of {tag} in {save_dir} lacks {missing[0]}: the folder is not shared by all "
+                                  f"ranks; give --save a folder on a file system every node sees")
+        marker = {"tag": tag, "step": step, "world_size": world, "files": files,
+                  "model_config": client_state.get("model_config"), "config": config}
+        write_atomic(os.path.join(tmp, MARKER), json.dumps(marker, indent=1, default=str))
+        fsync_dir(tmp)
+        final = os.path.join(save_dir, tag)
+        if os.path.exists(final):
+            old = os.path.join(save_dir, OLD_PREFIX + tag)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        fsync_dir(save_dir)
+        if latest:
+            write_atomic(os.path.join(save_dir, "latest"), tag)
+    _barrier()
+    if rank == 0 and keep_last > 0:
+        prune(save_dir, keep_last)
+    return os.path.join(save_dir, tag)
+
+
+def _to_cpu(state):
+    if torch.is_tensor(state):
+        return state.detach().cpu()
+    if isinstance(state, dict):
+        return {k: _to_cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_to_cpu(v) for v in state)
+    return state
+
+
+def prune(save_dir: str, keep_last: int) -> List[str]:
+    """Remove regular checkpoints beyond the newest ``keep_last`` (never ``best``, never the one ``latest``
+    names).  Returns the removed tags."""
+    current = read_latest(save_dir)
+    tags = step_tags(save_dir)
+    removed = []
+    for _, tag in tags[:-keep_last] if keep_last < len(tags) else []:
+        if tag == current:
+            continue
+        shutil.rmtree(os.path.join(save_dir, tag), ignore_errors=True)
+        removed.append(tag)
+    return removed
+
+
+def _moe_defaults() -> Dict[str, Any]:
+    from ..moe.config import MoEConfig
+
+    return {f.name: f.default for f in dataclasses.fields(MoEConfig) if f.default is not dataclasses.MISSING}
+
+
+def check_architecture(saved: Optional[Dict[str, Any]], current: Dict[str, Any], where: str) -> None:
+    """The checkpoint's model config must describe the model this run builds: every field must match except
+    those in ``MAY_CHANGE_ON_RESUME`` / ``MOE_MAY_CHANGE_ON_RESUME``.  One line naming the first difference."""
+    if not saved:
+        return
+    for key in sorted(set(saved) | set(current)):
+        if key == "moe" or key in MAY_CHANGE_ON_RESUME:
+            continue
+        a, b = saved.get(key), current.get(key)
+        if a == b:
+            continue
+        if key == "vocab_size":
+            raise CheckpointError(f"{where} was saved with a vocabulary of {a} tokens, this run's data has {b}: use "
+                                  f"the tokenizer (--data-path / --vocab-size) of the run that saved it")
+        raise CheckpointError(f"{where} was saved from a model with {key}={a!r}, this run has {b!r}: use the same "
+                              f"model flags as the run that saved it")
+    defaults = _moe_defaults()
+    sm, cm = {**defaults, **(saved.get("moe") or {})}, {**defaults, **(current.get("moe") or {})}
+    if sm.get("router") == "dense" and cm.get("router") == "dense":
+        return
+    for key in sorted(set(sm) | set(cm)):
+        if key in MOE_MAY_CHANGE_ON_RESUME or sm.get(key) == cm.get(key):
+            continue
+        if key == "ep_size":
+            raise CheckpointError(f"{where} was saved at expert-parallel size {sm[key]}, this run has {cm[key]}: "
+                                  f"convert it with tools/reshard_checkpoint.py --ep-size {cm[key]}, or resume with "
+                                  f"--moe-expert-parallel-size {sm[key]}")
+        raise CheckpointError(f"{where} was saved from a model with moe.{key}={sm.get(key)!r}, this run has "
+                              f"{cm.get(key)!r}: use the same MoE flags as the run that saved it")
+
+
+def check_expert_files(load_dir: str, tag: str, model: torch.nn.Module) -> None:
+    """Every expert of every MoE layer has its DeepSpeed file (named by global expert id) in the checkpoint."""
+    from deepspeed.moe.layer import MoE
+
+    path = os.path.join(load_dir, tag)
+    moe_id = 0
+    for module in model.modules():
+        if isinstance(module, MoE):
+            for e in range(module.num_experts):
+                name = expert_file(moe_id, e)
+                if not os.path.isfile(os.path.join(path, name)):
+                    raise CheckpointError(f"checkpoint {path} lacks the file of expert {e} of MoE layer {moe_id} "
+                                          f"({name}): it was saved with fewer experts or is damaged; load another tag")
+            moe_id += 1
+
+
+def load(engine, load_dir: str, tag: Optional[str] = None, resume: bool = True,
+         model: Optional[torch.nn.Module] = None, model_config: Optional[Dict[str, Any]] = None):
+    """Verify, then load model (and with ``resume`` optimizer, scheduler, RNG, this rank's buffers) from
+    ``load_dir`` (``tag`` None: latest).  Returns (client_state, this rank's task state or None)."""
+    tag = resolve_tag(load_dir, tag)
+    marker = verify(load_dir, tag)
+    if model_config is not None:
+        check_architecture(marker.get("model_config"), model_config, f"checkpoint {os.path.join(load_dir, tag)}")
+    if model is not None:
+        check_expert_files(load_dir, tag, model)
+    fresh_optimizer = resume and bool(marker.get("resharded"))  # tools/reshard_checkpoint.py: no optimizer files
+    if fresh_optimizer and _rank() == 0:
+        print(f"notice: {os.path.join(load_dir, tag)} was resharded (tools/reshard_checkpoint.py): model weights, "
+              f"step, lr schedule and data position are loaded, the optimizer starts fresh", flush=True)
+    path, client_state = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=resume and not fresh_optimizer,
+                                                load_lr_scheduler_states=resume)
+    if path is None:
+        raise CheckpointError(f"DeepSpeed found no loadable checkpoint in {load_dir} (tag {tag}): load another tag")
+    task_state = None
+    extra = os.path.join(load_dir, tag, rank_file(_rank()))
+    if resume and os.path.isfile(extra):
+        state = torch.load(extra, weights_only=False)
+        if state.get("rng") is not None:  # a resharded checkpoint's extra ranks keep the driver's seeding
+            set_rng_state(state["rng"])
+        task_state = state.get("task")
+        if model is not None and state.get("buffers"):
+            own = dict(model.named_buffers())
+            with torch.no_grad():
+                for name, value in state["buffers"].items():
+                    if name in own:
+                        own[name].copy_(value.to(own[name].device))
+    return client_state or {}, task_state
+
+
+__all__ = ["BEST", "MARKER", "CheckpointError", "save", "load", "prune", "verify", "resolve_tag", "step_tags",
+           "check_architecture", "check_expert_files", "module_buffers", "rng_state", "set_rng_state"]

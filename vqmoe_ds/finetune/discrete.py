@@ -1,0 +1,51 @@
+"""The fine-tuning modes as model transformations: eq. 7's discrete-only VQMoE (the continuous router and the
+mixing gate W_g removed, the codebook frozen), and the SMoE-Dropout protocol (every routing parameter frozen)."""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from ..checkpoint import CheckpointError
+from ..models import ModelConfig, moe_layers
+
+
+def vqmoe_layer_ids(cfg: ModelConfig) -> List[int]:
+    return [i for i in range(cfg.n_layer) if cfg.moe_config(i).router in ("vq", "vqmoe")]
+
+
+def discrete_only_config(cfg: ModelConfig, freeze_vq: bool = True) -> ModelConfig:
+    """Eq. 7: every VQMoE layer keeps only its discrete path (``vqmoe_mode="discrete_only"``), codebook frozen."""
+    if not vqmoe_layer_ids(cfg):
+        raise CheckpointError(f"the discrete path needs a VQMoE checkpoint (router vqmoe or vq), this model's router "
+                              f"is {cfg.moe.get('router', 'topk')!r}: use --mode full or frozen_router")
+    moe = dict(cfg.moe, freeze_vq=freeze_vq)
+    if moe.get("router") == "vqmoe":
+        moe["vqmoe_mode"] = "discrete_only"
+    return cfg.replace(moe=moe)
+
+
+def absent_path_keys(cfg_src: ModelConfig, cfg_dst: ModelConfig, prefix: str = "") -> List[str]:
+    """Key patterns of the source that the destination drops on purpose: the continuous router and mixing gate
+    W_g of layers that went from VQMoE's pretrain mode to discrete-only."""
+    out = []
+    for i in range(cfg_src.n_layer):
+        a, b = cfg_src.moe_config(i), cfg_dst.moe_config(i)
+        if a.router == "vqmoe" and a.vqmoe_mode == "pretrain" and b.vqmoe_mode == "discrete_only":
+            out += [f"{prefix}blocks.{i}.ffn.router.*", f"{prefix}blocks.{i}.ffn.mix.*"]
+    return out
+
+
+def freeze_routing(model: torch.nn.Module) -> int:
+    """Freeze every routing parameter of every MoE layer; returns how many parameters were frozen."""
+    n = 0
+    for layer in moe_layers(model):
+        for part in (layer.router, layer.vq_router, layer.mix):
+            if part is None:
+                continue
+            for p in part.parameters():
+                n += p.numel() if p.requires_grad else 0
+                p.requires_grad_(False)
+        if layer.vq_router is not None and hasattr(layer.vq_router.quantizer, "freeze"):
+            layer.vq_router.quantizer.freeze()  # also stops EMA / k-means / dead-code updates
+    return n

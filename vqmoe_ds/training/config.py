@@ -1,0 +1,215 @@
+"""The configs every training driver shares -- optimisation, run (outputs, checkpoints, evaluation), parallelism --
+and the DeepSpeed config resolved from them.
+
+DeepSpeed config vs flags: **the ds_config wins where it sets a value, flags fill what it leaves out**, and a
+flag given explicitly that contradicts the config is an error (never a silent choice).  This covers the
+optimizer's lr, the scheduler (a ``"scheduler"`` block in the config replaces the flags' warmup + cosine),
+``gradient_clipping`` and the batch sizes.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Dict, Optional, Tuple
+
+from ..cli import ArgError
+
+DEFAULT_LR, DEFAULT_CLIP, DEFAULT_MICRO_BATCH = 3.5e-4, 1.0, 8
+
+
+def _finite(name: str, value: Optional[float]) -> None:
+    if value is not None and not math.isfinite(value):
+        raise ArgError(f"{name}={value} is not a finite number: give a real value")
+
+
+@dataclass
+class OptimConfig:
+    micro_batch_size: Optional[int] = None  # examples per rank per micro-batch; default: the ds_config's, else the driver's
+    gradient_accumulation_steps: Optional[int] = None  # micro-batches per optimizer step; default: the ds_config's or 1
+    train_iters: int = 100  # optimizer steps
+    lr: Optional[float] = None  # peak learning rate; default: the ds_config's or 3.5e-4
+    min_lr: Optional[float] = None  # lr at the end of the cosine; default 0.1 x lr
+    lr_warmup_iters: Optional[int] = None  # linear warmup steps (default 0: step 1 trains at the peak)
+    weight_decay: float = 0.0  # the optimizer's weight decay
+    clip_grad: Optional[float] = None  # gradient-norm clipping; default: the ds_config's or 1.0
+    seed: int = 1234  # seeds the weights (the same on every rank), the data order and, offset by rank, dropout
+
+    def __post_init__(self):
+        for name in ("lr", "min_lr", "weight_decay", "clip_grad"):
+            _finite(name, getattr(self, name))
+        for name in ("micro_batch_size", "gradient_accumulation_steps"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ArgError(f"{name}={v} must be >= 1")
+        if self.train_iters < 1:
+            raise ArgError(f"train_iters={self.train_iters} must be >= 1")
+        if self.lr is not None and self.lr <= 0:
+            raise ArgError(f"lr={self.lr} must be > 0")
+        if self.min_lr is not None and self.min_lr < 0:
+            raise ArgError(f"min_lr={self.min_lr} must be >= 0")
+        if self.min_lr is not None and self.lr is not None and self.min_lr > self.lr:
+            raise ArgError(f"min_lr={self.min_lr} exceeds lr={self.lr}: lower --min-lr")
+        if self.lr_warmup_iters is not None and not 0 <= self.lr_warmup_iters <= self.train_iters:
+            raise ArgError(f"lr_warmup_iters={self.lr_warmup_iters} must lie in [0, train_iters={self.train_iters}]: "
+                           f"shorten the warmup")
+        if self.weight_decay < 0:
+            raise ArgError(f"weight_decay={self.weight_decay} must be >= 0")
+        if self.clip_grad is not None and self.clip_grad < 0:
+            raise ArgError(f"clip_grad={self.clip_grad} must be >= 0 (0: no clipping)")
+        if self.seed < 0:
+            raise ArgError(f"seed={self.seed} must be >= 0")
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/latest"  # logs, TensorBoard, plots, the resolved config.json, results.json
+    save: Optional[str] = None  # checkpoint folder; default OUT_DIR/checkpoints
+    load: Optional[str] = None  # resume from the latest checkpoint in this folder (a --save folder)
+    save_interval: int = 0  # save every N steps (0: only best and final)
+    keep_last: int = 0  # keep only the newest N regular checkpoints (0: all); best is always kept
+    eval_interval: int = 0  # validate every N steps (0: only at the end)
+    eval_iters: int = 0  # validation batches per rank (0: the whole split)
+    test_iters: int = 0  # test batches per rank (0: the whole split)
+    eval_batch_size: Optional[int] = None  # default: the micro-batch size
+    log_interval: int = 10  # steps between training log lines
+    max_skipped_steps: int = 10  # stop after this many steps in a row with a non-finite loss (each is skipped)
+    progress: bool = True  # a tqdm bar on rank 0
+    plots: bool = True  # PNG plots at the end
+    tensorboard: bool = True  # TensorBoard scalars beside log.jsonl
+
+    def __post_init__(self):
+        for name in ("save_interval", "keep_last", "eval_interval", "eval_iters", "test_iters"):
+            if getattr(self, name) < 0:
+                raise ArgError(f"{name}={getattr(self, name)} must be >= 0")
+        for name in ("log_interval", "max_skipped_steps"):
+            if getattr(self, name) < 1:
+                raise ArgError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            raise ArgError(f"eval_batch_size={self.eval_batch_size} must be >= 1")
+        if self.load is not None and not os.path.isdir(self.load):
+            raise ArgError(f"load={self.load} is not a folder: give the --save folder of an earlier run")
+
+    @property
+    def save_dir(self) -> str:
+        return self.save or os.path.join(self.out_dir, "checkpoints")
+
+
+@dataclass
+class ParallelConfig:
+    deepspeed_config: Optional[str] = None  # DeepSpeed JSON (ZeRO stage, precision, optimizer, batch); see ds_configs/
+    dist_timeout_minutes: float = 30.0  # a collective waiting longer than this (a rank died or hangs) fails the run
+    distributed_port: int = field(default_factory=lambda: int(os.environ.get("MASTER_PORT", 29500)))  # rendezvous port when ranks are found through MPI (mpirun)
+    local_rank: int = field(default_factory=lambda: int(os.environ.get("LOCAL_RANK", 0)))  # set by the launchers
+    deepspeed: bool = False  # accepted for DeepSpeed's launch examples; the engine is always DeepSpeed
+
+    FLAGS: ClassVar[Dict[str, Tuple[str, ...]]] = {
+        "deepspeed_config": ("--deepspeed_config", "--deepspeed-config"),
+        "local_rank": ("--local_rank", "--local-rank")}
+    CLI_ONLY: ClassVar[Tuple[str, ...]] = ("distributed_port", "local_rank", "deepspeed")
+
+    def __post_init__(self):
+        if self.deepspeed_config is not None and not os.path.isfile(self.deepspeed_config):
+            raise ArgError(f"deepspeed_config={self.deepspeed_config} does not exist: see ds_configs/")
+        if not self.dist_timeout_minutes > 0 or not math.isfinite(self.dist_timeout_minutes):
+            raise ArgError(f"dist_timeout_minutes={self.dist_timeout_minutes} must be > 0")
+
+
+def check_world(ep: int, is_moe: bool, world_size: int) -> None:
+    if world_size % ep:
+        raise ArgError(f"--moe-expert-parallel-size {ep} does not divide the world size {world_size}: "
+                       f"launch a multiple of {ep} ranks or lower the expert-parallel size")
+    if ep > 1 and not is_moe:
+        raise ArgError(f"--moe-expert-parallel-size {ep} needs MoE layers, but the model is dense: "
+                       f"set --router or drop the flag")
+
+
+def load_ds_config(path: Optional[str]) -> Dict[str, Any]:
+    if not path:
+        return {"zero_optimization": {"stage": 0}}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ArgError(f"--deepspeed_config {path} is not valid JSON (line {e.lineno}: {e.msg}): fix the file") from None
+
+
+def resolve_ds_config(optim: OptimConfig, parallel: ParallelConfig, world_size: int, on_cpu: bool,
+                      default_micro_batch: int = DEFAULT_MICRO_BATCH) -> Dict[str, Any]:
+    """The DeepSpeed config the engine gets: the file's settings, completed from the flags (see module doc)."""
+    ds = copy.deepcopy(load_ds_config(parallel.deepspeed_config))
+    src = parallel.deepspeed_config or "the default ds_config"
+
+    def conflict(flag, flag_value, key, cfg_value):
+        raise ArgError(f"{flag} {flag_value} contradicts {key}={cfg_value} in {src}: remove one of them")
+
+    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    if stage == 3:
+        raise ArgError(f"ZeRO stage 3 in {src} is not supported: DeepSpeed's MoE layers refuse it; use stage 0, 1 or 2")
+    if stage not in (0, 1, 2):
+        raise ArgError(f"zero_optimization.stage={stage} in {src}: use 0, 1 or 2")
+    # batch sizes: train_batch = micro x accumulation x data-parallel world (all ranks; experts are sharded
+    # over the ep group but every rank reads its own data)
+    micro = optim.micro_batch_size or ds.get("train_micro_batch_size_per_gpu") or default_micro_batch
+    accum = optim.gradient_accumulation_steps or ds.get("gradient_accumulation_steps") or 1
+    for flag, val, key in (("--micro-batch-size", optim.micro_batch_size, "train_micro_batch_size_per_gpu"),
+                           ("--gradient-accumulation-steps", optim.gradient_accumulation_steps,
+                            "gradient_accumulation_steps")):
+        if val is not None and key in ds and ds[key] != val:
+            conflict(flag, val, key, ds[key])
+    if "train_batch_size" in ds and ds["train_batch_size"] != micro * accum * world_size:
+        raise ArgError(f"train_batch_size={ds['train_batch_size']} in {src} is not micro {micro} x accumulation "
+                       f"{accum} x world {world_size} = {micro * accum * world_size}: fix one of them")
+    ds.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum,
+              train_batch_size=micro * accum * world_size)
+    # optimizer
+    opt = ds.setdefault("optimizer", {"type": "Adam", "params": {}})
+    params = opt.setdefault("params", {})
+    if "lr" in params and optim.lr is not None and params["lr"] != optim.lr:
+        conflict("--lr", optim.lr, "optimizer.params.lr", params["lr"])
+    params.setdefault("lr", optim.lr or DEFAULT_LR)
+    params.setdefault("weight_decay", optim.weight_decay)
+    if on_cpu and opt["type"].lower() in ("adam", "adamw"):
+        params.setdefault("torch_adam", True)  # no JIT-compiled CPU FusedAdam
+    lr = params["lr"]
+    # scheduler: the config's block, or linear warmup + cosine from the flags
+    if "scheduler" in ds:
+        for flag, val in (("--lr-warmup-iters", optim.lr_warmup_iters), ("--min-lr", optim.min_lr)):
+            if val is not None:
+                raise ArgError(f"{flag} {val} given but {src} has its own scheduler block, which wins: "
+                               f"remove the flag or the block")
+    else:
+        min_lr = optim.min_lr if optim.min_lr is not None else 0.1 * lr
+        if min_lr > lr:
+            raise ArgError(f"--min-lr {min_lr} exceeds the peak lr {lr}: lower --min-lr")
+        # DeepSpeed's WarmupCosineLR needs >= 1 warmup step; "no warmup" = one step at ratio 1
+        warmup = optim.lr_warmup_iters or 0
+        ds["scheduler"] = {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": optim.train_iters, "warmup_num_steps": max(warmup, 1),
+            "warmup_min_ratio": 0.0 if warmup else 1.0, "warmup_type": "linear", "cos_min_ratio": min_lr / lr}}
+    # clipping
+    if "gradient_clipping" in ds and optim.clip_grad is not None and ds["gradient_clipping"] != optim.clip_grad:
+        conflict("--clip-grad", optim.clip_grad, "gradient_clipping", ds["gradient_clipping"])
+    ds.setdefault("gradient_clipping", optim.clip_grad if optim.clip_grad is not None else DEFAULT_CLIP)
+    if ds.get("fp16", {}).get("enabled"):
+        raise ArgError(f"fp16 in {src} is not supported (MoE routers need bf16 or fp32 range): use bf16")
+    if on_cpu and ds.get("bf16", {}).get("enabled") and ds.get("zero_optimization", {}).get("offload_optimizer"):
+        raise ArgError(f"{src} offloads the optimizer, which needs a GPU: use ds_configs/cpu_fp32.json on CPU")
+    ds.setdefault("steps_per_print", 10 ** 9)  # the driver logs; keep DeepSpeed's own step prints quiet
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def check_save_dir(path: str, rank: int = 0) -> None:
+    """The checkpoint folder can be created and written (each rank probes it: on several nodes it must be shared)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_probe_rank{rank}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ArgError(f"checkpoint folder {path} is not writable ({e.strerror}): give --save a folder you can "
+                       f"write to") from None

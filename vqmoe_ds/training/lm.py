@@ -1,0 +1,171 @@
+"""Language modelling as a task of the training loop, and the command line of ``pretrain_vqmoe.py``.
+
+Batches come from ``training.data`` (GPT: shuffled windows; Transformer-XL: ordered segments whose memory
+carries over); the metric is the validation NLL (reported also as BPC and perplexity); every checkpoint records
+the tokenizer, so tools decode its output away from the data folder.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from ..cli import CommandLine, Parsed, Section, Shorthand
+from ..models import NAMED, ModelConfig, build_model, count_params, flops_per_token, named_config, param_report
+from ..moe.config import ConfigError, MoEConfig
+from .config import OptimConfig, ParallelConfig, RunConfig
+from .data import TrainBatches, eval_batches, eval_sizes_ok, load_corpus
+from .loop import Task, run
+from .metrics import NLLMeter
+
+
+@dataclass
+class LMDataConfig:
+    data_path: Optional[str] = None  # prefix written by tools/preprocess_data.py (PREFIX.{train,valid,test}.bin/.idx)
+    data_file: Optional[str] = None  # a text file read as bytes (vocab 256), split 90/5/5 in order
+    corpus_bytes: int = 2_000_000  # size of the default synthetic corpus, used when neither of the above is given
+    eval_seq_length: Optional[int] = None  # evaluation window (TXL: tgt_len); default: --seq-length
+
+    def __post_init__(self):
+        if self.data_path and self.data_file:
+            raise ConfigError("data_path and data_file both given: choose one (--data-path or --data-file)")
+        if self.corpus_bytes < 1:
+            raise ConfigError(f"corpus_bytes={self.corpus_bytes} must be >= 1")
+        if self.eval_seq_length is not None and self.eval_seq_length < 1:
+            raise ConfigError(f"eval_seq_length={self.eval_seq_length} must be >= 1")
+
+
+MOE_DERIVED = ("hidden_size", "ffn_hidden_size", "init_std")  # MoEConfig fields the model config sets
+
+
+def command_line() -> CommandLine:
+    return CommandLine(
+        "pretrain_vqmoe.py", "Pretrain a GPT or Transformer-XL language model with MoE / VQMoE layers on DeepSpeed.",
+        [Section("model", ModelConfig, "model", exclude=("moe",), default_note="the --config shape's"),
+         Section("moe", MoEConfig, "mixture of experts", exclude=MOE_DERIVED, default_note="the --config shape's"),
+         Section("optim", OptimConfig, "optimisation"),
+         Section("data", LMDataConfig, "data"),
+         Section("run", RunConfig, "evaluation, logging, checkpoints", defaults={"eval_iters": 10}),
+         Section("parallel", ParallelConfig, "distributed")],
+        presets=NAMED, default_preset="tiny",
+        shorthands=[Shorthand("--dropout", float, ("model.dropout", "model.attn_dropout", "moe.dropout"),
+                              "sets --hidden-dropout, --attention-dropout and --ffn-dropout")])
+
+
+def model_config(parsed: Parsed, vocab_size: Optional[int] = None) -> ModelConfig:
+    """The ModelConfig of the preset (``--config``) with the given model and MoE settings on top; the vocabulary
+    given, else ``vocab_size`` (the data's)."""
+    given = parsed.given("model")
+    name = parsed.preset
+    model = given.get("model", NAMED[name].get("model", "gpt"))
+    seq = given.get("seq_len", NAMED[name]["seq_len"])
+    given.setdefault("mem_len", seq if model == "txl" else 0)
+    given.setdefault("vocab_size", vocab_size or 256)
+    return parsed.checked("model", lambda: named_config(name, moe=parsed.given("moe"), **given))
+
+
+class LanguageModelling(Task):
+    metric, higher_is_better, unit = "loss", False, "tokens"
+    default_micro_batch = 8
+
+    def __init__(self, parsed: Parsed, optim: OptimConfig, run: RunConfig, parallel: ParallelConfig,
+                 data: LMDataConfig):
+        super().__init__(parsed, optim, run, parallel)
+        self.data = data
+        self.model_config = model_config(parsed)  # every model setting checked before any data is read
+        self.mems = self._mems_before = None
+
+    def load(self) -> None:
+        d = self.data
+        vocab = self.parsed.given("model").get("vocab_size")
+        self.corpus = load_corpus(d.data_path, d.data_file, d.corpus_bytes, self.optim.seed, vocab)
+        self.model_config = cfg = model_config(self.parsed, vocab or self.corpus.vocab_size)
+        self.eval_len = d.eval_seq_length or cfg.seq_len
+        if cfg.model == "gpt" and self.eval_len > cfg.seq_len:
+            raise ConfigError(f"--eval-seq-length {self.eval_len} exceeds the GPT context {cfg.seq_len}: lower it")
+
+    def shard(self, micro_batch: int, eval_batch: int) -> None:
+        cfg = self.model_config
+        self.eval_bs = eval_batch
+        self.batches = TrainBatches(self.corpus.streams["train"], cfg.model, micro_batch, cfg.seq_len, self.rank,
+                                    self.world, self.optim.seed)
+        for split in ("valid", "test"):
+            eval_sizes_ok(self.corpus.streams[split], cfg.model, eval_batch, self.eval_len, self.world)
+
+    def build_model(self) -> torch.nn.Module:
+        self.model = build_model(self.model_config)
+        return self.model
+
+    # ---- training ----------------------------------------------------------------------------------------
+    def micro_step(self, engine):
+        x, y = next(self.batches)
+        if self.batches.new_epoch:
+            self.mems = None
+        _, loss, aux, self.mems = engine(x.to(self.device), y.to(self.device), self.mems)
+        return loss, aux, {"tokens": x.numel()}
+
+    def begin_step(self) -> None:
+        self._mems_before = self.mems
+
+    def undo_step(self) -> None:
+        self.mems = self._mems_before
+
+    def train_record(self, sums: Dict[str, float]) -> Dict[str, Any]:
+        return {"flops_per_s": sums["tokens"] / sums["seconds"] * flops_per_token(self.model_config)}
+
+    # ---- evaluation --------------------------------------------------------------------------------------
+    def evaluate(self, engine, split: str, max_batches: int) -> Dict[str, Any]:
+        meter, mems = NLLMeter(), None
+        for x, y in eval_batches(self.corpus.streams[split], self.model_config.model, self.eval_bs, self.eval_len,
+                                 self.rank, self.world, max_batches):
+            logits, _, _, mems = engine(x.to(self.device), None, mems)
+            meter.add(logits, y.to(self.device))
+        return meter.all_reduce().summary()
+
+    def describe_eval(self, split: str, res: Dict[str, Any]) -> str:
+        return (f"loss {res['loss']:.4f}, bpc {res['bpc']:.4f}, ppl {res['ppl']:.3f}"
+                + (f" over {res['tokens']} tokens" if split == "test" else ""))
+
+    # ---- state ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        return self.batches.state_dict()
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.batches.load_state_dict(state)
+
+    def rank_state(self) -> Optional[Dict[str, Any]]:
+        return {"mems": self.mems}
+
+    def load_rank_state(self, state: Optional[Dict[str, Any]]) -> None:
+        mems = (state or {}).get("mems")
+        self.mems = [m.to(self.device) for m in mems] if mems else None
+
+    def client_state(self) -> Dict[str, Any]:
+        return {"tokenizer": self.corpus.tokenizer_state()}
+
+    # ---- reports -------------------------------------------------------------------------------------------
+    def config_objects(self) -> Dict[str, Any]:
+        cfg = self.model_config
+        return {"model": cfg, "moe": dict(cfg.moe), "optim": self.optim, "data": self.data, "run": self.run,
+                "parallel": self.parallel}
+
+    def describe(self) -> str:
+        cfg = self.model_config
+        return (f"model {cfg.model} (--config {self.parsed.preset} with the given settings), "
+                f"{param_report(self.model, cfg)}; data: {self.corpus.source}")
+
+    def run_info(self) -> Dict[str, Any]:
+        return {"params": count_params(self.model_config), "data": self.corpus.source}
+
+
+def make_task(parsed: Parsed) -> LanguageModelling:
+    return LanguageModelling(parsed, parsed.build("optim", OptimConfig), parsed.build("run", RunConfig),
+                             parsed.build("parallel", ParallelConfig), parsed.build("data", LMDataConfig))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return run(command_line(), make_task, argv)
+
+
+__all__ = ["LMDataConfig", "LanguageModelling", "command_line", "model_config", "make_task", "main"]

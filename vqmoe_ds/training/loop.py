@@ -1,0 +1,512 @@
+"""The one training loop of every driver: language modelling, image classification and text classification
+differ only in a small `Task`; everything else is here.
+
+    flags / config file -> checks -> task.load() (data, model config: no process group yet)
+        -> process group -> task.shard() -> DeepSpeed engine -> [resume] -> steps -> test -> results, plots
+
+One optimizer step = ``gradient_accumulation_steps`` micro-batches through ``engine.backward``/``engine.step`` (the
+engine steps the optimizer and the scheduler at the accumulation boundary); scheduled routers get
+``set_step(model, step)`` once per optimizer step.  The loss that is back-propagated is the task loss plus the MoE
+layers' auxiliary losses (balance, VQ, distillation); the logged ``loss`` is the task loss alone.
+
+The loop owns: the engine step and gradient accumulation, skipping non-finite steps, the LR schedule's start,
+evaluation at intervals and the best checkpoint, pre-emption (SIGTERM/SIGINT: save the step, exit 0), resume,
+the progress bar, JSONL/TensorBoard logs, the test on the best checkpoint, ``results.json`` and the plots.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import random
+import sys
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .. import checkpoint as ckpt
+from ..cli import ArgError, CommandLine, Parsed
+from ..data import DataError
+from ..moe.config import ConfigError
+from ..parallel import init_distributed, shutdown
+from ..routers import set_step
+from .config import OptimConfig, ParallelConfig, RunConfig, check_save_dir, check_world, resolve_ds_config
+from .lr_schedule import start_lr_schedule
+from .preemption import StopRequest, any_rank
+from .run_log import RunLog, gather_moe_stats
+
+# Bad input of any kind: one line, exit status 2, before any training step.
+INPUT_ERRORS = (ArgError, ConfigError, DataError, FileNotFoundError, ckpt.CheckpointError)
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite steps in a row); one line naming problem and fix."""
+
+
+class Task:
+    """What differs between drivers.  The loop calls, in this order: ``load`` (before the process group: read
+    data, build and check ``model_config``), ``shard`` (this rank's batches), ``build_model``, ``after_engine``
+    (e.g. load pretrained weights), then ``micro_step`` per micro-batch and ``evaluate`` per evaluation."""
+
+    metric: str = "loss"  # the validation metric that picks the best checkpoint
+    higher_is_better: bool = False
+    unit: str = "samples"  # what ``micro_step``'s extras count for the throughput (``{unit}_per_s``)
+    default_micro_batch: int = 8
+    model_config: Any = None  # has ``to_dict()``; set by ``load``
+
+    def __init__(self, parsed: Parsed, optim: OptimConfig, run: RunConfig, parallel: ParallelConfig):
+        self.parsed, self.optim, self.run, self.parallel = parsed, optim, run, parallel
+        self.rank, self.world, self.device = 0, 1, torch.device("cpu")
+
+    # ---- set-up --------------------------------------------------------------------------------------------
+    def load(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def ep_size(self) -> int:
+        return int(self.model_config.moe.get("ep_size", 1))
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.model_config.is_moe)
+
+    def shard(self, micro_batch: int, eval_batch: int) -> None:
+        """This rank's training batches (``self.rank``, ``self.world``, ``self.device`` are set)."""
+        raise NotImplementedError
+
+    def build_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def after_engine(self, engine, model, resuming: bool) -> None:
+        """After ``deepspeed.initialize`` and before any step (and before a resume loads its checkpoint)."""
+
+    # ---- training ------------------------------------------------------------------------------------------
+    def micro_step(self, engine) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, float]]:
+        """One micro-batch forward: (task loss, weighted auxiliary loss, extras summed into the log window; one of
+        them counts ``unit``)."""
+        raise NotImplementedError
+
+    def begin_step(self) -> None:
+        """Before an optimizer step's first micro-batch (remember what a skipped step must put back)."""
+
+    def undo_step(self) -> None:
+        """The step was skipped: put back what its micro-batches changed beyond module buffers."""
+
+    def train_record(self, sums: Dict[str, float]) -> Dict[str, Any]:
+        """Extra fields of a training log record from the window's extras summed over ranks."""
+        return {}
+
+    # ---- evaluation ----------------------------------------------------------------------------------------
+    def has_split(self, split: str) -> bool:
+        return True
+
+    def evaluate(self, engine, split: str, max_batches: int) -> Dict[str, Any]:
+        """Collective: every rank calls it; the result is the same everywhere and holds ``self.metric``."""
+        raise NotImplementedError
+
+    def describe_eval(self, split: str, res: Dict[str, Any]) -> str:
+        return f"{self.metric} {res[self.metric]:.4f}"
+
+    # ---- state ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """Saved in the checkpoint's client state (the data position, the same on every rank's copy)."""
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        pass
+
+    def rank_state(self) -> Optional[Dict[str, Any]]:
+        """This rank's own state (e.g. the Transformer-XL memory), saved per rank."""
+        return None
+
+    def load_rank_state(self, state: Optional[Dict[str, Any]]) -> None:
+        pass
+
+    def client_state(self) -> Dict[str, Any]:
+        """Extra client-state fields every checkpoint of this task records (e.g. its tokenizer)."""
+        return {}
+
+    # ---- reports -------------------------------------------------------------------------------------------
+    def config_objects(self) -> Dict[str, Any]:
+        """The resolved object (or dict) of every command-line section, written to ``OUT_DIR/config.json`` and
+        into every checkpoint's marker."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return ""
+
+    def run_info(self) -> Dict[str, Any]:
+        """What ``OUT_DIR/run_info.json`` records beside the world size (parameter counts, data statistics)."""
+        return {}
+
+    def results(self) -> Dict[str, Any]:
+        """Extra fields of ``results.json``."""
+        return {}
+
+    def stats_layers(self, model) -> Optional[List[Any]]:
+        """The modules whose ``stats()`` the log gathers (default: the model's MoE layers)."""
+        return None
+
+    def plots(self, out_dir: str) -> List[str]:
+        from .plots import make_plots
+
+        return make_plots(out_dir)
+
+
+class Trainer:
+    """The loop around one `Task`."""
+
+    def __init__(self, task: Task, cmd: CommandLine):
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        self.task, self.cmd = task, cmd
+        optim, run, par = task.optim, task.run, task.parallel
+        self.optim, self.run = optim, run
+        task.load()  # data and the model config: errors need no ranks
+        init_distributed(auto_mpi_discovery=True, distributed_port=par.distributed_port,
+                         timeout=datetime.timedelta(minutes=par.dist_timeout_minutes))
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        _announce(self.rank)
+        self.device = torch.device(get_accelerator().device_name(par.local_rank))
+        on_cpu = get_accelerator().device_name() == "cpu"
+        task.rank, task.world, task.device = self.rank, self.world, self.device
+        # ---- checks, all before the model exists -------------------------------------------------------
+        check_world(task.ep_size, task.is_moe, self.world)
+        self.ds_config = resolve_ds_config(optim, par, self.world, on_cpu, task.default_micro_batch)
+        self.micro = self.ds_config["train_micro_batch_size_per_gpu"]
+        self.accum = self.ds_config["gradient_accumulation_steps"]
+        task.shard(self.micro, run.eval_batch_size or self.micro)
+        self.save_dir = run.save_dir
+        check_save_dir(self.save_dir, self.rank)
+        self.resume_tag = None
+        if run.load:  # the checkpoint is complete and fits this run, checked before the model exists
+            self.resume_tag = ckpt.resolve_tag(run.load)
+            marker = ckpt.verify(run.load, self.resume_tag)
+            where = f"checkpoint {os.path.join(run.load, self.resume_tag)}"
+            if marker.get("world_size", self.world) != self.world:
+                raise ArgError(f"{where} was made with {marker['world_size']} ranks, this run has {self.world}: "
+                               f"resume with the same number of ranks (or tools/reshard_checkpoint.py)")
+            ckpt.check_architecture(marker.get("model_config"), task.model_config.to_dict(), where)
+        # ---- model and engine ---------------------------------------------------------------------------
+        random.seed(optim.seed)
+        np.random.seed(optim.seed)
+        torch.manual_seed(optim.seed)  # the same on every rank: identical dense weights, experts by global id
+        model = task.build_model()
+        scalars = [n for n, p in model.named_parameters() if p.dim() == 0]
+        if scalars:  # DeepSpeedEngine._broadcast_model does p.data.view(torch.uint8), at any world size
+            raise ArgError(f"parameter {scalars[0]} is 0-dimensional, which DeepSpeed's initial broadcast cannot "
+                           f"send (engine._broadcast_model views it as bytes): give it shape [1] in its module")
+        groups = split_params_into_different_moe_groups_for_optimizer(
+            {"params": [p for p in model.parameters() if p.requires_grad], "name": "parameters"})
+        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=self.ds_config)
+        self.model = model
+        task.after_engine(self.engine, model, resuming=bool(run.load))
+        torch.manual_seed(optim.seed + 1 + self.rank)  # dropout, jitter, augmentation: different per rank
+        start_lr_schedule(self.engine)  # step 1 at the schedule's first lr, not 0 (see lr_schedule.py)
+        self.step, self.skipped_total, self.skipped_in_row = 0, 0, 0
+        self.best = -math.inf if task.higher_is_better else math.inf
+        self.stop = StopRequest()
+        if run.load:
+            self._resume(run.load)
+        self.log = RunLog(run.out_dir, self.rank, optim.train_iters, self.step, progress=run.progress,
+                          tensorboard=run.tensorboard)
+        self.log.info(f"{task.describe()}; {self.world} rank(s), ep {task.ep_size}, "
+                      f"ZeRO {self.ds_config.get('zero_optimization', {}).get('stage', 0)}, "
+                      f"batch {self.micro} x {self.accum} x {self.world}")
+        if self.rank == 0:
+            os.makedirs(run.out_dir, exist_ok=True)
+            with open(os.path.join(run.out_dir, "config.json"), "w") as f:
+                json.dump(self.resolved_config(), f, indent=1, default=str)
+            with open(os.path.join(run.out_dir, "ds_config.json"), "w") as f:
+                json.dump(self.ds_config, f, indent=1)
+            with open(os.path.join(run.out_dir, "run_info.json"), "w") as f:
+                json.dump({"world_size": self.world, **task.run_info()}, f, indent=1, default=str)
+
+    def resolved_config(self) -> Dict[str, Any]:
+        return self.cmd.resolved(self.task.parsed.preset, self.task.config_objects())
+
+    # ---- checkpoints ------------------------------------------------------------------------------------
+    def _client_state(self) -> Dict[str, Any]:
+        return {"step": self.step, "data": self.task.state_dict(), "best_valid": self.best, "metric": self.task.metric,
+                "world_size": self.world, "model_config": self.task.model_config.to_dict(),
+                "skipped_total": self.skipped_total, **self.task.client_state()}
+
+    def _resume(self, load_dir: str) -> None:
+        client, task_state = ckpt.load(self.engine, load_dir, tag=self.resume_tag, resume=True, model=self.model,
+                                       model_config=self.task.model_config.to_dict())
+        self.step = int(client["step"])
+        self.best = float(client.get("best_valid", self.best))
+        self.skipped_total = int(client.get("skipped_total", 0))
+        self.task.load_state_dict(client.get("data") or {})
+        self.task.load_rank_state(task_state)
+
+    def save(self, tag: str, latest: bool = True) -> str:
+        return ckpt.save(self.engine, self.save_dir, tag, self._client_state(), self.task.rank_state(), latest=latest,
+                         keep_last=self.run.keep_last, model=self.model, step=self.step, config=self.resolved_config())
+
+    # ---- evaluation -------------------------------------------------------------------------------------
+    def evaluate(self, split: str, max_batches: int) -> Dict[str, Any]:
+        self.engine.eval()
+        try:
+            with torch.no_grad():
+                return self.task.evaluate(self.engine, split, max_batches)
+        finally:
+            self.engine.train()
+
+    def validate(self) -> Optional[Dict[str, Any]]:
+        if not self.task.has_split("valid"):
+            return None
+        res = self.evaluate("valid", self.run.eval_iters)
+        self.log.write({"kind": "valid", "step": self.step, **res})
+        self.log.info(f"step {self.step}: valid {self.task.describe_eval('valid', res)}")
+        value = res[self.task.metric]
+        better = value > self.best if self.task.higher_is_better else value < self.best
+        if math.isfinite(value) and better:  # never a NaN model as best
+            self.best = value
+            self.save(ckpt.BEST, latest=False)
+        return res
+
+    def test(self) -> Dict[str, Any]:
+        on_best = os.path.isdir(os.path.join(self.save_dir, ckpt.BEST))
+        if on_best:
+            ckpt.load(self.engine, self.save_dir, tag=ckpt.BEST, resume=False)
+        res = self.evaluate("test", self.run.test_iters)
+        res["checkpoint"] = "best" if on_best else "final"
+        self.log.write({"kind": "test", "step": self.step, **res})
+        self.log.info(f"test ({'best-validation' if on_best else 'final'} checkpoint): "
+                      f"{self.task.describe_eval('test', res)}")
+        if self.rank == 0:
+            out = {"test": res, "best_valid": {self.task.metric: self.best}, "steps": self.step,
+                   **self.task.results()}
+            with open(os.path.join(self.run.out_dir, "results.json"), "w") as f:
+                json.dump(out, f, indent=1, default=str)
+        return res
+
+    # ---- training ---------------------------------------------------------------------------------------
+    def train_step(self) -> Tuple[float, float, Dict[str, float], bool]:
+        """One optimizer step.  A non-finite loss on any rank (all ranks agree through an all-reduce) skips
+        it: the step's gradients are made NaN everywhere, which ZeRO 1/2 treat as an overflow (no optimizer
+        or scheduler step, gradients cleared); at ZeRO 0 ``_skip_step_zero0`` does the same by hand.
+        Buffers the forward passes changed (router step, VQ EMA) and the task's own state are put back.
+        Returns (mean loss, mean aux, extras summed over the micro-batches, skipped)."""
+        set_step(self.model, self.step)
+        buffers = ckpt.module_buffers(self.model)
+        self.task.begin_step()
+        losses, auxes, extras, bad = [], [], {}, False
+        for i in range(self.accum):
+            loss, aux, more = self.task.micro_step(self.engine)
+            total = loss + aux
+            bad = any_rank(bad or not bool(torch.isfinite(total.detach()).all()), self.world)
+            if bad:
+                total = total * float("nan")  # NaN gradients on every rank: the whole step is dropped
+            self.engine.backward(total)
+            if bad and i == self.accum - 1 and not self.engine.zero_optimization():
+                self._skip_step_zero0()
+            else:
+                self.engine.step()
+            losses.append(loss.item())
+            auxes.append(aux.item())
+            for k, v in more.items():
+                extras[k] = extras.get(k, 0.0) + float(v)
+        if bad:
+            if self.engine.zero_optimization() and getattr(self.engine, "_step_applied", False):
+                raise TrainingStopped("DeepSpeed applied an optimizer step with non-finite gradients (bf16 without "
+                                      "overflow checks): set bf16.check_grad_overflow true in the ds_config")
+            with torch.no_grad():
+                for name, b in self.model.named_buffers():
+                    b.copy_(buffers[name].to(b.device))
+            self.task.undo_step()
+        self.step += 1
+        return sum(losses) / len(losses), sum(auxes) / len(auxes), extras, bad
+
+    def _skip_step_zero0(self) -> None:
+        """ZeRO 0 has no overflow check, so skip the boundary step the way ZeRO 1/2 skip an overflow: the engine
+        closes the step (clipping, zeroing, counters) around an optimizer step that does nothing, then the LR
+        schedule is put back and the step counted as skipped.  The gradients are zeroed, not dropped:
+        DeepSpeed's clipping fails on a model without any gradient."""
+        opt, sched = self.engine.optimizer, self.engine.lr_scheduler
+        opt.zero_grad(set_to_none=False)
+        lrs = [g["lr"] for g in opt.param_groups]
+        sched_state = sched.state_dict() if sched is not None else None
+        own_step = opt.__dict__.get("step")
+        opt.step = lambda *a, **k: None  # Adam's moments and step count stay as they were
+        try:
+            self.engine.step()
+        finally:
+            if own_step is None:
+                del opt.step
+            else:
+                opt.step = own_step
+        if sched is not None:
+            sched.load_state_dict(sched_state)
+        for g, lr in zip(opt.param_groups, lrs):
+            g["lr"] = lr
+        self.engine.skipped_steps += 1
+
+    def _sum(self, values: List[float]) -> List[float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def _log_window(self, window: Dict[str, Any]) -> None:
+        keys = sorted(window["extras"])
+        sums = self._sum([window["loss"], window["aux"], window["steps"]] + [window["extras"][k] for k in keys])
+        n = sums[2]
+        extras = dict(zip(keys, sums[3:]))
+        gn = self.engine.get_global_grad_norm()
+        record = {"kind": "train", "step": self.step, "loss": sums[0] / n, "aux_loss": sums[1] / n,
+                  "lr": float(self.engine.get_lr()[0]), "grad_norm": float(gn) if gn is not None else float("nan"),
+                  f"{self.task.unit}_per_s": extras.get(self.task.unit, 0.0) / window["time"],
+                  **self.task.train_record({**extras, "seconds": window["time"]})}
+        record["moe"] = gather_moe_stats(self.model, self.task.stats_layers(self.model))
+        self.log.write(record)
+        if not self.run.progress:
+            self.log.info(f"step {self.step}: loss {record['loss']:.4f}, aux {record['aux_loss']:.4f}, "
+                          f"lr {record['lr']:.3g}")
+
+    def train(self) -> bool:
+        """Train to --train-iters (True), or until a stop signal on any rank (False: that step is saved)."""
+        run, total = self.run, self.optim.train_iters
+        window = _empty_window()
+        while self.step < total:
+            t0 = time.perf_counter()
+            loss, aux, extras, skipped = self.train_step()
+            dt = time.perf_counter() - t0
+            if skipped:
+                self.skipped_total += 1
+                self.skipped_in_row += 1
+                self.log.write({"kind": "skip", "step": self.step, "skipped_total": self.skipped_total,
+                                "skipped_in_row": self.skipped_in_row})
+                self.log.info(f"step {self.step}: non-finite loss, step skipped "
+                              f"({self.skipped_in_row} in a row, {self.skipped_total} in all)")
+                if self.skipped_in_row >= run.max_skipped_steps:
+                    raise TrainingStopped(
+                        f"{self.skipped_in_row} steps in a row (up to step {self.step}) had a non-finite loss, "
+                        f"--max-skipped-steps {run.max_skipped_steps}: lower --lr or check the data, then resume "
+                        f"from the last checkpoint in {self.save_dir}")
+                if self.stop.agreed(self.world):
+                    return self._stop_on_signal()
+                continue
+            self.skipped_in_row = 0
+            window["loss"] += loss
+            window["aux"] += aux
+            window["steps"] += 1
+            window["time"] += dt
+            for k, v in extras.items():
+                window["extras"][k] = window["extras"].get(k, 0.0) + v
+            self.log.progress(1, loss=loss, **{f"{self.task.unit}/s": f"{extras.get(self.task.unit, 0) / dt:.0f}"})
+            last = self.step == total
+            if self.step % run.log_interval == 0 or last:
+                self._log_window(window)
+                window = _empty_window()
+            if (run.eval_interval and self.step % run.eval_interval == 0) or last:
+                self.validate()
+            if run.save_interval and self.step % run.save_interval == 0 and not last:
+                self.save(ckpt.step_tag(self.step))
+            if not last and self.stop.agreed(self.world):
+                return self._stop_on_signal()
+        self.save(ckpt.step_tag(self.step))
+        return True
+
+    def _stop_on_signal(self) -> bool:
+        """SIGTERM/SIGINT on any rank: the current step is done; save it and stop (exit 0)."""
+        path = self.save(ckpt.step_tag(self.step))
+        self.log.info(f"stopped by {self.stop.describe()} after step {self.step}; "
+                      f"saved {path}: resume with --load {self.save_dir}")
+        return False
+
+    def finish(self) -> None:
+        self.log.finish(self.save_dir, self.task.plots if self.run.plots else None)
+
+
+def _empty_window() -> Dict[str, Any]:
+    return {"loss": 0.0, "aux": 0.0, "steps": 0, "time": 0.0, "extras": {}}
+
+
+def _announce(rank: int) -> None:
+    """Mark this rank alive in the rendezvous store, so that survivors can name a rank that died."""
+    try:
+        dist.distributed_c10d._get_default_store().set(f"vqmoe/alive/{rank}", str(os.getpid()))
+    except (RuntimeError, AttributeError, ValueError):  # a backend without a store (MPI): dead ranks are not named
+        pass
+
+
+def dead_ranks(rank: int, world: int, wait_s: float = 5.0) -> Optional[List[int]]:
+    """After a failed collective: every survivor writes ``vqmoe/failed/{rank}`` and waits ``wait_s`` for the
+    others; the ranks that never write are the dead ones.  None when the store is gone (it lives with rank 0
+    or the launcher's agent)."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"vqmoe/failed/{rank}", "1")
+        deadline = time.monotonic() + wait_s
+        while True:
+            missing = [r for r in range(world) if not store.check([f"vqmoe/failed/{r}"])]
+            if not missing or time.monotonic() > deadline:
+                return missing
+            time.sleep(0.2)
+    except (RuntimeError, AttributeError, ValueError):
+        return None
+
+
+def _collective_failure(e: BaseException) -> bool:
+    """Whether ``e`` is the distributed backend reporting a dead or hung peer (not a bug of the program)."""
+    names = {type(e).__name__} | {t.__name__ for t in type(e).__mro__}
+    if names & {"DistBackendError", "DistNetworkError", "DistStoreError", "DistError"}:
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(s in text for s in (
+        "Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out", "timed out",
+        "Socket Timeout"))
+
+
+def _rank_from_env() -> int:
+    if dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", 0)))
+
+
+def run(cmd: CommandLine, make_task, argv: Optional[List[str]] = None) -> int:
+    """A driver's ``main``: parse ``argv`` with ``cmd``, ``make_task(parsed)`` builds the task (its configs
+    checked), then train, test and finish.  Exit status: 0 done (or stopped by a signal after saving), 2 bad
+    input, 3 training could not go on, 4 a peer rank died or hung."""
+    try:
+        parsed = cmd.parse(argv)
+        task = make_task(parsed)
+        trainer = Trainer(task, cmd)
+    except INPUT_ERRORS as e:
+        if _rank_from_env() == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        shutdown(clean=False)
+        return 2
+    trainer.stop.install()
+    try:
+        finished = trainer.train()
+        if finished:
+            trainer.test()
+    except TrainingStopped as e:
+        if trainer.rank == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        trainer.log.close()
+        shutdown(clean=True)
+        return 3
+    except Exception as e:  # noqa: BLE001 -- only the backend's own errors are turned into a message
+        if not _collective_failure(e):
+            raise
+        dead = dead_ranks(trainer.rank, trainer.world)
+        who = (f"rank(s) {', '.join(map(str, dead))} stopped" if dead else
+               "rank 0 or the launcher (it holds the rendezvous store) stopped" if dead is None else
+               "a collective failed")
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        print(f"error: rank {trainer.rank}: {who} responding during step {trainer.step + 1} ({first}): see that "
+              f"rank's log, then resume with --load {trainer.save_dir}", file=sys.stderr, flush=True)
+        os._exit(4)  # the process group is broken: destroying it could hang
+    trainer.finish()
+    shutdown(clean=True)
+    return 0
