@@ -13,7 +13,7 @@ import sys
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/vqmoe_ds/torch_extensions"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from vqmoe_ds.finetune.trainer import main  # noqa: E402
+from vqmoe_ds.finetune.task import main  # noqa: E402
 
 if __name__ == "__main__":
     from vqmoe_ds.parallel import exit_process

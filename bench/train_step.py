@@ -49,8 +49,10 @@ def mm_peak(threads: int, n: int = 1024, reps: int = 8, trials: int = 5) -> floa
 def worker(args):
     import torch.distributed as dist
 
-    from vqmoe_ds.training.arguments import ArgError, parse_args
-    from vqmoe_ds.training.trainer import Trainer
+    from vqmoe_ds.cli import ArgError
+    from vqmoe_ds.models import flops_per_token
+    from vqmoe_ds.training.lm import command_line, make_task
+    from vqmoe_ds.training.loop import Trainer
 
     results = []
     for router in args.routers:
@@ -62,7 +64,8 @@ def worker(args):
                                      "--out-dir", os.path.join(args.tmp, router), "--deepspeed_config",
                                      os.path.join(ROOT, "ds_configs", "cpu_fp32.json")]
         try:
-            tr = Trainer(parse_args(argv))
+            cmd = command_line()
+            tr = Trainer(make_task(cmd.parse(argv)), cmd)
         except ArgError as e:  # refused before any step, the same on every rank
             results.append({"router": router, "error": str(e)})
             continue
@@ -72,10 +75,10 @@ def worker(args):
         t = time.perf_counter()
         tokens = 0
         for _ in range(args.steps):
-            tokens += tr.train_step()[2]
+            tokens += tr.train_step()[2]["tokens"] * tr.world
         dist.barrier()
         dt = time.perf_counter() - t
-        results.append({"router": router, "tokens_per_s": tokens / dt, "flops_per_s": tokens / dt * tr.flops_per_token,
+        results.append({"router": router, "tokens_per_s": tokens / dt, "flops_per_s": tokens / dt * flops_per_token(tr.task.model_config),
                         "step_s": dt / args.steps, "tokens_per_step": tokens // args.steps})
         tr.log.close()
     if dist.get_rank() == 0:

@@ -69,7 +69,7 @@ def test_tool_summary_and_plots_on_a_tiny_checkpoint():
     T = 512  # 8 windows of the tiny context (64)
     # an independent forward of the same tokens through the checkpoint read without DeepSpeed
     from vqmoe_ds.finetune.lm_eval import run_corpus
-    from vqmoe_ds.finetune.pretrained import read_run
+    from vqmoe_ds.checkpoint import read_run
 
     run = read_run(pre, "step20")
     ids = torch.as_tensor(run_corpus(run).streams["valid"].read(0, T), dtype=torch.long).view(8, 64)

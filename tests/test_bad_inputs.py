@@ -10,32 +10,49 @@ import numpy as np
 import pytest
 import torch
 
+from vqmoe_ds import checkpoint as ckpt
+from vqmoe_ds.cli import ArgError
 from vqmoe_ds.data import DataError
-from vqmoe_ds.training import checkpoint as ckpt
-from vqmoe_ds.training.arguments import (ArgError, check_save_dir, check_world, model_config, parse_args,
-                                         resolve_ds_config)
+from vqmoe_ds.training.config import check_save_dir, check_world, resolve_ds_config
 from vqmoe_ds.training.data import eval_sizes_ok, load_corpus, split_in_order
 from vqmoe_ds.training.launch import DRIVER, ROOT, env_for_ranks
+from vqmoe_ds.training.lm import command_line, make_task, model_config
+
+
+def lm_config(argv, vocab_size):
+    return model_config(command_line().parse(argv), vocab_size)
+
+
+def parse_args(argv):
+    """The pretraining driver's configs from ``argv``, checked as the driver checks them before any rank exists."""
+    return make_task(command_line().parse(argv))
 
 # (flags, words the one-line message must contain)
 FLAGS = [
-    (["--config", "huge"], "unknown --config"),
-    (["--num-layers", "0"], "--num-layers 0 must be >= 1"),
-    (["--top-k", "0"], "--top-k 0 must be >= 1"),
-    (["--train-iters", "0"], "--train-iters 0 must be >= 1"),
-    (["--eval-interval", "-1"], "--eval-interval -1 must be >= 0"),
-    (["--keep-last", "-2"], "--keep-last -2 must be >= 0"),
-    (["--max-skipped-steps", "0"], "--max-skipped-steps 0 must be >= 1"),
-    (["--dist-timeout-minutes", "0"], "--dist-timeout-minutes 0.0 must be > 0"),
-    (["--lr", "-1"], "--lr -1.0 must be > 0"),
-    (["--lr", "1e-3", "--min-lr", "1e-2"], "--min-lr 0.01 must lie in [0, --lr"),
-    (["--train-iters", "5", "--lr-warmup-iters", "10"], "exceeds --train-iters"),
+    (["--config", "huge"], "invalid choice: 'huge'"),
+    (["--num-layers", "0"], "--num-layers 0: n_layer=0 must be >= 1"),
+    (["--top-k", "0"], "--top-k 0: top_k=0 must be between 1"),
+    (["--topk", "0"], "--topk 0: top_k=0 must be between 1"),
+    (["--train-iters", "0"], "--train-iters 0: train_iters=0 must be >= 1"),
+    (["--eval-interval", "-1"], "--eval-interval -1: eval_interval=-1 must be >= 0"),
+    (["--keep-last", "-2"], "--keep-last -2: keep_last=-2 must be >= 0"),
+    (["--max-skipped-steps", "0"], "--max-skipped-steps 0: max_skipped_steps=0 must be >= 1"),
+    (["--dist-timeout-minutes", "0"], "--dist-timeout-minutes 0.0: dist_timeout_minutes=0.0 must be > 0"),
+    (["--lr", "-1"], "--lr -1.0: lr=-1.0 must be > 0"),
+    (["--lr", "nan"], "lr=nan is not a finite number"),
+    (["--dropout", "1.5"], "--dropout 1.5: dropout=1.5 must lie in [0, 1)"),
+    (["--seed", "-1"], "--seed -1: seed=-1 must be >= 0"),
+    (["--lr", "1e-3", "--min-lr", "1e-2"], "min_lr=0.01 exceeds lr=0.001"),
+    (["--train-iters", "5", "--lr-warmup-iters", "10"], "lr_warmup_iters=10 must lie in [0, train_iters=5]"),
     (["--data-path", "x", "--data-file", "y"], "both given"),
     (["--mem-len", "16"], "applies to --model txl only"),
-    (["--load", "/nonexistent/run"], "is not a folder"),
+    (["--load", "/nonexistent/run"], "--load /nonexistent/run: load=/nonexistent/run is not a folder"),
     (["--deepspeed_config", "/nonexistent.json"], "does not exist"),
     (["--router", "bogus"], "invalid choice"),
+    (["--num-layers", "two"], "--num-layers 'two' is not an int"),
     (["--router", "topk", "--num-experts", "4", "--top-k", "8"], "top_k"),
+    (["--top-k", "1", "--topk", "2"], "--top-k 1 and --topk 2 both set moe.top_k to different values"),
+    (["--no-drop-tokens", "--disable-moe-token-dropping", "--drop-tokens"], "both set moe.drop_tokens"),
 ]
 
 
@@ -71,19 +88,19 @@ DS = [
 @pytest.mark.parametrize("cfg,words", DS, ids=[w for _, w in DS])
 def test_ds_config(tmp_path, cfg, words):
     with pytest.raises(ArgError) as e:
-        args = parse_args(["--deepspeed_config", _ds(tmp_path, cfg), "--micro-batch-size", "8", "--lr", "3e-3",
+        task = parse_args(["--deepspeed_config", _ds(tmp_path, cfg), "--micro-batch-size", "8", "--lr", "3e-3",
                            "--lr-warmup-iters", "1", "--clip-grad", "1"])
-        resolve_ds_config(args, world_size=2, on_cpu=True)
+        resolve_ds_config(task.optim, task.parallel, world_size=2, on_cpu=True)
     assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
 def test_world_checks():
-    args = parse_args(["--router", "topk", "--moe-expert-parallel-size", "4"])
+    task = parse_args(["--router", "topk", "--moe-expert-parallel-size", "4"])
     with pytest.raises(ArgError, match="does not divide the world size 2"):
-        check_world(args, model_config(args, 256), 2)
-    args = parse_args(["--router", "dense", "--moe-expert-parallel-size", "2"])
+        check_world(task.ep_size, task.is_moe, 2)
+    task = parse_args(["--router", "dense", "--moe-expert-parallel-size", "2"])
     with pytest.raises(ArgError, match="the model is dense"):
-        check_world(args, model_config(args, 256), 2)
+        check_world(task.ep_size, task.is_moe, 2)
 
 
 def test_data_checks(tmp_path):
@@ -118,7 +135,7 @@ def _fake_checkpoint(root, tag, cfg, files=("mp_rank_00_model_states.pt", "rank0
 
 
 def test_checkpoint_checks(tmp_path):
-    cfg = model_config(parse_args(["--router", "vqmoe", "--num-experts", "4"]), 256).to_dict()
+    cfg = lm_config(["--router", "vqmoe", "--num-experts", "4"], 256).to_dict()
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ckpt.CheckpointError, match="no checkpoint in .*no 'latest' file"):
@@ -140,13 +157,13 @@ def test_checkpoint_checks(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="incomplete"):
         ckpt.verify(str(root), "step1")
     # another architecture, another router, another vocabulary
-    other = model_config(parse_args(["--router", "vqmoe", "--num-experts", "4", "--num-layers", "3"]), 256).to_dict()
+    other = lm_config(["--router", "vqmoe", "--num-experts", "4", "--num-layers", "3"], 256).to_dict()
     with pytest.raises(ckpt.CheckpointError, match="n_layer=3.*same model flags"):
         ckpt.check_architecture(other, cfg, "checkpoint X")
-    other = model_config(parse_args(["--router", "topk", "--num-experts", "4"]), 256).to_dict()
+    other = lm_config(["--router", "topk", "--num-experts", "4"], 256).to_dict()
     with pytest.raises(ckpt.CheckpointError, match="moe.router='topk'"):
         ckpt.check_architecture(other, cfg, "checkpoint X")
-    other = model_config(parse_args(["--router", "vqmoe", "--num-experts", "4"]), 512).to_dict()
+    other = lm_config(["--router", "vqmoe", "--num-experts", "4"], 512).to_dict()
     with pytest.raises(ckpt.CheckpointError, match="vocabulary of 512 tokens.*tokenizer"):
         ckpt.check_architecture(other, cfg, "checkpoint X")
 
@@ -167,7 +184,7 @@ def test_checkpoint_with_missing_expert_file(tmp_path):
 
 def test_driver_refuses_foreign_checkpoint_before_training(tmp_path):
     """End to end, one process: a checkpoint of another architecture stops the driver with exit 2, one line."""
-    cfg = model_config(parse_args(["--num-layers", "3"]), 256).to_dict()
+    cfg = lm_config(["--num-layers", "3"], 256).to_dict()
     root = tmp_path / "ck"
     _fake_checkpoint(root, "step1", cfg)
     env = env_for_ranks(str(tmp_path))

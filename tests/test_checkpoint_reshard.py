@@ -21,7 +21,8 @@ import torch
 from dist_helper import run_ranks
 from test_launchers import records, tiny_args
 
-from vqmoe_ds.training import checkpoint as ckpt
+from vqmoe_ds import checkpoint as ckpt
+from vqmoe_ds.checkpoint.layout import EXPERT_FILE, list_files
 from vqmoe_ds.training.launch import ROOT, env_for_ranks, free_port, remove_new_shm, shm_files, torchrun_cmd
 
 TOOL = os.path.join(ROOT, "tools", "reshard_checkpoint.py")
@@ -115,7 +116,7 @@ def _remark(folder, tag="step3"):
     """Rewrite the completion marker after a test edited files (sizes may change)."""
     path = folder / tag / ckpt.MARKER
     marker = json.loads(path.read_text())
-    marker["files"] = {k: v for k, v in ckpt._list_files(str(folder / tag)).items() if k != ckpt.MARKER}
+    marker["files"] = {k: v for k, v in list_files(str(folder / tag)).items() if k != ckpt.MARKER}
     path.write_text(json.dumps(marker))
 
 
@@ -123,7 +124,7 @@ def test_reshard_keeps_every_expert_with_its_id(source, tmp_path):
     _, src = source
     marked = _copy(src, tmp_path / "marked")
     for name in os.listdir(marked / "step3"):
-        m = reshard_tool.EXPERT_FILE.match(name)
+        m = EXPERT_FILE.match(name)
         if m:
             layer, e = map(int, m.groups())
             state = torch.load(marked / "step3" / name, weights_only=False)

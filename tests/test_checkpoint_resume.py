@@ -22,8 +22,10 @@ import sys
 import pytest
 from test_launchers import CPU_CFG, records, tiny_args
 
-from vqmoe_ds.training import checkpoint as ckpt
-from vqmoe_ds.training.launch import ROOT, env_for_ranks, free_port, remove_new_shm, shm_files, torchrun_cmd
+from vqmoe_ds import checkpoint as ckpt
+from vqmoe_ds.training.launch import DRIVER, ROOT, env_for_ranks, free_port, remove_new_shm, shm_files, torchrun_cmd
+
+FAULTY = os.path.join(ROOT, "tests", "workers", "faulty.py")  # runs a driver with VQMOE_FAULT's faults
 
 
 def _run(cmd, tmp_path, env_extra=None, expect_ok=True, timeout=240):
@@ -71,7 +73,7 @@ def test_kill_during_save_then_exact_resume_txl_vq_ema_zero2(tmp_path):
         assert any(f.startswith("layer_0_expert_") for f in marker["files"])
 
     # kill -9 of rank 1 in the middle of the step-6 save (DeepSpeed's files written, marker not yet)
-    r = _run(torchrun_cmd(2, txl_args(crashed, cfg), free_port()), tmp_path,
+    r = _run(torchrun_cmd(2, [DRIVER, *txl_args(crashed, cfg)], free_port(), script=FAULTY), tmp_path,
              {"VQMOE_FAULT": "kill_in_save@6@1"}, expect_ok=False)
     assert r.returncode != 0
     ck = crashed / "checkpoints"

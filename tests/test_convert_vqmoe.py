@@ -9,7 +9,7 @@ import torch
 
 from test_finetune_support import pretrained, reference_model, reference_state, tmpdir, tool
 from vqmoe_ds.finetune.convert import OFF_LOGIT, convert_state, gate_bias, vqmoe_config
-from vqmoe_ds.finetune.pretrained import CheckpointError
+from vqmoe_ds.checkpoint import CheckpointError
 from vqmoe_ds.models import ModelConfig, build_model, named_config
 
 
@@ -81,4 +81,5 @@ def test_tool_converts_a_driver_checkpoint_and_evaluates():
     # equal up to float reassociation: an expert's matmul may round a row differently when its batch also holds
     # the (zero-weighted) discrete rows; a wrong conversion differs by O(1)
     assert (a - b).abs().max() < 1e-5, (a - b).abs().max()
-    assert isinstance(ModelConfig(**json.load(open(os.path.join(out, "config.json")))["model"]), ModelConfig)
+    written = json.load(open(os.path.join(out, "config.json")))  # the resolved config, with the converted model
+    assert ModelConfig(**written["model"], moe=written["moe"]).moe["router"] == "vqmoe"

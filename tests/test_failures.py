@@ -7,6 +7,7 @@
 """
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -16,8 +17,10 @@ import pytest
 import torch
 from test_launchers import CPU_CFG, records, tiny_args
 
-from vqmoe_ds.training import checkpoint as ckpt
+from vqmoe_ds import checkpoint as ckpt
 from vqmoe_ds.training.launch import DRIVER, ROOT, env_for_ranks, free_port, remove_new_shm, shm_files
+
+FAULTY = os.path.join(ROOT, "tests", "workers", "faulty.py")  # runs a driver with VQMOE_FAULT's faults
 
 
 def start_ranks(tmp_path, args, fault=None, nprocs=2, script=DRIVER):
@@ -29,7 +32,8 @@ def start_ranks(tmp_path, args, fault=None, nprocs=2, script=DRIVER):
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         if fault:
             env["VQMOE_FAULT"] = fault
-        procs.append(subprocess.Popen([sys.executable, script, *args], env=env, stdout=subprocess.PIPE,
+        cmd = [sys.executable, FAULTY, script, *args] if fault else [sys.executable, script, *args]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True, cwd=ROOT))
     return procs
 

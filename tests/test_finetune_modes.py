@@ -96,8 +96,10 @@ def test_two_rank_expert_parallel_load_is_exact():
              steps=1)
     _, before = reference_state(os.path.join(pre, "checkpoints", "step20"))
     after = saved_module(save)
-    # usage_K is the codebook's EMA usage statistic: a training-mode forward moves it by design
-    keys = [k for k in before if k != "lm_head.weight" and not k.endswith("usage_K")]
+    # usage_K is the codebook's EMA usage statistic: a training-mode forward moves it by design; the routers'
+    # schedule step continues from the pretraining run's 20 steps (step 1 of fine-tuning is schedule step 20)
+    keys = [k for k in before if k != "lm_head.weight" and not k.endswith(("usage_K", "router.step"))]
+    assert int(before["blocks.0.ffn.router.step"]) == 19 and int(after["backbone.blocks.0.ffn.router.step"]) == 20
     assert any(".deepspeed_experts.3." in k for k in keys)
     for k in keys:
         assert (after["backbone." + k].float() - before[k].float()).abs().max() < 1e-6, k

@@ -4,7 +4,7 @@ import dataclasses
 
 from vqmoe_ds.data.metadata import TokenizerMeta
 from vqmoe_ds.data.tokenizers.byte import ByteTokenizer
-from vqmoe_ds.finetune.pretrained import PretrainedRun, tokenizer_for
+from vqmoe_ds.checkpoint import PretrainedRun, tokenizer_for
 from vqmoe_ds.models.configs import named_config
 
 

@@ -9,7 +9,7 @@ import torch
 from vqmoe_ds.analysis import ExpertFlopsCounter
 from vqmoe_ds.finetune.data import EncodedSet, eval_batches
 from vqmoe_ds.finetune.model import pool
-from vqmoe_ds.finetune.pretrained import CheckpointError, StrictRemap
+from vqmoe_ds.checkpoint import CheckpointError, StrictRemap
 from vqmoe_ds.moe import MoEConfig
 
 

@@ -48,8 +48,8 @@ def check_run(out_dir, world=2, micro=8, accum=1):
     assert sum(train[-1]["moe"][0]["expert_load"]) == 3 * tokens  # top-2 + 1 discrete route per token
     assert records(out_dir, "valid") and records(out_dir, "test")
     assert os.path.isdir(os.path.join(out_dir, "checkpoints", "best"))
-    cfg = json.load(open(os.path.join(out_dir, "config.json")))
-    assert cfg["world_size"] == world
+    info = json.load(open(os.path.join(out_dir, "run_info.json")))
+    assert info["world_size"] == world
     ds = json.load(open(os.path.join(out_dir, "ds_config.json")))
     assert ds["train_batch_size"] == micro * accum * world
     return train

@@ -6,8 +6,14 @@ import sys
 
 import pytest
 
-from vqmoe_ds.training.arguments import ArgError, parse_args, resolve_ds_config
+from vqmoe_ds.cli import ArgError
+from vqmoe_ds.training.config import resolve_ds_config
 from vqmoe_ds.training.launch import DRIVER, env_for_ranks, free_port
+from vqmoe_ds.training.lm import command_line, make_task
+
+
+def parse_args(argv):
+    return make_task(command_line().parse(argv))
 
 ROOT = os.path.dirname(DRIVER)
 
@@ -28,7 +34,7 @@ def test_bad_flags_one_line():
     one_line_error(["--model", "gpt", "--mem-len", "8"], "txl")
     one_line_error(["--lr-warmup-iters", "50", "--train-iters", "10"], "warmup")
     one_line_error(["--deepspeed_config", "/nonexistent.json"], "does not exist")
-    one_line_error(["--config", "huge"], "unknown --config")
+    one_line_error(["--config", "huge"], "invalid choice")
     one_line_error(["--micro-batch-size", "0"], ">= 1")
 
 
@@ -38,7 +44,8 @@ def ds(tmp_path, cfg, **flags):
     argv = ["--deepspeed_config", str(path)]
     for k, v in flags.items():
         argv += [f"--{k.replace('_', '-')}", str(v)]
-    return resolve_ds_config(parse_args(argv), world_size=2, on_cpu=True)
+    task = parse_args(argv)
+    return resolve_ds_config(task.optim, task.parallel, world_size=2, on_cpu=True)
 
 
 def test_config_wins_flags_fill_conflicts_refused(tmp_path):
@@ -86,21 +93,22 @@ def test_driver_refuses_zero3_and_bad_ep_before_training(tmp_path):
 
 
 def test_moe_flags_mean_the_same_in_every_driver():
-    """The language and vision drivers share one set of MoE flags (add_moe_args) and one mapping to MoEConfig
-    fields (moe_overrides): the same flags give the same fields, and the named config's values stand where a
-    flag is not given."""
-    from vqmoe_ds.training.arguments import model_config, moe_overrides
-    from vqmoe_ds.vision import train as vision
+    """The language and vision drivers generate their MoE flags from the same MoEConfig fields: the same flags
+    give the same fields, and the named config's values stand where a flag is not given."""
+    from vqmoe_ds.training.lm import model_config
+    from vqmoe_ds.vision import task as vision
 
     flags = ["--router", "vqmoe", "--num-experts", "4", "--top-k", "1", "--codebook-size", "12", "--codebook-dim", "6",
              "--vq-distance", "l2", "--vq-ema", "--vq-dead-code-threshold", "0.5", "--vq-alpha", "0.1",
              "--capacity-factor", "2.0", "--no-drop-tokens", "--stablemoe-stage1-steps", "7"]
-    lm, vit = parse_args(["--config", "tiny", *flags]), vision.parse_args(["--config", "tiny", *flags])
-    expected = {"router": "vqmoe", "num_experts": 4, "top_k": 1, "ep_size": 1, "codebook_size": 12, "codebook_dim": 6,
+    lm, vit = command_line().parse(["--config", "tiny", *flags]), vision.command_line().parse(["--config", "tiny", *flags])
+    expected = {"router": "vqmoe", "num_experts": 4, "top_k": 1, "codebook_size": 12, "codebook_dim": 6,
                 "vq_distance": "l2", "vq_ema": True, "vq_dead_code_threshold": 0.5, "vq_alpha": 0.1,
                 "capacity_factor": 2.0, "drop_tokens": False, "stablemoe_stage1_steps": 7}
-    assert moe_overrides(lm) == moe_overrides(vit) == expected
+    assert lm.given("moe") == vit.given("moe") == expected
     lm_moe, vit_moe = model_config(lm, 256).moe, vision.model_config(vit, 10).moe
     for k, v in expected.items():
         assert lm_moe[k] == v and vit_moe[k] == v, k
-    assert moe_overrides(parse_args(["--config", "tiny"])) == {"ep_size": 1}  # nothing given: the config's values
+    assert command_line().parse(["--config", "tiny"]).given("moe") == {}  # nothing given: the config's values
+    assert model_config(command_line().parse(["--config", "tiny"]), 256).moe == {
+        "router": "vqmoe", "num_experts": 4, "top_k": 2, "codebook_size": 8}

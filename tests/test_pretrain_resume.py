@@ -27,7 +27,7 @@ def test_resume_continues_the_same_run(tmp_path):
     va, vb = records(full, "valid")[-1], records(resumed, "valid")[-1]
     assert va["loss"] == vb["loss"]
     with open(os.path.join(resumed, "config.json")) as f:
-        assert json.load(f)["args"]["load"] == str(ckpts)
+        assert json.load(f)["run"]["load"] == str(ckpts)
 
     # tools/generate.py rebuilds the model at ep 1 from the ep-2 checkpoint and samples from it
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "generate.py"), "--load", str(ckpts), "--tag",

@@ -11,12 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from vqmoe_ds.training.arguments import ArgError
+from vqmoe_ds.cli import ArgError
 from vqmoe_ds.training.launch import env_for_ranks, free_port, remove_new_shm, shm_files, torchrun_cmd
 from vqmoe_ds.vision import build_vit, vit_config
 from vqmoe_ds.vision.augment import channel_stats, normalize, random_crop_flip, to_tensor
 from vqmoe_ds.vision.datasets import synthetic
-from vqmoe_ds.vision.train import TrainImages, eval_shard, parse_args
+from vqmoe_ds.vision.task import TrainImages, command_line, eval_shard, make_task
+
+
+def parse_args(argv):
+    return make_task(command_line().parse(argv))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_vision.py")
@@ -79,17 +83,17 @@ def test_eval_shards_cover_every_image_once(n, world):
 
 
 def test_one_line_errors_before_training():
-    with pytest.raises(ArgError, match=r"--dataset cifar10 needs --data-path"):
+    with pytest.raises(ArgError, match=r"dataset=cifar10 needs --data-path"):
         parse_args(["--dataset", "cifar10"])
     with pytest.raises(ArgError, match=r"image size 30 is not a multiple of the patch size 4"):
         parse_args(["--image-size", "30"])
     with pytest.raises(ArgError, match=r"apply to router soft only"):
         parse_args(["--router", "topk", "--soft-slots", "2"])
-    with pytest.raises(ArgError, match=r"--micro-batch-size 0 must be >= 1"):
+    with pytest.raises(ArgError, match=r"--micro-batch-size 0: micro_batch_size=0 must be >= 1"):
         parse_args(["--micro-batch-size", "0"])
-    with pytest.raises(ArgError, match=r"invalid choice: 'soft_moe'"):
+    with pytest.raises(ArgError, match=r"--router 'soft_moe': invalid choice, choose one of .*, soft"):
         parse_args(["--router", "soft_moe"])
-    assert parse_args([]).augment == "crop"  # synthetic: no flip (it would swap 45 and 135 degree classes)
+    assert parse_args([]).data.augment == "crop"  # synthetic: no flip (it would swap 45 and 135 degree classes)
 
 
 def test_data_error_is_one_line_and_exits_2(tmp_path):
@@ -128,7 +132,7 @@ def test_torchrun_two_ranks_expert_parallel(tmp_path):
     assert len(test) == 1 and test[0]["images"] == 301  # odd size: padded shards, each image counted once
     assert 0.0 <= test[0]["acc"] <= 1.0
     cfg = json.load(open(out / "config.json"))
-    assert cfg["world_size"] == 2 and cfg["model"]["moe"]["ep_size"] == 2
+    assert cfg["moe"]["ep_size"] == 2 and json.load(open(out / "run_info.json"))["world_size"] == 2
     best = out / "checkpoints" / "best"
     assert (best / "layer_0_expert_3_mp_rank_00_model_states.pt").exists()  # one file per expert, 4 experts
     assert (out / "checkpoints" / "step12").is_dir()
@@ -145,7 +149,7 @@ def test_sigterm_saves_the_step_and_the_run_resumes(tmp_path):
 
     from test_failures import finish, start_ranks
 
-    from vqmoe_ds.training import checkpoint as ckpt
+    from vqmoe_ds import checkpoint as ckpt
 
     out = tmp_path / "run"
     args = ["--config", "tiny", "--router", "vqmoe", "--moe-expert-parallel-size", "2", "--deepspeed_config",

@@ -148,12 +148,13 @@ class Section:
     flags: Mapping[str, Sequence[str]] = field(default_factory=dict)
     defaults: Mapping[str, Any] = field(default_factory=dict)
     default_note: Optional[str] = None  # shown instead of each field's default (e.g. "the --config shape's")
+    choices: Mapping[str, Sequence[Any]] = field(default_factory=dict)  # this driver's choices (replacing the class's)
 
     def specs(self) -> List[FieldSpec]:
         hints = typing.get_type_hints(self.cls)
         comments = field_comments(self.cls)
         class_flags = getattr(self.cls, "FLAGS", {})
-        choices = getattr(self.cls, "CHOICES", {})
+        choices = {**getattr(self.cls, "CHOICES", {}), **self.choices}
         cli_only = set(getattr(self.cls, "CLI_ONLY", ()))
         out = []
         for f in dataclasses.fields(self.cls):
@@ -256,11 +257,16 @@ class Parsed:
             raise ArgError(self.explain(section, str(e))) from None
 
     def explain(self, section: str, message: str) -> str:
-        """Prefix a dataclass's error with where the offending value came from (when it names a field)."""
+        """Prefix a dataclass's error with where the offending value came from: the flag as typed, or the config
+        file and key (when the message names a field that was given)."""
         for key, origin in self.origins.items():
             sec, name = key.split(".", 1)
-            if sec == section and re.search(rf"\b{re.escape(name)}=", message) and origin.startswith("config file"):
+            if not re.search(rf"\b{re.escape(name)}=", message):
+                continue
+            if origin.startswith("config file"):
                 return f"{origin}: {key}: {message}"
+            value = self.values[sec][name]
+            return f"{origin}: {message}" if isinstance(value, bool) else f"{origin} {value}: {message}"
         return message
 
 

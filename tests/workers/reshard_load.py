@@ -12,7 +12,7 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 from deepspeed.utils import groups as ds_groups  # noqa: E402
 
 from vqmoe_ds.models import ModelConfig, build_model  # noqa: E402
-from vqmoe_ds.training import checkpoint as ckpt  # noqa: E402
+from vqmoe_ds import checkpoint as ckpt  # noqa: E402
 
 
 def main(load_dir, ep, out_path):

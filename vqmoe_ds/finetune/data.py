@@ -75,7 +75,7 @@ def collate(items: List[np.ndarray], pad_id: int = 0) -> Tuple[torch.Tensor, tor
 
 class TrainBatches:
     """Endless shuffled micro-batches of this rank: one permutation per epoch (same seed on every rank), each
-    rank taking every world-th example of it."""
+    rank taking every world-th example of it.  ``state_dict`` = (epoch, position)."""
 
     def __init__(self, data: EncodedSet, micro_batch: int, rank: int, world: int, seed: int):
         if len(data) < micro_batch * world:
@@ -101,6 +101,13 @@ class TrainBatches:
         self.pos += self.B
         idx, mask = collate([self.data.ids[i] for i in pick])
         return idx, mask, torch.from_numpy(self.data.labels[pick])
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._order = self._perm()
 
 
 def eval_batches(data: EncodedSet, batch: int, rank: int, world: int

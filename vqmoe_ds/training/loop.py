@@ -84,11 +84,18 @@ class Task:
     def after_engine(self, engine, model, resuming: bool) -> None:
         """After ``deepspeed.initialize`` and before any step (and before a resume loads its checkpoint)."""
 
+    def check_checkpoint(self, marker: Dict[str, Any], where: str) -> None:
+        """Refuse (one-line ``CheckpointError``) a checkpoint to resume whose task settings differ from this run's."""
+
     # ---- training ------------------------------------------------------------------------------------------
     def micro_step(self, engine) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, float]]:
         """One micro-batch forward: (task loss, weighted auxiliary loss, extras summed into the log window; one of
         them counts ``unit``)."""
         raise NotImplementedError
+
+    def router_step(self, step: int) -> int:
+        """The step scheduled routers (SMoE-Dropout's k, StableMoE's stage) see for the loop's ``step``."""
+        return step
 
     def begin_step(self) -> None:
         """Before an optimizer step's first micro-batch (remember what a skipped step must put back)."""
@@ -193,6 +200,7 @@ class Trainer:
                 raise ArgError(f"{where} was made with {marker['world_size']} ranks, this run has {self.world}: "
                                f"resume with the same number of ranks (or tools/reshard_checkpoint.py)")
             ckpt.check_architecture(marker.get("model_config"), task.model_config.to_dict(), where)
+            task.check_checkpoint(marker, where)
         # ---- model and engine ---------------------------------------------------------------------------
         random.seed(optim.seed)
         np.random.seed(optim.seed)
@@ -295,7 +303,7 @@ class Trainer:
         or scheduler step, gradients cleared); at ZeRO 0 ``_skip_step_zero0`` does the same by hand.
         Buffers the forward passes changed (router step, VQ EMA) and the task's own state are put back.
         Returns (mean loss, mean aux, extras summed over the micro-batches, skipped)."""
-        set_step(self.model, self.step)
+        set_step(self.model, self.task.router_step(self.step))
         buffers = ckpt.module_buffers(self.model)
         self.task.begin_step()
         losses, auxes, extras, bad = [], [], {}, False
