@@ -26,9 +26,9 @@ root = sys.argv[1]
 print("| model | params (total / active per token) | best valid acc | test acc | test loss |")
 print("|---|---|---|---|---|")
 for name in ("dense", "smoe_top2", "softmoe", "vqmoe"):
-    cfg = json.load(open(os.path.join(root, name, "config.json")))
+    info = json.load(open(os.path.join(root, name, "run_info.json")))
     res = json.load(open(os.path.join(root, name, "results.json")))
-    p = cfg["params"]
-    print(f"| {name} | {p['total'] / 1e3:.0f}k / {p['active'] / 1e3:.0f}k | {100 * res['best_valid_acc']:.1f}% | "
+    p = info["params"]
+    print(f"| {name} | {p['total'] / 1e3:.0f}k / {p['active'] / 1e3:.0f}k | {100 * res['best_valid']['acc']:.1f}% | "
           f"{100 * res['test']['acc']:.1f}% | {res['test']['loss']:.3f} |")
 PYEOF

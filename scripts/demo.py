@@ -62,7 +62,7 @@ def main():
         return rc
     with open(os.path.join(args.out_dir, "results.json")) as f:
         res = json.load(f)
-    print(f"\ndemo done in {time.time() - t0:.0f} s: best validation loss {res['best_valid_loss']:.4f} nats/char, "
+    print(f"\ndemo done in {time.time() - t0:.0f} s: best validation loss {res['best_valid']['loss']:.4f} nats/char, "
           f"test BPC {res['test']['bpc']:.4f} (a uniform guess is 8.0), test PPL {res['test']['ppl']:.3f}")
     print(f"plots: {', '.join(os.path.join(args.out_dir, n) for n in ('loss.png', 'expert_load.png', 'code_usage.png'))}")
     print(f"log: {os.path.join(args.out_dir, 'log.jsonl')}; TensorBoard: tensorboard --logdir "

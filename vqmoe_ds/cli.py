@@ -126,8 +126,8 @@ class FieldSpec:
               str: lambda v: isinstance(v, str)}.get(self.type, lambda v: True)
         if not ok(value):
             want = _type_name(self.type) + (" or null" if self.optional else "")
-            raise ArgError(f"{where}: {self.key} = {value!r} is a {type(value).__name__}, a {want} is expected: write "
-                           f"it as a {want} (e.g. {self.key.split('.')[-1]}: {json.dumps(self.default)})")
+            raise ArgError(f"{where}: {self.key} = {value!r} has type {type(value).__name__}, not {want}: write it as "
+                           f"{want} (e.g. {self.key.split('.')[-1]}: {json.dumps(self.default)})")
         if self.type is float:
             value = float(value)
         if self.choices is not None and value not in self.choices:

@@ -11,7 +11,7 @@ from ..models import ModelConfig, moe_layers
 
 
 def vqmoe_layer_ids(cfg: ModelConfig) -> List[int]:
-    return [i for i in range(cfg.n_layer) if cfg.moe_config(i).router in ("vq", "vqmoe")]
+    return [i for i in range(cfg.n_layer) if cfg.moe_config(i).router == "vqmoe"]
 
 
 def discrete_only_config(cfg: ModelConfig, freeze_vq: bool = True) -> ModelConfig:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .. import checkpoint as ckpt
 from ..analysis.expert_flops import ExpertFlopsCounter
-from ..cli import CommandLine, Parsed, Section
+from ..cli import CommandLine, Section
 from ..data import DataError
 from ..models import build_model
 from ..moe.config import ConfigError, MoEConfig
@@ -100,11 +100,11 @@ def command_line() -> CommandLine:
 class TextClassification(Task):
     metric, higher_is_better, unit = "accuracy", True, "examples"
     default_micro_batch = 8
+    section = ("finetune", FinetuneConfig)
 
-    def __init__(self, parsed: Parsed, optim: OptimConfig, run: RunConfig, parallel: ParallelConfig,
-                 ft: FinetuneConfig):
-        super().__init__(parsed, optim, run, parallel)
-        self.ft = ft
+    @property
+    def ft(self) -> FinetuneConfig:
+        return self.data
 
     def load(self) -> None:
         a = self.ft
@@ -253,9 +253,7 @@ class TextClassification(Task):
                 "expert_flops_per_token": getattr(self, "expert_flops_per_token", None)}
 
 
-def make_task(parsed: Parsed) -> TextClassification:
-    return TextClassification(parsed, parsed.build("optim", OptimConfig), parsed.build("run", RunConfig),
-                              parsed.build("parallel", ParallelConfig), parsed.build("finetune", FinetuneConfig))
+make_task = TextClassification.from_parsed
 
 
 def main(argv: Optional[List[str]] = None) -> int:

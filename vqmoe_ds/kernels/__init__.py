@@ -1,4 +1,4 @@
-"""Custom kernels of vqmoe-ds (issue 6).
+"""Custom kernels of vqmoe-ds.
 
 ``nearest_code`` finds every token's nearest codebook entry with O(tokens) extra memory; see
 ``vqmoe_ds/kernels/nearest_code.py`` for its exact semantics and ``docs/kernels.md`` for speed.

@@ -113,7 +113,7 @@ class ModelConfig:
 # ---- parameter counts (closed form) ------------------------------------------------------------------------
 def routes_per_token(m: MoEConfig) -> int:
     """How many expert routes a token takes in an MoE layer (the discrete VQ path counts one)."""
-    if m.router == "vq" or (m.router == "vqmoe" and m.vqmoe_mode == "discrete_only"):
+    if m.router == "vqmoe" and m.vqmoe_mode == "discrete_only":
         return 1
     if m.router == "smoe_dropout":
         return m.smoe_dropout_k_end or m.num_experts  # k at the end of its schedule
@@ -130,9 +130,9 @@ def router_params(m: MoEConfig) -> int:
 
     with torch.device("meta"):
         mods = []
-        if m.router != "vq" and not (m.router == "vqmoe" and m.vqmoe_mode == "discrete_only"):
+        if not (m.router == "vqmoe" and m.vqmoe_mode == "discrete_only"):
             mods.append(build_router(m))
-        if m.router in ("vq", "vqmoe"):
+        if m.router == "vqmoe":
             mods.append(build_router(m, "vq"))
             if m.vqmoe_mode == "pretrain" and m.router == "vqmoe":
                 mods.append(torch.nn.Linear(m.hidden_size, 2))

@@ -1,7 +1,7 @@
 """The MoE layer and its parts: config, dispatch, DeepSpeed gate adapter, layer."""
 from .config import ConfigError, MoEConfig
-from .dispatch import SortedDispatch, capacity_for, plan_routes
-from .ds_gate import DeepSpeedGate, RouteGrid
+from .dispatch import RouteGrid, SortedDispatch, capacity_for, plan_routes
+from .ds_gate import DeepSpeedGate
 from .layer import DenseFFN, ExpertMLP, MoELayer, build_ffn
 
 __all__ = ["MoEConfig", "ConfigError", "MoELayer", "DenseFFN", "ExpertMLP", "build_ffn", "DeepSpeedGate",

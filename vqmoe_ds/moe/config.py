@@ -33,7 +33,7 @@ class ConfigError(ValueError):
 class MoEConfig:
     hidden_size: int  # the model width d (set by the model: --hidden-size)
     ffn_hidden_size: int  # each expert's hidden width (set by the model: --expert-ffn-hidden-size)
-    router: str = "topk"  # "dense" (no MoE), a learned top-k router, "vq" (discrete-only VQ routing) or "vqmoe" (eq. 4-5 / eq. 7)
+    router: str = "topk"  # "dense" (no MoE), a learned top-k router, or "vqmoe" (eq. 4-5; "vq" = vqmoe in discrete_only mode, eq. 7)
     num_experts: int = 8  # experts N of every MoE layer
     top_k: int = 2  # experts per token of the learned router (VQMoE's continuous path)
     ep_size: int = 1  # expert-parallel size: ranks that share one layer's experts (a divisor of N and of the world size)
@@ -90,6 +90,8 @@ class MoEConfig:
         "dispatcher": DISPATCHERS, "discrete_input": DISCRETE_INPUTS, "activation": ACTIVATIONS}
 
     def __post_init__(self):
+        if self.router == "vq":  # the short name of discrete-only VQMoE (eq. 7): one model, one implementation
+            self.router, self.vqmoe_mode = "vqmoe", "discrete_only"
         self.validate()
 
     def validate(self) -> None:
@@ -124,7 +126,7 @@ class MoEConfig:
             bad(f"router_jitter={self.router_jitter} must be >= 0 (0: no jitter)")
         if self.balance_loss_coef < 0:
             bad(f"balance_loss_coef={self.balance_loss_coef} must be >= 0")
-        if self.router in ("vq", "vqmoe"):
+        if self.router == "vqmoe":
             if self.codebook_size < 1:
                 bad(f"codebook_size={self.codebook_size}: the codebook needs K >= 1 codes (--codebook-size)")
             if self.codebook_dim is not None and self.codebook_dim < 1:

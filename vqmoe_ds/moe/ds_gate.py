@@ -14,35 +14,12 @@ Two ways to use it:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
-from .dispatch import agree_capacity, capacity_for, plan_routes
-
-
-@dataclass
-class RouteGrid:
-    """Routes of the rows of a token matrix X: row s has up to k' routes; ``valid_KS`` marks real ones.
-
-    Flattened choice-major (all rows' first route, then all second routes, ...), this is the priority
-    order under a capacity limit, the same for both dispatchers.
-    """
-
-    experts_KS: torch.Tensor  # long
-    weights_KS: torch.Tensor  # float, differentiable
-    valid_KS: Optional[torch.Tensor] = None  # bool; None: all valid
-
-    def flat(self):
-        K, S = self.experts_KS.shape
-        rows = torch.arange(S, device=self.experts_KS.device).repeat(K)
-        experts, weights = self.experts_KS.reshape(-1), self.weights_KS.reshape(-1)
-        if self.valid_KS is None:
-            return rows, experts, weights
-        v = self.valid_KS.reshape(-1)
-        return rows[v], experts[v], weights[v]
+from .dispatch import RouteGrid, agree_capacity, capacity_for, plan_routes
 
 
 class DeepSpeedGate(nn.Module):

@@ -25,7 +25,8 @@ from torch import nn
 from ..routers import Router, VQRouter, build_router
 from .config import MoEConfig
 from .dispatch import SortedDispatch, capacity_for, plan_routes
-from .ds_gate import DeepSpeedGate, RouteGrid
+from .dispatch import RouteGrid
+from .ds_gate import DeepSpeedGate
 
 _ACT_FNS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
@@ -71,8 +72,8 @@ class MoELayer(nn.Module):
         # DeepSpeed's stock TopKGate is replaced: routing is ours, the MoE container and experts stay DeepSpeed's
         self.moe.deepspeed_moe.gate = DeepSpeedGate(E, cfg.capacity_factor, cfg.eval_capacity_factor,
                                                     cfg.min_capacity, cfg.drop_tokens)
-        self.discrete = cfg.router in ("vq", "vqmoe")
-        self.continuous = cfg.router != "vq" and not (cfg.router == "vqmoe" and cfg.vqmoe_mode == "discrete_only")
+        self.discrete = cfg.router == "vqmoe"
+        self.continuous = not (self.discrete and cfg.vqmoe_mode == "discrete_only")
         self.router: Router = build_router(cfg) if self.continuous else None
         self.vq_router: VQRouter = build_router(cfg, "vq") if self.discrete else None
         self.mix = nn.Linear(D, 2) if (self.discrete and self.continuous) else None  # W_g of eq. 5

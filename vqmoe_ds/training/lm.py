@@ -68,12 +68,11 @@ def model_config(parsed: Parsed, vocab_size: Optional[int] = None) -> ModelConfi
 class LanguageModelling(Task):
     metric, higher_is_better, unit = "loss", False, "tokens"
     default_micro_batch = 8
+    section = ("data", LMDataConfig)
 
-    def __init__(self, parsed: Parsed, optim: OptimConfig, run: RunConfig, parallel: ParallelConfig,
-                 data: LMDataConfig):
-        super().__init__(parsed, optim, run, parallel)
-        self.data = data
-        self.model_config = model_config(parsed)  # every model setting checked before any data is read
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.model_config = model_config(self.parsed)  # every model setting checked before any data is read
         self.mems = self._mems_before = None
 
     def load(self) -> None:
@@ -128,12 +127,6 @@ class LanguageModelling(Task):
                 + (f" over {res['tokens']} tokens" if split == "test" else ""))
 
     # ---- state ---------------------------------------------------------------------------------------------
-    def state_dict(self) -> Dict[str, Any]:
-        return self.batches.state_dict()
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.batches.load_state_dict(state)
-
     def rank_state(self) -> Optional[Dict[str, Any]]:
         return {"mems": self.mems}
 
@@ -159,9 +152,7 @@ class LanguageModelling(Task):
         return {"params": count_params(self.model_config), "data": self.corpus.source}
 
 
-def make_task(parsed: Parsed) -> LanguageModelling:
-    return LanguageModelling(parsed, parsed.build("optim", OptimConfig), parsed.build("run", RunConfig),
-                             parsed.build("parallel", ParallelConfig), parsed.build("data", LMDataConfig))
+make_task = LanguageModelling.from_parsed
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -56,11 +56,20 @@ class Task:
     higher_is_better: bool = False
     unit: str = "samples"  # what ``micro_step``'s extras count for the throughput (``{unit}_per_s``)
     default_micro_batch: int = 8
+    section: Tuple[str, type] = ("data", object)  # the task's own command-line section and its config class
     model_config: Any = None  # has ``to_dict()``; set by ``load``
+    batches: Any = None  # this rank's training batches (``next``, ``state_dict``); set by ``shard``
 
-    def __init__(self, parsed: Parsed, optim: OptimConfig, run: RunConfig, parallel: ParallelConfig):
-        self.parsed, self.optim, self.run, self.parallel = parsed, optim, run, parallel
+    def __init__(self, parsed: Parsed, optim: OptimConfig, run: RunConfig, parallel: ParallelConfig, data: Any):
+        self.parsed, self.optim, self.run, self.parallel, self.data = parsed, optim, run, parallel, data
         self.rank, self.world, self.device = 0, 1, torch.device("cpu")
+
+    @classmethod
+    def from_parsed(cls, parsed: Parsed) -> "Task":
+        """The task with every section of the command line built and checked (no data read yet)."""
+        name, config_cls = cls.section
+        return cls(parsed, parsed.build("optim", OptimConfig), parsed.build("run", RunConfig),
+                   parsed.build("parallel", ParallelConfig), parsed.build(name, config_cls))
 
     # ---- set-up --------------------------------------------------------------------------------------------
     def load(self) -> None:
@@ -121,10 +130,10 @@ class Task:
     # ---- state ---------------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         """Saved in the checkpoint's client state (the data position, the same on every rank's copy)."""
-        return {}
+        return self.batches.state_dict()
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        pass
+        self.batches.load_state_dict(state)
 
     def rank_state(self) -> Optional[Dict[str, Any]]:
         """This rank's own state (e.g. the Transformer-XL memory), saved per rank."""

@@ -147,12 +147,11 @@ def split_valid(train: ImageSet, valid_size: int, seed: int):
 class ImageClassification(Task):
     metric, higher_is_better, unit = "acc", True, "images"
     default_micro_batch = 64
+    section = ("data", VisionDataConfig)
 
-    def __init__(self, parsed: Parsed, optim: OptimConfig, run: RunConfig, parallel: ParallelConfig,
-                 data: VisionDataConfig):
-        super().__init__(parsed, optim, run, parallel)
-        self.data = data
-        self.model_config = model_config(parsed, data.num_classes)  # checked before any data is read
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.model_config = model_config(self.parsed, self.data.num_classes)  # checked before any data is read
 
     def load(self) -> None:
         a, seed = self.data, self.optim.seed
@@ -233,13 +232,6 @@ class ImageClassification(Task):
         return (f"loss {res['loss']:.4f}, accuracy {100 * res['acc']:.2f}%"
                 + (f" over {res['images']} images" if split == "test" else ""))
 
-    # ---- state ---------------------------------------------------------------------------------------------
-    def state_dict(self) -> Dict[str, Any]:
-        return self.batches.state_dict()
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.batches.load_state_dict(state)
-
     # ---- reports -------------------------------------------------------------------------------------------
     def config_objects(self) -> Dict[str, Any]:
         cfg = self.model_config
@@ -292,9 +284,7 @@ def make_vision_plots(out_dir: str) -> List[str]:
     return written
 
 
-def make_task(parsed: Parsed) -> ImageClassification:
-    return ImageClassification(parsed, parsed.build("optim", OptimConfig), parsed.build("run", RunConfig),
-                               parsed.build("parallel", ParallelConfig), parsed.build("data", VisionDataConfig))
+make_task = ImageClassification.from_parsed
 
 
 def main(argv: Optional[List[str]] = None) -> int:
