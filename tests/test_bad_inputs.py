@@ -42,7 +42,7 @@ FLAGS = [
     (["--lr", "nan"], "lr=nan is not a finite number"),
     (["--dropout", "1.5"], "--dropout 1.5: dropout=1.5 must lie in [0, 1)"),
     (["--seed", "-1"], "--seed -1: seed=-1 must be >= 0"),
-    (["--lr", "1e-3", "--min-lr", "1e-2"], "min_lr=0.01 exceeds lr=0.001"),
+    (["--lr", "1e-3", "--min-lr", "1e-2"], "--min-lr 0.01: min_lr=0.01 exceeds lr=0.001"),
     (["--train-iters", "5", "--lr-warmup-iters", "10"], "lr_warmup_iters=10 must lie in [0, train_iters=5]"),
     (["--data-path", "x", "--data-file", "y"], "both given"),
     (["--mem-len", "16"], "applies to --model txl only"),
@@ -120,15 +120,16 @@ def test_unwritable_save_folder(tmp_path):
         check_save_dir(str(blocker / "checkpoints"))
 
 
-def _fake_checkpoint(root, tag, cfg, files=("mp_rank_00_model_states.pt", "rank0_state.pt"), latest=True):
+def _fake_checkpoint(root, tag, cfg, files=("mp_rank_00_model_states.pt", "rank0_state.pt"), latest=True, world=1,
+                     config=None):
     path = root / tag
     path.mkdir(parents=True)
     sizes = {}
     for name in files:
         (path / name).write_bytes(b"x" * 10)
         sizes[name] = 10
-    (path / ckpt.MARKER).write_text(json.dumps({"tag": tag, "step": 1, "world_size": 1, "files": sizes,
-                                                "model_config": cfg}))
+    (path / ckpt.MARKER).write_text(json.dumps({"tag": tag, "step": 1, "world_size": world, "files": sizes,
+                                                "model_config": cfg, "config": config}))
     if latest:
         (root / "latest").write_text(tag)
     return path
@@ -166,6 +167,38 @@ def test_checkpoint_checks(tmp_path):
     other = lm_config(["--router", "vqmoe", "--num-experts", "4"], 512).to_dict()
     with pytest.raises(ckpt.CheckpointError, match="vocabulary of 512 tokens.*tokenizer"):
         ckpt.check_architecture(other, cfg, "checkpoint X")
+    # another expert-parallel size: the way out is resharding
+    other = lm_config(["--router", "vqmoe", "--num-experts", "4", "--moe-expert-parallel-size", "2"], 256).to_dict()
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.check_architecture(other, cfg, "checkpoint X")
+    assert str(e.value) == ("checkpoint X was saved at expert-parallel size 2, this run has 1: convert it with "
+                            "tools/reshard_checkpoint.py --ep-size 1, or resume with --moe-expert-parallel-size 2")
+    # another sequence length, codebook dimension or VQ kind: one line each (the shapes of the weights differ)
+    for flags, words in ((["--seq-length", "32"], "seq_len=32"), (["--codebook-dim", "4"], "moe.codebook_dim=4"),
+                         (["--vq-kind", "lfq"], "moe.vq_kind='lfq'")):
+        other = lm_config(["--router", "vqmoe", "--num-experts", "4", *flags], 256).to_dict()
+        with pytest.raises(ckpt.CheckpointError, match=words):
+            ckpt.check_architecture(other, cfg, "checkpoint X")
+    # what may change at a resume: dropout, capacity, loss weights
+    same = lm_config(["--router", "vqmoe", "--num-experts", "4", "--dropout", "0.1", "--capacity-factor", "2",
+                      "--vq-alpha", "0.1", "--no-drop-tokens"], 256).to_dict()
+    ckpt.check_architecture(same, cfg, "checkpoint X")
+
+
+def test_finetune_resume_with_other_settings_is_refused(tmp_path):
+    from vqmoe_ds.finetune.task import command_line as ft_command_line
+    from vqmoe_ds.finetune.task import make_task as ft_make_task
+
+    csv = tmp_path / "t.csv"
+    csv.write_text("text,label\na,x\n")
+    argv = ["--load", str(tmp_path), "--task", "csv", "--train", str(csv), "--test", str(csv)]
+    task = ft_make_task(ft_command_line().parse([*argv, "--mode", "full"]))
+    marker = {"config": {"finetune": {"load": str(tmp_path), "mode": "discrete", "task": "csv", "train": str(csv)}}}
+    with pytest.raises(ckpt.CheckpointError) as e:
+        task.check_checkpoint(marker, "checkpoint X")
+    assert str(e.value) == ("checkpoint X fine-tuned with mode='discrete', this run has 'full': resume with the "
+                            "settings of the run that saved it")
+    task.check_checkpoint({"config": {"finetune": {"mode": "full", "task": "csv"}}}, "checkpoint X")
 
 
 def test_checkpoint_with_missing_expert_file(tmp_path):
@@ -196,6 +229,21 @@ def test_driver_refuses_foreign_checkpoint_before_training(tmp_path):
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "n_layer=3" in errors[0], r.stderr[-2000:]
     assert not (tmp_path / "out" / "log.jsonl").exists()  # no training step ran
+
+
+def test_driver_refuses_a_checkpoint_of_another_world_size(tmp_path):
+    cfg = lm_config([], 256).to_dict()
+    root = tmp_path / "ck"
+    _fake_checkpoint(root, "step1", cfg, world=2)
+    env = env_for_ranks(str(tmp_path))
+    env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()))
+    r = subprocess.run([sys.executable, DRIVER, "--load", str(root), "--train-iters", "2", "--corpus-bytes", "100000",
+                        "--out-dir", str(tmp_path / "out"), "--no-plots", "--no-progress"],
+                       env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2, r.stderr[-2000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "was made with 2 ranks, this run has 1" in errors[0], r.stderr[-2000:]
+    assert "tools/reshard_checkpoint.py" in errors[0]
 
 
 def _port():

@@ -259,15 +259,18 @@ class Parsed:
     def explain(self, section: str, message: str) -> str:
         """Prefix a dataclass's error with where the offending value came from: the flag as typed, or the config
         file and key (when the message names a field that was given)."""
-        for key, origin in self.origins.items():
-            sec, name = key.split(".", 1)
-            if not re.search(rf"\b{re.escape(name)}=", message):
-                continue
-            if origin.startswith("config file"):
-                return f"{origin}: {key}: {message}"
-            value = self.values[sec][name]
-            return f"{origin}: {message}" if isinstance(value, bool) else f"{origin} {value}: {message}"
-        return message
+        named = []  # (where in the message, key) of every given field the message names
+        for key in self.origins:
+            m = re.search(rf"(?<![\w.]){re.escape(key.split('.', 1)[1])}=", message)
+            if m:
+                named.append((m.start(), key))
+        if not named:
+            return message
+        key = min(named)[1]  # the field the message is about comes first
+        origin, value = self.origins[key], self.values[key.split(".", 1)[0]][key.split(".", 1)[1]]
+        if origin.startswith("config file"):
+            return f"{origin}: {key}: {message}"
+        return f"{origin}: {message}" if isinstance(value, bool) else f"{origin} {value}: {message}"
 
 
 class CommandLine:

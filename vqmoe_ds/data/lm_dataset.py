@@ -41,7 +41,7 @@ class LMDataset(torch.utils.data.Dataset):
         self.num_samples = (len(stream) - 1) // seq_len
         if self.num_samples < world_size:
             raise DataError(f"{name} has {len(stream)} tokens, too few for {world_size} sample(s) of seq_len "
-                            f"{seq_len} (+1 target token) per rank: use a larger corpus or a smaller --seq-len")
+                            f"{seq_len} (+1 target token) per rank: use a larger corpus or a smaller --seq-length")
         self.samples_per_rank = self.num_samples // world_size
         self._order_epoch, self._order = None, None
         self.epoch = epoch
@@ -89,7 +89,7 @@ class LMBatches:
             raise DataError(f"batch_size={batch_size} must be >= 1")
         if dataset.samples_per_rank < batch_size:
             raise DataError(f"the corpus gives {dataset.samples_per_rank} samples of seq_len {dataset.seq_len} per "
-                            f"rank, fewer than one batch of {batch_size}: lower --batch-size or --seq-len")
+                            f"rank, fewer than one batch of {batch_size}: lower --micro-batch-size or --seq-length")
         self.dataset, self.batch_size = dataset, batch_size
         self.batches_per_epoch = dataset.samples_per_rank // batch_size
         self.load_state_dict({"epoch": epoch, "index": start_index})

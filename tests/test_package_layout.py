@@ -1,0 +1,81 @@
+"""The shape of the package, read from its source with ``ast``:
+
+  * the layers only import downward: cli/parallel -> data, kernels -> quantizers -> routers -> moe -> models ->
+    analysis, checkpoint -> training -> vision, finetune (a package may import itself and any lower layer);
+  * one ``CheckpointError`` class, in the checkpoint package, and every module that names it imports that one;
+  * the training loop has no fault-injection hooks (the tests inject faults from tests/workers/faulty.py).
+"""
+import ast
+import os
+
+ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "vqmoe_ds")
+LAYER = {"cli": 0, "parallel": 0, "data": 1, "kernels": 1, "quantizers": 2, "routers": 3, "moe": 4, "models": 5,
+         "analysis": 6, "checkpoint": 6, "training": 7, "vision": 8, "finetune": 8}
+
+
+def modules():
+    for dirpath, _, files in os.walk(ROOT):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(dirpath, name)
+                rel = os.path.relpath(path, ROOT).split(os.sep)
+                yield path, rel, ast.parse(open(path).read(), path)
+
+
+def imported_packages(rel, tree):
+    """The top-level vqmoe_ds packages a module imports (relative or absolute), with line numbers."""
+    depth = len(rel) - 1  # 0 for vqmoe_ds/x.py, 1 for vqmoe_ds/pkg/x.py, ...
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = rel[:len(rel) - node.level]  # the package the dots climb to
+                parts = base + (node.module.split(".") if node.module else [])
+                if node.level > depth:  # climbed to vqmoe_ds itself
+                    parts = node.module.split(".") if node.module else [a.name for a in node.names]
+            elif node.module and node.module.startswith("vqmoe_ds."):
+                parts = node.module.split(".")[1:]
+            else:
+                continue
+            top = parts[0] if parts else None
+            names = [a.name for a in node.names] if node.level > depth and not node.module else [top]
+            for t in names:
+                yield t, node.lineno
+
+
+def test_layers_only_import_downward():
+    bad = []
+    for path, rel, tree in modules():
+        own = rel[0][:-3] if len(rel) == 1 else rel[0]
+        if own == "__init__":
+            continue
+        assert own in LAYER, f"{own} has no layer in this test: add it to LAYER"
+        for pkg, line in imported_packages(rel, tree):
+            if pkg is None or pkg == own or pkg not in LAYER:
+                continue
+            if LAYER[pkg] >= LAYER[own]:
+                bad.append(f"{os.path.relpath(path, ROOT)}:{line} imports {pkg}")
+    assert not bad, bad
+
+
+def test_one_checkpoint_error_class():
+    defined, users = [], []
+    for path, rel, tree in modules():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef) and node.name == "CheckpointError":
+                defined.append(os.path.relpath(path, ROOT))
+            if isinstance(node, ast.Name) and node.id == "CheckpointError":
+                users.append(os.path.relpath(path, ROOT))
+    assert defined == [os.path.join("checkpoint", "layout.py")]
+    assert len(set(users)) >= 5  # the store, the reader, resharding, fine-tuning, conversion all raise it
+    from vqmoe_ds import checkpoint
+    from vqmoe_ds.checkpoint import layout, read, reshard, store
+    from vqmoe_ds.finetune import convert, discrete
+
+    for mod in (store, read, reshard, convert, discrete, checkpoint):
+        assert mod.CheckpointError is layout.CheckpointError
+
+
+def test_no_fault_hooks_in_the_library():
+    for path, _, _ in modules():
+        text = open(path).read()
+        assert "VQMOE_FAULT" not in text and "def fault(" not in text, path
