@@ -19,11 +19,14 @@ import torch  # noqa: E402
 
 from vqmoe_ds.analysis import consistency_score, nmi, purity  # noqa: E402
 from vqmoe_ds.moe import MoEConfig  # noqa: E402
+from vqmoe_ds.routers import set_step  # noqa: E402
 
 ROUTERS = {
     "top-1 SMoE": dict(router="topk", top_k=1),
     "top-2 SMoE": dict(router="topk", top_k=2),
     "XMoE top-1": dict(router="xmoe", top_k=1, xmoe_dim=8),
+    "clustering router (k-means after 50 steps)": dict(router="cluster", cluster_warmup_steps=50),
+    "VQ discrete-only, default codebook (cosine, x~ at the token's scale)": dict(router="vq"),
     "VQ discrete-only, expert input x~": dict(router="vq", vq_distance="cosine", codebook_dim=8),
     "VQ discrete-only, expert input x": dict(router="vq", vq_distance="cosine", codebook_dim=8,
                                              discrete_input="token"),
@@ -50,7 +53,7 @@ def top1_expert(layer, x):
     with torch.no_grad():
         if layer.vq_router is not None:
             return layer.vq_router(x).experts_TK[:, 0]
-        return layer.router(x).experts_TK[:, 0]
+        return layer.router(x).experts_TK[:, 0]  # (eval mode: the clustering router's centroids stay)
 
 
 def run(name, kw, C, D, steps, batch, seed):
@@ -60,7 +63,8 @@ def run(name, kw, C, D, steps, batch, seed):
     layer = MoEConfig(hidden_size=D, ffn_hidden_size=4 * D, num_experts=C, codebook_size=C, drop_tokens=False,
                       **kw).build()
     opt = torch.optim.Adam([p for p in layer.parameters() if p.requires_grad], lr=3e-3)
-    for _ in range(steps):
+    for step in range(steps):
+        set_step(layer, step)
         x, y, _ = sample(batch)
         out, aux = layer(x)
         loss = (out - y).square().mean() + aux

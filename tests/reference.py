@@ -12,8 +12,10 @@ def expert_ref(expert, v):
     return F.gelu(h) @ expert.fc2.weight.t() + expert.fc2.bias
 
 
-def topk_ref(probs, k):
-    """Indices of the k largest probabilities (ties to the lower index) and their renormalised weights."""
+def topk_ref(probs, k, normalize=True):
+    """Indices of the k largest probabilities (ties to the lower index) and their combine weights:
+    Switch Transformer (k = 1): the probability p_e; GShard (k >= 2): p_e / sum of the chosen p, or p_e as is
+    when ``normalize`` is off (OLMoE)."""
     chosen = []
     for _ in range(k):
         best = None
@@ -23,8 +25,14 @@ def topk_ref(probs, k):
             if best is None or probs[e] > probs[best]:
                 best = e
         chosen.append(best)
+    return chosen, gate_ref(probs, chosen, normalize)
+
+
+def gate_ref(probs, chosen, normalize=True):
+    if len(chosen) == 1 or not normalize:
+        return [probs[e] for e in chosen]
     tot = sum(probs[e] for e in chosen)
-    return chosen, [probs[e] / tot for e in chosen]
+    return [probs[e] / tot for e in chosen]
 
 
 def moe_ref(routes_per_choice, experts, num_tokens, capacity):
@@ -51,8 +59,9 @@ def capacity_ref(num_routes, num_experts, factor, minimum):
     return max(math.ceil(factor * num_routes / num_experts), minimum)
 
 
-def vq_ref(x_t, quantizer):
-    """(code, straight-through quantized vector, per-token loss terms) for one token."""
+def vq_ref(x_t, quantizer, scale="token"):
+    """(code, straight-through quantized vector, per-token loss terms) for one token.  A cosine codebook in the
+    token's own dimension returns the code's direction at the token's norm (``scale="token"``)."""
     q = quantizer
     z = x_t if isinstance(q.in_proj, torch.nn.Identity) else x_t @ q.in_proj.weight.t() + q.in_proj.bias
     cb = q.codebook
@@ -67,6 +76,8 @@ def vq_ref(x_t, quantizer):
     v = cb[code]
     zq = z + (v - z).detach()
     out = zq if isinstance(q.out_proj, torch.nn.Identity) else zq @ q.out_proj.weight.t() + q.out_proj.bias
+    if q.distance == "cosine" and isinstance(q.out_proj, torch.nn.Identity) and scale == "token":
+        out = out * x_t.norm()
     codebook_term = ((v - z.detach()) ** 2).sum()
     commit_term = ((z - v.detach()) ** 2).sum()
     return code, out, codebook_term, commit_term, z.numel()

@@ -24,7 +24,7 @@ from vqmoe_ds.vision.vit import ViTConfig
 
 # set by the model config, not by an MoE flag: (MoEConfig field, the model flag that sets it)
 MOE_FROM_MODEL = {"hidden_size": "--hidden-size", "ffn_hidden_size": "--expert-ffn-hidden-size",
-                  "init_std": "--init-method-std"}
+                  "init_std": "--init-method-std", "output_init_std": "--init-method-std", "vocab_size": "--vocab-size"}
 NOT_FLAGS = {ModelConfig: {"moe"}, ViTConfig: {"moe", "in_chans", "num_classes"}}  # sections / set by the data
 
 
@@ -38,6 +38,8 @@ def test_every_model_and_moe_field_has_a_flag_with_help(cmd, model_cls):
     have = fields_by_flag(cmd)
     flags = cmd.all_flags()
     for f in dataclasses.fields(MoEConfig):
+        if f.name == "vocab_size" and model_cls is ViTConfig:
+            continue  # images have no token vocabulary
         if f.name in MOE_FROM_MODEL:
             assert MOE_FROM_MODEL[f.name] in flags, f.name
         else:
@@ -67,16 +69,18 @@ LM_VALUES = {
     "--ffn-hidden-size": "48", "--seq-length": "16", "--mem-len": "8", "--hidden-dropout": "0.1",
     "--attention-dropout": "0.05", "--tie-embeddings": None, "--moe-layers": "0,2", "--expert-ffn-hidden-size": "40",
     "--init-method-std": "0.03",
-    "--router": "vqmoe", "--num-experts": "6", "--top-k": "3", "--moe-expert-parallel-size": "3",
+    "--router": "vqmoe", "--num-experts": "6", "--top-k": "3", "--norm-topk-prob": None,
+    "--moe-expert-parallel-size": "3",
     "--moe-activation": "silu", "--ffn-dropout": "0.2", "--capacity-factor": "1.5", "--eval-capacity-factor": "3.0",
     "--min-capacity": "2", "--drop-tokens": None, "--moe-dispatcher": "deepspeed", "--balance-loss-coef": "0.02",
     "--router-jitter": "0.01", "--codebook-size": "12", "--codebook-dim": "8", "--vq-kind": "residual",
-    "--vq-distance": "l2", "--vq-alpha": "0.1", "--vq-beta": "0.3", "--vq-ema": None, "--vq-ema-decay": "0.9",
+    "--vq-distance": "l2", "--vq-scale": "code", "--vq-alpha": "0.1", "--vq-beta": "0.3", "--vq-ema": None, "--vq-ema-decay": "0.9",
     "--vq-kmeans-init": None, "--vq-kmeans-iters": "3", "--vq-dead-code-threshold": "0.5",
     "--vq-num-quantizers": "3", "--vqmoe-mode": "discrete_only", "--freeze-vq": None, "--discrete-input": "token",
     "--xmoe-dim": "8", "--xmoe-init-temperature": "0.1", "--stablemoe-stage1-steps": "5",
     "--stablemoe-distill-dim": "4", "--stablemoe-distill-coef": "0.5", "--smoe-dropout-k-start": "2",
-    "--smoe-dropout-k-end": "5", "--smoe-dropout-k-steps": "7",
+    "--smoe-dropout-k-end": "5", "--smoe-dropout-k-steps": "7", "--hash-table": "balanced", "--hash-seed": "3",
+    "--cluster-warmup-steps": "9", "--cluster-distance": "l2",
     "--micro-batch-size": "4", "--gradient-accumulation-steps": "2", "--train-iters": "50", "--lr": "0.001",
     "--min-lr": "0.0001", "--lr-warmup-iters": "5", "--weight-decay": "0.01", "--clip-grad": "0.5", "--seed": "7",
     "--data-file": "corpus.txt", "--corpus-bytes": "12345", "--eval-seq-length": "12",
@@ -85,7 +89,7 @@ LM_VALUES = {
     "--max-skipped-steps": "4", "--progress": None, "--plots": None, "--tensorboard": None,
     "--dist-timeout-minutes": "5.0", "--deepspeed_config": CPU_CFG, "--data-path": None, "--load": ROOT,
 }
-NEGATED = {"--tie-embeddings", "--drop-tokens", "--progress", "--plots", "--tensorboard"}  # default True: --no-...
+NEGATED = {"--tie-embeddings", "--drop-tokens", "--progress", "--plots", "--tensorboard", "--norm-topk-prob"}  # default True: --no-...
 
 
 def _argv(values):

@@ -61,3 +61,20 @@ def test_every_other_layer_is_moe():
     model = tiny_gpt("topk", n_layer=4, moe_layers="every_other")
     kinds = [type(b.ffn).__name__ for b in model.blocks]
     assert kinds == ["DenseFFN", "MoELayer", "DenseFFN", "MoELayer"]
+
+
+def test_residual_output_projections_get_the_depth_scaled_init():
+    """GPT-2's init: every residual branch's output projection -- attention's c_proj, the dense FFN's fc2 and
+    every expert's fc2 -- is N(0, std / sqrt(2 n_layer)); the input projections stay N(0, std)."""
+    import math
+
+    torch.manual_seed(0)
+    cfg = named_config("tiny", n_layer=4, d_model=128, d_inner=256, moe_layers="1,3",
+                       moe={"router": "vqmoe", "num_experts": 4, "top_k": 2})
+    model = build_model(cfg)
+    scaled = cfg.init_std / math.sqrt(2 * cfg.n_layer)
+    dense, moe = model.blocks[0].ffn, model.blocks[1].ffn
+    for w, want in [(model.blocks[0].attn.c_proj.weight, scaled), (dense.mlp.fc2.weight, scaled),
+                    (dense.mlp.fc1.weight, cfg.init_std)] + \
+                   [(e.fc2.weight, scaled) for e in moe.experts] + [(e.fc1.weight, cfg.init_std) for e in moe.experts]:
+        assert abs(w.std().item() / want - 1) < 0.05, (w.shape, w.std().item(), want)

@@ -45,11 +45,47 @@ def test_txl_count_matches_model():
     assert sum(p.numel() for p in model.parameters()) == count_params(cfg)["total"]
 
 
-def test_flops_per_token_dense_gpt_by_hand():
-    cfg = named_config("tiny", moe={"router": "dense"})
-    D, L, F, V, T = 64, 2, 128, 256, 64
-    matmul = L * (4 * D * D + 4 * D + 2 * D * F + F + D + 4 * D) + 2 * D + V * D  # biases and LNs included
-    assert flops_per_token(cfg) == 6 * matmul + 3 * L * 4 * D * T
+FLOP_CASES = {
+    "dense GPT": dict(moe={"router": "dense"}),
+    "top-2 GPT": dict(moe={"router": "topk", "num_experts": 4, "top_k": 2, "drop_tokens": False}),
+    "VQMoE GPT (default codebook)": dict(moe={"router": "vqmoe", "num_experts": 4, "top_k": 2, "codebook_size": 8,
+                                              "drop_tokens": False}),
+    "VQMoE GPT (low-dim codebook)": dict(moe={"router": "vqmoe", "num_experts": 4, "top_k": 1, "codebook_size": 8,
+                                              "codebook_dim": 8, "drop_tokens": False}),
+    "XMoE GPT": dict(moe={"router": "xmoe", "num_experts": 4, "top_k": 1, "drop_tokens": False}),
+    "StableMoE GPT (stage 1)": dict(moe={"router": "stablemoe", "num_experts": 4, "top_k": 1, "drop_tokens": False}),
+    "SMoE-Dropout GPT (k = 2)": dict(moe={"router": "smoe_dropout", "num_experts": 4, "smoe_dropout_k_start": 2,
+                                          "smoe_dropout_k_end": 2, "drop_tokens": False}),
+    "Transformer-XL top-2": dict(model="txl", mem_len=32, moe={"router": "topk", "num_experts": 4, "top_k": 2,
+                                                               "drop_tokens": False}),
+}
+
+
+@pytest.mark.parametrize("name", list(FLOP_CASES))
+def test_flops_per_token_matches_torch_flop_counter(name):
+    """flops_per_token against torch's FlopCounterMode on a real forward + backward (the math attention kernel,
+    which computes the full T x T products like the formula).  The one thing the counter cannot see is the
+    fused nearest-code kernel (a custom op): its distances, 2 C K per token and VQ layer, are added by hand."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vqmoe_ds.parallel import init_single_process
+
+    init_single_process()
+    torch.manual_seed(0)
+    cfg = named_config("tiny", **FLOP_CASES[name])
+    model = build_model(cfg)
+    B, T = 2, cfg.seq_len
+    idx, tgt = torch.randint(0, 256, (B, T)), torch.randint(0, 256, (B, T))
+    mems = model(idx)[3] if cfg.model == "txl" else None  # a full memory, as in training
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        _, loss, aux, _ = model(idx, tgt, mems)
+        (loss + aux).backward()
+    counted = counter.get_total_flops() / (B * T)
+    vq_layers = sum(cfg.moe_config(i).router == "vqmoe" for i in range(cfg.n_layer))
+    C = cfg.moe.get("codebook_dim") or cfg.d_model
+    counted += vq_layers * 2 * C * cfg.moe.get("codebook_size", 0)
+    assert flops_per_token(cfg, batch_size=B) == pytest.approx(counted, rel=1e-9), (flops_per_token(cfg, B), counted)
 
 
 def test_bad_model_settings_raise_one_line():

@@ -5,25 +5,54 @@ import torch.nn.functional as F
 from vqmoe_ds.quantizers import CodebookQuantizer, LFQQuantizer, ResidualQuantizer
 
 
-def brute_force_codes(z, cb, distance):
+def brute_force_codes(x, W_in, b_in, codebook, distance):
+    """Nearest code of every token from the raw tensors: the projection's weights (None: no projection), the
+    codebook, and the distance written out (cosine: dot product of the two normalised vectors)."""
     out = []
-    for row in z:
-        if distance == "cosine":
-            s = [float(F.cosine_similarity(row, c, dim=0)) for c in cb]
-            out.append(max(range(len(s)), key=lambda j: (s[j], -j)))
-        else:
-            d = [float(((row - c) ** 2).sum()) for c in cb]
-            out.append(min(range(len(d)), key=lambda j: (d[j], j)))
+    for row in x.detach().double():
+        z = row if W_in is None else W_in.detach().double() @ row + b_in.detach().double()
+        scores = []
+        for c in codebook.detach().double():
+            if distance == "cosine":
+                scores.append(-float((z @ c) / (z.norm() * c.norm())))
+            else:
+                scores.append(float(((z - c) ** 2).sum()))
+        out.append(min(range(len(scores)), key=lambda j: (scores[j], j)))
     return out
 
 
 def test_nearest_code_l2_and_cosine_match_brute_force():
     torch.manual_seed(0)
     for distance in ("l2", "cosine"):
-        q = CodebookQuantizer(8, 13, distance=distance).eval()
-        x = torch.randn(64, 8)
-        out = q(x)
-        assert out.codes_T.tolist() == brute_force_codes(q.project(x), q.codes_KC(), distance)
+        for codebook_dim in (None, 5):
+            q = CodebookQuantizer(8, 13, codebook_dim=codebook_dim, distance=distance).eval()
+            x = torch.randn(64, 8)
+            W, b = (q.in_proj.weight, q.in_proj.bias) if codebook_dim else (None, None)
+            assert q(x).codes_T.tolist() == brute_force_codes(x, W, b, q.codebook, distance)
+
+
+def test_cosine_codes_come_back_at_the_token_scale():
+    """The default discrete path (cosine codebook in the model dim): x~ = |x| v, so it has the token's norm
+    (not 1) and points along its code; its gradient is straight-through for the direction and exact for the norm:
+    dL/dx = g + x/|x| ((v - x/|x|) . g) for an upstream gradient g."""
+    torch.manual_seed(0)
+    q = CodebookQuantizer(256, 16, distance="cosine").eval()
+    x = (torch.randn(40, 256) * 1.0).requires_grad_(True)  # |x| ~ 16, as after a LayerNorm at d = 256
+    out = q(x)
+    norms = x.detach().norm(dim=1)
+    assert torch.allclose(out.quantized_TD.norm(dim=1), norms, rtol=1e-5)
+    unit_codes = q.codebook.detach() / q.codebook.detach().norm(dim=1, keepdim=True)
+    assert torch.allclose(out.quantized_TD.detach() / norms[:, None], unit_codes[out.codes_T], atol=1e-5)
+    g = torch.randn(40, 256)
+    (out.quantized_TD * g).sum().backward()
+    z = x.detach() / norms[:, None]
+    v = unit_codes[out.codes_T]
+    assert torch.allclose(x.grad, g + z * ((v - z) * g).sum(1, keepdim=True), atol=1e-5)
+    code = CodebookQuantizer(256, 16, distance="cosine", scale="code").eval()
+    code.load_state_dict(q.state_dict())
+    assert torch.allclose(code(x).quantized_TD.norm(dim=1), torch.ones(40), atol=1e-5)  # the unit code
+    low = CodebookQuantizer(256, 16, codebook_dim=8, distance="cosine").eval()  # factorised: out_proj's scale
+    assert not torch.allclose(low(x).quantized_TD.norm(dim=1), torch.ones(40), atol=1e-2)
 
 
 def test_straight_through_value_and_gradient():

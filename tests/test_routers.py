@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from layer_harness import make_layer, run_both
-from reference import capacity_ref, moe_ref, topk_ref
+from reference import capacity_ref, gate_ref, moe_ref, topk_ref
 
 TOL = 1e-5
 
@@ -27,18 +27,12 @@ def softmax_router_ref(logit_fn, extra_aux=None, k_override=None, frozen_choice=
         probs_rows, chosen_rows, choices = [], [], [[None] * T for _ in range(k)]
         for t in range(T):
             probs = torch.softmax(logit_fn(router, x[t]), dim=0)
-            chosen, w = topk_ref(probs.detach() if frozen_choice is None else frozen_choice(router, x[t]), k)
-            if frozen_choice is not None:
-                tot = sum(probs[e] for e in chosen)
-                w = [probs[e] / tot for e in chosen]
+            chosen, _ = topk_ref(probs.detach() if frozen_choice is None else frozen_choice(router, x[t]), k)
+            w = gate_ref(probs, chosen, cfg.norm_topk_prob)  # the gates of the chosen experts, from the live probs
             probs_rows.append(probs)
             chosen_rows.append(chosen)
             for c in range(k):
-                if frozen_choice is None:
-                    w_c = probs[chosen[c]] / sum(probs[e] for e in chosen)
-                else:
-                    w_c = w[c]
-                choices[c][t] = (t, chosen[c], w_c, x[t])
+                choices[c][t] = (t, chosen[c], w[c], x[t])
         cap = capacity_ref(T * k, E, cfg.capacity_factor, cfg.min_capacity) if cfg.drop_tokens else None
         y = moe_ref(choices, layer.experts, T, cap)
         aux = torch.zeros(())
@@ -67,12 +61,39 @@ def check(diffs):
 
 
 @pytest.mark.parametrize("dispatcher", ["sorted", "deepspeed"])
-@pytest.mark.parametrize("k,drop", [(1, False), (2, False), (2, True), (3, True)])
-def test_topk_router(dispatcher, k, drop):
-    layer = make_layer(router="topk", top_k=k, dispatcher=dispatcher, drop_tokens=drop, capacity_factor=1.0)
+@pytest.mark.parametrize("k,drop,norm", [(1, False, True), (2, False, True), (2, True, True), (3, True, True),
+                                         (2, False, False), (3, True, False)])
+def test_topk_router(dispatcher, k, drop, norm):
+    layer = make_layer(router="topk", top_k=k, dispatcher=dispatcher, drop_tokens=drop, capacity_factor=1.0,
+                       norm_topk_prob=norm)
     diffs, _ = run_both(layer, softmax_router_ref(topk_logits))
     check(diffs)
     assert diffs["grad:router.wg.weight"] <= TOL
+
+
+def _task_grads(layer, T=32, seed=3):
+    """Gradients of a task loss alone (no auxiliary loss) on every learnable parameter of the layer's routing."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, layer.cfg.hidden_size, generator=g)
+    target = torch.randn(T, layer.cfg.hidden_size, generator=g)
+    y, _ = layer(x)
+    ((y - target) ** 2).mean().backward()
+    parts = [("router", layer.router), ("mix", layer.mix)]
+    return {f"{name}.{n}": (p.grad.norm().item() if p.grad is not None else 0.0)
+            for name, part in parts if part is not None for n, p in part.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("router", ["topk", "xmoe", "stablemoe", "vqmoe"])
+def test_every_learned_router_gets_a_task_gradient(router, k):
+    """With the balance loss off, the task loss alone must move every learnable routing parameter, at k = 1 as
+    at k = 2 (a renormalised single probability is the constant 1 and would give none).  StableMoE in stage 1:
+    its distilled router learns from the distillation loss, not from the task, so only its gate is checked."""
+    layer = make_layer(router=router, top_k=k, balance_loss_coef=0.0, stablemoe_stage1_steps=100, codebook_size=6)
+    grads = _task_grads(layer)
+    if router == "stablemoe":
+        grads = {n: v for n, v in grads.items() if not n.startswith("router.distilled")}
+    assert grads and all(v > 1e-6 for v in grads.values()), grads
 
 
 @pytest.mark.parametrize("dispatcher", ["sorted", "deepspeed"])

@@ -29,7 +29,7 @@ def test_named_sizes():
     assert count_params(cfg)["experts"] == 6 * 8 * (2 * 512 * 1728 + 1728 + 512)
 
 
-@pytest.mark.parametrize("router", [r for r in ROUTERS] + ["soft"])
+@pytest.mark.parametrize("router", [r for r in ROUTERS if r != "hash"] + ["soft"])  # hash: token ids only
 def test_every_router_fits_and_learns(router):
     torch.manual_seed(0)
     moe = {"router": router}

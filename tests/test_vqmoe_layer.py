@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from layer_harness import make_layer, run_both
-from reference import capacity_ref, moe_ref, topk_ref, vq_ref
+from reference import capacity_ref, gate_ref, moe_ref, topk_ref, vq_ref
 
 TOL = 1e-5
 
@@ -17,7 +17,7 @@ def vqmoe_ref(layer, x):
     n = 0
     disc = []
     for t in range(T):
-        code, xq, cb_term, commit, numel = vq_ref(x[t], q)
+        code, xq, cb_term, commit, numel = vq_ref(x[t], q, cfg.vq_scale)
         codebook_sum, commit_sum, n = codebook_sum + cb_term, commit_sum + commit, n + numel
         disc.append((code % E, xq if cfg.discrete_input == "quantized" else x[t]))
     vq_loss = codebook_sum / n + cfg.vq_beta * commit_sum / n
@@ -34,9 +34,9 @@ def vqmoe_ref(layer, x):
             g = torch.softmax(x[t] @ layer.mix.weight.t() + layer.mix.bias, 0)
             probs = torch.softmax(torch.stack([x[t] @ W[e] for e in range(E)]), 0)
             chosen, _ = topk_ref(probs.detach(), k)
-            tot = sum(probs[e] for e in chosen)
+            w = gate_ref(probs, chosen, cfg.norm_topk_prob)
             for c in range(k):
-                cont[c][t] = (t, chosen[c], g[0] * probs[chosen[c]] / tot, x[t])
+                cont[c][t] = (t, chosen[c], g[0] * w[c], x[t])
             d_routes[t] = (t, disc[t][0], g[1], disc[t][1])
             probs_rows.append(probs)
             chosen_rows.append(chosen)
@@ -58,6 +58,10 @@ def check(diffs):
 
 
 VARIANTS = {
+    "default": dict(),  # the shipped default: cosine codebook in the model dim, x~ at the token's scale
+    "cosine_code_scale": dict(vq_scale="code"),
+    "top1_unnormalised": dict(top_k=1),
+    "top2_no_norm": dict(norm_topk_prob=False),
     "l2": dict(vq_distance="l2"),
     "cosine_lowdim": dict(vq_distance="cosine", codebook_dim=6),
     "l2_lowdim": dict(vq_distance="l2", codebook_dim=6),

@@ -111,9 +111,9 @@ class FieldSpec:
         try:
             value = self.type(text)
         except ValueError:
+            example = self.default if self.default is not None else {int: 8, float: 0.5}.get(self.type, "x")
             raise ArgError(f"{self.flag} {text!r} is not {'an' if self.type is int else 'a'} "
-                           f"{_type_name(self.type)}: give a number like {self.default if self.default is not None else 1}"
-                           ) from None
+                           f"{_type_name(self.type)}: give a number like {example}") from None
         return value
 
     def check(self, value, where: str):

@@ -13,6 +13,9 @@ CASES = {
     "top2": dict(router="topk", top_k=2, balance_loss_coef=0.0),
     "vq": dict(router="vq", vq_distance="cosine", codebook_dim=4, codebook_size=6),
     "vqmoe": dict(router="vqmoe", codebook_size=6, balance_loss_coef=0.0, vq_distance="l2"),
+    "vqmoe_default": dict(router="vqmoe", codebook_size=6, balance_loss_coef=0.0),
+    "hash": dict(router="hash", vocab_size=40, hash_seed=1),
+    "cluster": dict(router="cluster"),
 }
 
 
@@ -22,6 +25,7 @@ def main(case, dispatcher, out_path):
     g = torch.Generator().manual_seed(123)
     x_full = torch.randn(world * T, D, generator=g)
     R_full = torch.randn(world * T, D, generator=g)
+    ids_full = torch.randint(0, 40, (world * T,), generator=g)  # token ids, for hash routing
     layers = {}
     for ep in (1, world):
         torch.manual_seed(7)
@@ -30,14 +34,19 @@ def main(case, dispatcher, out_path):
         layers[ep] = cfg.build()
         if ep > 1:
             setup_expert_parallel(layers[ep])
+        if case == "cluster":  # fixed centroids (as after its warm-up), the same on every rank and both layers
+            router = layers[ep].router
+            router.centroids_ED.copy_(torch.nn.functional.normalize(torch.randn(4, D, generator=torch.Generator()
+                                                                                 .manual_seed(9)), dim=-1))
+            router.state.fill_(1)
     ref, par = layers[1], layers[world]
     # full batch through ep=1 (every rank computes it), local half through ep=2
     x1 = x_full.clone().requires_grad_(True)
-    y1, aux1 = ref(x1)
+    y1, aux1 = ref(x1, None, ids_full)
     ((y1 * R_full).sum() + aux1).backward()
     sl = slice(rank * T, (rank + 1) * T)
     x2 = x_full[sl].clone().requires_grad_(True)
-    y2, aux2 = par(x2)
+    y2, aux2 = par(x2, None, ids_full[sl])
     # aux losses are means over the local tokens: scaled by the local share, their sum over ranks is global
     ((y2 * R_full[sl]).sum() + aux2 * (T / (world * T))).backward()
     res = {"y": (y2 - y1[sl]).abs().max().item(), "grad_x": (x2.grad - x1.grad[sl]).abs().max().item()}

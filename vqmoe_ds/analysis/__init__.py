@@ -3,7 +3,7 @@ summaries; forward-hook probes of what MoE layers did, measured expert FLOPs, ro
 checkpoints, k-means centres and the representation-collapse view."""
 from .collapse import effective_rank, pca_2d, plot_collapse
 from .expert_flops import ExpertFlopsCounter
-from .kmeans import kmeans
+from ..quantizers.kmeans import kmeans
 from .metrics import consistency_score, load_summary, nmi, purity
 from .routing_probe import LayerRecord, RoutingProbe, expert_of
 from .stability import routing_stability, stability_series

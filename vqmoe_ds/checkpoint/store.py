@@ -37,7 +37,7 @@ from .layout import (BEST, MARKER, OLD_PREFIX, TMP_PREFIX, CheckpointError, expe
 MAY_CHANGE_ON_RESUME = {"dropout", "attn_dropout", "init_std"}
 MOE_MAY_CHANGE_ON_RESUME = {"dropout", "capacity_factor", "eval_capacity_factor", "min_capacity", "drop_tokens",
                             "dispatcher", "router_jitter", "balance_loss_coef", "vq_alpha", "vq_beta",
-                            "stablemoe_distill_coef", "init_std"}
+                            "stablemoe_distill_coef", "init_std", "output_init_std"}
 
 
 def rng_state() -> Dict[str, Any]:

@@ -40,7 +40,7 @@ class SequenceClassifier(nn.Module):
 
     def embed(self, idx_BT: torch.Tensor, mask_BT: torch.Tensor):
         """(pooled hidden states [B, D], summed auxiliary loss of the MoE layers)."""
-        h_BTD, _, aux, _ = self.backbone(idx_BT)
+        h_BTD, _, aux, _ = self.backbone(idx_BT, mask_BT=mask_BT)  # padding takes no expert route or capacity
         return pool(h_BTD, mask_BT, self.pooling), aux
 
     def forward(self, idx_BT, mask_BT, labels_B=None):

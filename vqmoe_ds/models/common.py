@@ -14,14 +14,15 @@ from .configs import ModelConfig, count_params
 
 def init_weights(model: nn.Module, std: float, n_layer: int) -> None:
     """N(0, std) for our Linear/Embedding weights, zero biases, unit LayerNorms; output projections of the
-    residual branches (named ``c_proj``/``o_net``) get std/sqrt(2 n_layer) (GPT-2).  Modules inside an
-    `MoELayer` are skipped: the layer initialises its experts per global expert id and its routers itself."""
+    residual branches (attention's ``c_proj``/``o_net``, the dense FFN's ``fc2``) get std/sqrt(2 n_layer)
+    (GPT-2).  Modules inside an `MoELayer` are skipped: the layer initialises its experts per global expert id
+    (their ``fc2`` with the same depth-scaled std, ``MoEConfig.output_init_std``) and its routers itself."""
     inside_moe = {id(m) for layer in model.modules() if isinstance(layer, MoELayer) for m in layer.modules()}
     for name, m in model.named_modules():
         if id(m) in inside_moe or any(p.is_meta for p in m.parameters(recurse=False)):
             continue
         if isinstance(m, nn.Linear):
-            s = std / math.sqrt(2 * n_layer) if name.endswith(("c_proj", "o_net")) else std
+            s = std / math.sqrt(2 * n_layer) if name.endswith(("c_proj", "o_net", "fc2")) else std
             nn.init.normal_(m.weight, 0.0, s)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
@@ -32,21 +33,63 @@ def init_weights(model: nn.Module, std: float, n_layer: int) -> None:
             nn.init.zeros_(m.bias)
 
 
-def flops_per_token(cfg: ModelConfig) -> float:
-    """Training FLOPs per token (forward + backward = 3 x forward, 2 FLOPs per multiply-add), PaLM-style:
-    6 x (active matmul parameters: attention projections, active experts, dense FFNs, routers, output layer)
-    + attention's score and value products over the context (GPT: seq_len; TXL: tgt_len + mem_len, with
-    the relative term BD as a third product and r_net's projection of the klen position embeddings)."""
-    p = count_params(cfg)
-    D, L, V = cfg.d_model, cfg.n_layer, cfg.vocab_size
-    matmul = p["active"] - p["embedding"] + V * D  # the output layer is a matmul even when tied
-    if cfg.model == "gpt":
-        attn_fwd = L * 4 * D * cfg.seq_len
-    else:
-        klen = cfg.seq_len + cfg.mem_len
-        matmul -= L * D * D  # r_net runs over klen positions per segment, not per token: counted below
-        attn_fwd = L * (6 * D * klen + 2 * D * D * klen / cfg.seq_len)
-    return 6.0 * matmul + 3.0 * attn_fwd
+def flops_per_token(cfg: ModelConfig, batch_size: int = 1) -> float:
+    """Training FLOPs per token of one forward + backward, counted from the matrix products the model computes
+    (2 FLOPs per multiply-add; elementwise work, softmaxes and norms are not counted, as torch's
+    ``FlopCounterMode`` does not count them).  A product whose weight and input both need gradients costs 3x its
+    forward (forward, input gradient, weight gradient); one with only one of them 2x; a detached one 1x.
+
+      * attention: the QKV and output projections, and the T x T score and value products in full -- what the
+        math kernel and Transformer-XL's einsums compute (a causal flash kernel skips about half of the latter).
+        Transformer-XL projects QKV for its memory rows too (klen = tgt_len + mem_len per segment), computes
+        AC, BD and PV over klen, and r_net projects the klen relative positions once per batch of
+        ``batch_size`` segments;
+      * FFN: dense, or per MoE layer the routed experts (k routes per token, VQMoE k + 1, discrete-only 1,
+        SMoE-Dropout its final k; dropless) and the routing products: the router (XMoE: its projection and
+        expert embeddings; StableMoE: the learned router and the distilled one on the detached token;
+        SMoE-Dropout: a frozen router), VQMoE's mixing gate W_g, the codebook's projections and the nearest-code
+        distances to the K codes (detached: forward only);
+      * the output layer (a matrix product even when tied to the embedding).
+    """
+    from .configs import routes_per_token
+
+    D, L, V, T = cfg.d_model, cfg.n_layer, cfg.vocab_size, cfg.seq_len
+    fwd = lambda macs: 2.0 * macs  # noqa: E731
+    total = 3 * fwd(D * V)  # output layer
+    for i in range(L):
+        if cfg.model == "gpt":
+            total += 3 * fwd(4 * D * D + 2 * T * D)  # qkv + out projection, scores + values
+        else:
+            klen = T + cfg.mem_len
+            total += 3 * fwd(3 * D * D * klen / T + D * D + 3 * klen * D)  # qkv over klen rows, o_net, AC BD PV
+            total += 2 * fwd(D * D * klen / (T * batch_size))  # r_net over constant positions: weight gradient only
+        m = cfg.moe_config(i)
+        if m.router == "dense":
+            total += 3 * fwd(2 * D * m.ffn_hidden_size)
+            continue
+        E = m.num_experts
+        total += 3 * fwd(routes_per_token(m) * 2 * D * m.ffn_hidden_size)
+        discrete_only = m.router == "vqmoe" and m.vqmoe_mode == "discrete_only"
+        if m.router in ("topk", "vqmoe") and not discrete_only:
+            total += 3 * fwd(D * E)
+        elif m.router == "xmoe":
+            total += 3 * fwd(D * m.xmoe_dim + m.xmoe_dim * E)
+        elif m.router == "stablemoe":
+            dd = m.stablemoe_distill_dim  # the distilled router reads the detached token: its first product has no
+            total += 3 * fwd(D * E) + 2 * fwd(D * dd) + 3 * fwd(dd * E)  # input gradient, its second one does
+        elif m.router == "smoe_dropout":
+            total += 2 * fwd(D * E)
+        elif m.router == "cluster":
+            total += fwd(D * E)  # distances to the fixed centroids (detached)
+        if m.router == "vqmoe":
+            C = m.codebook_dim or D
+            if not discrete_only:
+                total += 3 * fwd(D * 2)  # mixing gate W_g
+            if C != D:
+                total += 3 * fwd(2 * D * C)  # in- and out-projection
+            levels = {"codebook": 1, "residual": m.vq_num_quantizers}.get(m.vq_kind, 0)
+            total += levels * fwd(C * m.codebook_size)  # distances to the codes (LFQ's internals not counted)
+    return total
 
 
 def estimate_mfu(cfg: ModelConfig, tokens_per_second: float, peak_flops: float) -> float:

@@ -11,6 +11,7 @@ discrete route, so k+1).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
@@ -99,7 +100,8 @@ class ModelConfig:
     def moe_config(self, layer: int) -> MoEConfig:
         if layer in self.moe_layer_ids() and self.moe.get("router", "topk") != "dense":
             return MoEConfig(hidden_size=self.d_model, ffn_hidden_size=self.expert_ffn or self.d_inner,
-                             init_std=self.init_std, **self.moe)
+                             init_std=self.init_std, output_init_std=self.init_std / math.sqrt(2 * self.n_layer),
+                             vocab_size=self.vocab_size, **self.moe)
         return MoEConfig(hidden_size=self.d_model, ffn_hidden_size=self.d_inner, router="dense",
                          dropout=self.moe.get("dropout", 0.0))
 
@@ -113,7 +115,7 @@ class ModelConfig:
 # ---- parameter counts (closed form) ------------------------------------------------------------------------
 def routes_per_token(m: MoEConfig) -> int:
     """How many expert routes a token takes in an MoE layer (the discrete VQ path counts one)."""
-    if m.router == "vqmoe" and m.vqmoe_mode == "discrete_only":
+    if (m.router == "vqmoe" and m.vqmoe_mode == "discrete_only") or m.router in ("hash", "cluster"):
         return 1
     if m.router == "smoe_dropout":
         return m.smoe_dropout_k_end or m.num_experts  # k at the end of its schedule

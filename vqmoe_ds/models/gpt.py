@@ -40,9 +40,9 @@ class Block(nn.Module):
         self.ffn = cfg.moe_config(layer).build()
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x_BTD):
+    def forward(self, x_BTD, mask_BT=None, ids_BT=None):
         x_BTD = x_BTD + self.attn(self.ln1(x_BTD))
-        y_BTD, aux = self.ffn(self.ln2(x_BTD))
+        y_BTD, aux = self.ffn(self.ln2(x_BTD), mask_BT, ids_BT)
         return x_BTD + self.drop(y_BTD), aux
 
 
@@ -61,9 +61,10 @@ class GPT(nn.Module):
             self.lm_head.weight = self.wte.weight
         init_weights(self, cfg.init_std, cfg.n_layer)
 
-    def forward(self, idx_BT, targets_BT=None, mems=None):
+    def forward(self, idx_BT, targets_BT=None, mems=None, mask_BT=None):
         """(logits_BTV, loss, aux, mems): loss = mean NLL over targets (None without targets), aux = the
-        summed, already weighted auxiliary losses of the MoE layers; GPT keeps no memory (mems is None)."""
+        summed, already weighted auxiliary losses of the MoE layers; GPT keeps no memory (mems is None).
+        ``mask_BT``: False marks padding, which the MoE layers do not route (no capacity, no aux loss)."""
         B, T = idx_BT.shape
         if T > self.cfg.seq_len:
             raise ValueError(f"sequence of {T} tokens is longer than the model's context {self.cfg.seq_len}")
@@ -71,7 +72,7 @@ class GPT(nn.Module):
         x_BTD = self.drop(self.wte(idx_BT) + self.wpe(pos_T))
         aux = x_BTD.new_zeros((), dtype=torch.float32)
         for block in self.blocks:
-            x_BTD, a = block(x_BTD)
+            x_BTD, a = block(x_BTD, mask_BT, idx_BT)
             aux = aux + a
         logits_BTV = self.lm_head(self.ln_f(x_BTD))
         loss = None

@@ -75,9 +75,9 @@ class Block(nn.Module):
         self.ffn = cfg.moe_config(layer).build()
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x_BTD, mem_BMD, pos_KD):
+    def forward(self, x_BTD, mem_BMD, pos_KD, mask_BT=None, ids_BT=None):
         x_BTD = x_BTD + self.attn(self.ln1(torch.cat([mem_BMD, x_BTD], dim=1)), pos_KD, x_BTD.shape[1])
-        y_BTD, aux = self.ffn(self.ln2(x_BTD))
+        y_BTD, aux = self.ffn(self.ln2(x_BTD), mask_BT, ids_BT)
         return x_BTD + self.drop(y_BTD), aux
 
 
@@ -100,10 +100,10 @@ class TransformerXL(nn.Module):
         return [torch.zeros(batch_size, 0, self.cfg.d_model, device=device or p.device, dtype=dtype or p.dtype)
                 for _ in range(self.cfg.n_layer)]
 
-    def forward(self, idx_BT, targets_BT=None, mems: Optional[List[torch.Tensor]] = None):
+    def forward(self, idx_BT, targets_BT=None, mems: Optional[List[torch.Tensor]] = None, mask_BT=None):
         """(logits_BTV, loss, aux, new_mems).  ``mems``: one [B, M, D] tensor per layer from the previous
         segment (None: no memory); ``new_mems`` keeps the last ``mem_len`` inputs of each layer, detached
-        (None when mem_len is 0)."""
+        (None when mem_len is 0).  ``mask_BT``: False marks padding, which the MoE layers do not route."""
         B, T = idx_BT.shape
         if mems is None:
             mems = self.init_mems(B)
@@ -116,7 +116,7 @@ class TransformerXL(nn.Module):
         for block, mem_BMD in zip(self.blocks, mems):
             if self.cfg.mem_len:
                 new_mems.append(torch.cat([mem_BMD, x_BTD], dim=1)[:, -self.cfg.mem_len:].detach())
-            x_BTD, a = block(x_BTD, mem_BMD.to(x_BTD.dtype), pos_KD)
+            x_BTD, a = block(x_BTD, mem_BMD.to(x_BTD.dtype), pos_KD, mask_BT, idx_BT)
             aux = aux + a
         logits_BTV = self.lm_head(self.ln_f(x_BTD))
         loss = None

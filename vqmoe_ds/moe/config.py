@@ -3,7 +3,7 @@
 `MoEConfig.build()` returns the module the model puts in a block's FFN slot.  Every such module has the
 same call signature::
 
-    y_BTD, aux_loss = ffn(x_BTD)
+    y_BTD, aux_loss = ffn(x_BTD, mask_BT=None, ids_BT=None)   # padding mask, input token ids (hash routing)
 
 where ``aux_loss`` is a scalar tensor holding all auxiliary losses of the layer, already weighted
 (balance loss x ``balance_loss_coef``, VQ loss x ``vq_alpha``, StableMoE distillation, ...), so that the
@@ -16,13 +16,15 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, Dict, Optional, Tuple
 
-ROUTERS = ("dense", "topk", "xmoe", "stablemoe", "smoe_dropout", "vq", "vqmoe")
+ROUTERS = ("dense", "topk", "xmoe", "stablemoe", "smoe_dropout", "hash", "cluster", "vq", "vqmoe")
+HASH_TABLES = ("random", "balanced")
 VQ_KINDS = ("codebook", "residual", "lfq")
 VQ_DISTANCES = ("l2", "cosine")
 VQMOE_MODES = ("pretrain", "discrete_only")
 DISPATCHERS = ("sorted", "deepspeed")
 DISCRETE_INPUTS = ("quantized", "token")
 ACTIVATIONS = ("gelu", "relu", "silu")
+VQ_SCALES = ("token", "code")
 
 
 class ConfigError(ValueError):
@@ -33,12 +35,14 @@ class ConfigError(ValueError):
 class MoEConfig:
     hidden_size: int  # the model width d (set by the model: --hidden-size)
     ffn_hidden_size: int  # each expert's hidden width (set by the model: --expert-ffn-hidden-size)
-    router: str = "topk"  # "dense" (no MoE), a learned top-k router, or "vqmoe" (eq. 4-5; "vq" = vqmoe in discrete_only mode, eq. 7)
+    router: str = "topk"  # "dense" (no MoE); learned: topk, xmoe, stablemoe, smoe_dropout; discrete, one expert per token: hash, cluster; "vqmoe" (eq. 4-5; "vq" = vqmoe in discrete_only mode, eq. 7)
     num_experts: int = 8  # experts N of every MoE layer
     top_k: int = 2  # experts per token of the learned router (VQMoE's continuous path)
+    norm_topk_prob: bool = True  # k >= 2: renormalise the chosen probabilities to sum to 1 (GShard); off: as is (OLMoE). k = 1 never does (Switch)
     ep_size: int = 1  # expert-parallel size: ranks that share one layer's experts (a divisor of N and of the world size)
     activation: str = "gelu"  # expert MLP activation
     init_std: float = 0.02  # experts: N(0, init_std) weights, zero biases, drawn per *global* expert id (set by the model)
+    output_init_std: Optional[float] = None  # std of the experts' output projection fc2 (the model sets init_std / sqrt(2 n_layer)); none: init_std
     dropout: float = 0.0  # dropout after the FFN / expert output
     capacity_factor: float = 1.25  # training capacity per expert = ceil(factor x routes / N), at least --min-capacity
     eval_capacity_factor: float = 2.0  # the capacity factor in evaluation
@@ -51,6 +55,7 @@ class MoEConfig:
     codebook_dim: Optional[int] = None  # none: quantize in the model dim; else project down to this dim (VQGAN-style)
     vq_kind: str = "codebook"  # quantizer: our codebook, residual VQ, or lookup-free quantization (LFQ)
     vq_distance: str = "cosine"  # nearest code by "l2" (VQ-VAE) or "cosine" distance
+    vq_scale: str = "token"  # cosine codebook in the model dim: x~ = |x| v_code ("token", the token's scale) or the unit code ("code")
     vq_alpha: float = 0.08  # weight alpha of the VQ loss (eq. 8)
     vq_beta: float = 0.25  # commitment weight beta (eq. 8)
     vq_ema: bool = False  # EMA codebook updates instead of gradient updates
@@ -70,6 +75,11 @@ class MoEConfig:
     smoe_dropout_k_start: int = 1  # SMoE-Dropout: k at step 0 (k grows linearly to k_end)
     smoe_dropout_k_end: Optional[int] = None  # SMoE-Dropout: k at the end of the schedule; none: num_experts
     smoe_dropout_k_steps: int = 1000  # SMoE-Dropout: steps over which k grows
+    hash_table: str = "random"  # hash routing: a seeded random id -> expert table, or one balanced by the training data's token frequencies
+    hash_seed: int = 0  # hash routing: the seed of the random table
+    cluster_warmup_steps: int = 100  # clustering router: steps before k-means of the layer's inputs fixes the centroids
+    cluster_distance: str = "cosine"  # clustering router: nearest centroid by "cosine" or "l2" distance
+    vocab_size: Optional[int] = None  # the token vocabulary (set by the model; hash routing's table size)
 
     # command-line spellings (first = the flag, the rest aliases; "--flag=value" sets that value), and choices
     FLAGS: ClassVar[Dict[str, Tuple[str, ...]]] = {
@@ -87,7 +97,8 @@ class MoEConfig:
     }
     CHOICES: ClassVar[Dict[str, Tuple[str, ...]]] = {
         "router": ROUTERS, "vq_kind": VQ_KINDS, "vq_distance": VQ_DISTANCES, "vqmoe_mode": VQMOE_MODES,
-        "dispatcher": DISPATCHERS, "discrete_input": DISCRETE_INPUTS, "activation": ACTIVATIONS}
+        "dispatcher": DISPATCHERS, "discrete_input": DISCRETE_INPUTS, "activation": ACTIVATIONS,
+        "vq_scale": VQ_SCALES, "hash_table": HASH_TABLES, "cluster_distance": VQ_DISTANCES}
 
     def __post_init__(self):
         if self.router == "vq":  # the short name of discrete-only VQMoE (eq. 7): one model, one implementation
@@ -118,6 +129,8 @@ class MoEConfig:
         if self.capacity_factor <= 0 or self.eval_capacity_factor <= 0:
             bad(f"capacity_factor={self.capacity_factor}, eval_capacity_factor={self.eval_capacity_factor}: "
                 f"must be > 0 (use drop_tokens=False for a dropless layer)")
+        if self.output_init_std is not None and not self.output_init_std > 0:
+            bad(f"output_init_std={self.output_init_std} must be > 0")
         if self.min_capacity < 0:
             bad(f"min_capacity={self.min_capacity} must be >= 0")
         if self.dispatcher not in DISPATCHERS:
@@ -135,6 +148,8 @@ class MoEConfig:
                 bad(f"unknown vq_kind {self.vq_kind!r}: choose one of {', '.join(VQ_KINDS)}")
             if self.vq_distance not in VQ_DISTANCES:
                 bad(f"unknown vq_distance {self.vq_distance!r}: choose one of {', '.join(VQ_DISTANCES)}")
+            if self.vq_scale not in VQ_SCALES:
+                bad(f"unknown vq_scale {self.vq_scale!r}: choose one of {', '.join(VQ_SCALES)}")
             if self.vq_alpha < 0:
                 bad(f"vq_alpha={self.vq_alpha} must be >= 0 (the paper uses 0.05-0.15)")
             if self.vq_beta < 0:
@@ -149,6 +164,14 @@ class MoEConfig:
                 bad(f"codebook_size={self.codebook_size}: LFQ needs a power of two (2**bits codes)")
             if self.vq_kind == "residual" and self.vq_num_quantizers < 1:
                 bad(f"vq_num_quantizers={self.vq_num_quantizers} must be >= 1")
+        if self.router == "hash" and self.hash_table not in HASH_TABLES:
+            bad(f"unknown hash_table {self.hash_table!r}: choose one of {', '.join(HASH_TABLES)}")
+        if self.router == "hash" and self.vocab_size is not None and self.vocab_size < 1:
+            bad(f"vocab_size={self.vocab_size} must be >= 1 for hash routing")
+        if self.router == "cluster" and self.cluster_warmup_steps < 0:
+            bad(f"cluster_warmup_steps={self.cluster_warmup_steps} must be >= 0")
+        if self.router == "cluster" and self.cluster_distance not in VQ_DISTANCES:
+            bad(f"unknown cluster_distance {self.cluster_distance!r}: choose one of {', '.join(VQ_DISTANCES)}")
         if self.router == "xmoe" and self.xmoe_dim < 1:
             bad(f"xmoe_dim={self.xmoe_dim} must be >= 1")
         if self.router == "xmoe" and self.xmoe_init_temperature <= 0:

@@ -32,6 +32,7 @@ class DeepSpeedGate(nn.Module):
         self.router = router
         self.ep_group = None
         self.pending: Optional[RouteGrid] = None
+        self.agree = False  # capacity = its largest value over the ep group (ranks route different token counts)
         self.last_routing = None
 
     def _set_ep_group(self, ep_group):
@@ -66,6 +67,8 @@ class DeepSpeedGate(nn.Module):
         experts_R = grid.experts_KS.reshape(-1)[valid.reshape(-1)]
         cf = self.capacity_factor if self.training else self.eval_capacity_factor
         capacity = capacity_for(experts_R.numel(), self.num_experts, cf, self.min_capacity) if self.drop_tokens else None
+        if capacity is not None and self.agree:
+            capacity = agree_capacity(torch.full((1,), capacity, device=x_SD.device), self.ep_group)
         plan = plan_routes(experts_R, self.num_experts, capacity)
         if capacity is None:
             capacity = agree_capacity(plan.counts_E, self.ep_group)

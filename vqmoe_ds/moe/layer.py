@@ -16,7 +16,7 @@ weight g_d.  In ``discrete_only`` mode (eq. 7) only the discrete path runs: one 
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +51,7 @@ class DenseFFN(nn.Module):
         self.cfg = cfg
         self.mlp = ExpertMLP(cfg.hidden_size, cfg.ffn_hidden_size, cfg.activation, cfg.dropout)
 
-    def forward(self, x):
+    def forward(self, x, mask=None, ids=None):
         return self.mlp(x), x.new_zeros((), dtype=torch.float32)
 
     def stats(self) -> Dict[str, torch.Tensor]:
@@ -81,7 +81,7 @@ class MoELayer(nn.Module):
         self.reset_experts(int(torch.randint(0, 2**31 - 1, (), device="cpu").item()))  # cpu: builds under a meta device too
 
     def reset_experts(self, seed: int) -> None:
-        init_experts_by_global_id(self.experts, self.cfg.ep_size, seed, self.cfg.init_std)
+        init_experts_by_global_id(self.experts, self.cfg.ep_size, seed, self.cfg.init_std, self.cfg.output_init_std)
 
     @property
     def experts(self) -> nn.ModuleList:
@@ -92,17 +92,17 @@ class MoELayer(nn.Module):
         return self.moe.deepspeed_moe.ep_group
 
     # ---- route ------------------------------------------------------------------------------------------
-    def route(self, x_TD: torch.Tensor):
+    def route(self, x_TD: torch.Tensor, ids_T: Optional[torch.Tensor] = None):
         """(X_SD, RouteGrid, aux_loss, stats): the token matrix to dispatch and its routes."""
         T = x_TD.shape[0]
         stats, aux = {}, x_TD.new_zeros((), dtype=torch.float32)
         cont = disc = None
         if self.continuous:
-            cont = self.router(x_TD)
+            cont = self.router(x_TD, ids_T)
             aux = aux + cont.aux_loss
             stats.update(cont.stats)
         if self.discrete:
-            disc = self.vq_router(x_TD)
+            disc = self.vq_router(x_TD, ids_T)
             aux = aux + disc.aux_loss
             stats.update(disc.stats)
         if disc is None:
@@ -127,17 +127,34 @@ class MoELayer(nn.Module):
         return torch.cat([x_TD, d_in]), RouteGrid(experts, weights, valid), aux, stats
 
     # ---- forward: route -> dispatch -> experts -> combine -------------------------------------------------
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, ids: Optional[torch.Tensor] = None):
+        """``y, aux = layer(x_BTD, mask_BT, ids_BT)``.  ``mask``: False marks tokens (padding) that take no route,
+        no expert capacity and no part in the auxiliary losses and statistics; their output is 0.  ``ids``: the
+        input token ids, for routers that route by token (hash routing)."""
         D = x.shape[-1]
         x_TD = x.reshape(-1, D)
+        ids_T = ids.reshape(-1) if ids is not None else None
+        if mask is None:
+            y_TD, aux = self._forward_tokens(x_TD, ids_T, agree_capacity=False)
+            return y_TD.reshape(x.shape), aux
+        keep_T = mask.reshape(-1).to(torch.bool).nonzero().squeeze(1)  # a host sync: masked batches only
+        y_kD, aux = self._forward_tokens(x_TD.index_select(0, keep_T),
+                                         ids_T.index_select(0, keep_T) if ids_T is not None else None,
+                                         agree_capacity=True)
+        y_TD = y_kD.new_zeros(x_TD.shape).index_copy(0, keep_T, y_kD)
+        return y_TD.reshape(x.shape), aux
+
+    def _forward_tokens(self, x_TD: torch.Tensor, ids_T: Optional[torch.Tensor], agree_capacity: bool):
         T = x_TD.shape[0]
-        X_SD, grid, aux, stats = self.route(x_TD)
+        X_SD, grid, aux, stats = self.route(x_TD, ids_T)
         if self.cfg.dispatcher == "deepspeed":
+            # ranks may hold different numbers of real tokens: the equal-split all-to-all needs one capacity
+            self.moe.deepspeed_moe.gate.agree = agree_capacity
             y_TD = self._forward_deepspeed(X_SD, grid, T, stats)
         else:
             y_TD = self._forward_sorted(X_SD, grid, T, stats)
         self._stats = stats
-        return y_TD.reshape(x.shape), aux
+        return y_TD, aux
 
     def _capacity(self, num_routes: int):
         if not self.cfg.drop_tokens:
@@ -177,9 +194,11 @@ class MoELayer(nn.Module):
 
 
 @torch.no_grad()
-def init_experts_by_global_id(experts: nn.ModuleList, ep_size: int, seed: int, init_std: float) -> None:
-    """Give every expert its own initialisation, drawn from (seed, global expert id): N(0, init_std) weights,
-    zero biases.
+def init_experts_by_global_id(experts: nn.ModuleList, ep_size: int, seed: int, init_std: float,
+                              output_std: Optional[float] = None) -> None:
+    """Give every expert its own initialisation, drawn from (seed, global expert id): N(0, init_std) weights
+    (the output projection ``fc2``: N(0, output_std), the depth-scaled std the model gives every residual
+    branch's output), zero biases.
 
     DeepSpeed's ``Experts`` deep-copies one expert module, so all experts would start identical.  Seeding
     by the *global* id makes expert e the same tensor whatever the expert-parallel size, so an ep=2 run
@@ -192,7 +211,8 @@ def init_experts_by_global_id(experts: nn.ModuleList, ep_size: int, seed: int, i
             if p.is_meta:
                 continue
             if name.endswith("weight"):
-                p.copy_(torch.randn(p.shape, generator=g) * init_std)
+                std = output_std if output_std is not None and name.startswith("fc2") else init_std
+                p.copy_(torch.randn(p.shape, generator=g) * std)
             else:
                 p.zero_()
 

@@ -9,7 +9,8 @@ def build_quantizer(cfg):
     common = dict(beta=cfg.vq_beta, ema=cfg.vq_ema, ema_decay=cfg.vq_ema_decay, kmeans_init=cfg.vq_kmeans_init,
                   kmeans_iters=cfg.vq_kmeans_iters, dead_code_threshold=cfg.vq_dead_code_threshold)
     if cfg.vq_kind == "codebook":
-        q = CodebookQuantizer(cfg.hidden_size, cfg.codebook_size, cfg.codebook_dim, distance=cfg.vq_distance, **common)
+        q = CodebookQuantizer(cfg.hidden_size, cfg.codebook_size, cfg.codebook_dim, distance=cfg.vq_distance,
+                              scale=cfg.vq_scale, **common)
     elif cfg.vq_kind == "residual":
         q = ResidualQuantizer(cfg.hidden_size, cfg.codebook_size, cfg.vq_num_quantizers, cfg.codebook_dim, **common)
     else:

@@ -2,6 +2,17 @@
 (VQGAN-style), straight-through gradients, the VQ loss of eq. 8, optional EMA codebook, k-means
 initialisation and dead-code restart.
 
+The quantized token x~ (what VQMoE's discrete expert reads) must live on the token's scale:
+
+  * L2 codes live in the space of x (or of its projection, mapped back by the learned ``out_proj``);
+  * a factorised cosine codebook (``codebook_dim`` < d: project down, normalise, look up, project back up)
+    gets its scale from the learned up-projection ``out_proj``;
+  * a cosine codebook in the model dimension has unit codes.  With ``scale="token"`` (the default) x~ is the
+    code's direction at the token's norm, ``|x| v``: straight-through for the direction, exact for the norm
+    (d x~/dx = I + (v - x/|x|) x^T/|x|, the identity when the code matches the token); with
+    ``scale="code"`` it is the unit code itself, 1/|x| of the token's size (|x| is about sqrt(d) after a
+    LayerNorm), so the same experts would see tokens of two very different sizes on the two paths.
+
 Why our own and not vector-quantize-pytorch's ``VectorQuantize``: under expert parallelism the codebook is
 a non-expert parameter shared by the data-parallel group, and every statistic that moves it (EMA counts,
 k-means init, dead-code samples) must be reduced over exactly that group.  vector-quantize-pytorch
@@ -72,7 +83,7 @@ class CodebookQuantizer(nn.Module):
     def __init__(self, dim: int, codebook_size: int, codebook_dim: Optional[int] = None, distance: str = "l2",
                  beta: float = 0.25, ema: bool = False, ema_decay: float = 0.99, kmeans_init: bool = False,
                  kmeans_iters: int = 10, dead_code_threshold: float = 0.0, process_group: GroupSpec = "data_parallel",
-                 impl: str = "auto", eps: float = 1e-5):
+                 impl: str = "auto", eps: float = 1e-5, scale: str = "token"):
         super().__init__()
         if codebook_size < 1:
             raise ValueError(f"codebook_size={codebook_size}: the codebook needs at least one code")
@@ -82,8 +93,11 @@ class CodebookQuantizer(nn.Module):
         self.ema, self.ema_decay = ema, ema_decay
         self.kmeans_iters, self.dead_code_threshold = kmeans_iters, dead_code_threshold
         self.process_group, self.impl, self.eps = process_group, impl, eps
+        if scale not in ("token", "code"):
+            raise ValueError(f"scale={scale!r}: choose 'token' or 'code'")
         self.frozen = False
         C = self.codebook_dim
+        self.token_scale = scale == "token" and distance == "cosine" and C == dim
         self.in_proj = nn.Linear(dim, C) if C != dim else nn.Identity()
         self.out_proj = nn.Linear(C, dim) if C != dim else nn.Identity()
         init = torch.randn(codebook_size, C)
@@ -128,7 +142,10 @@ class CodebookQuantizer(nn.Module):
         perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
         stats = {"vq_loss": loss.detach(), "code_counts": counts_K.detach(), "codes_used": used.detach(),
                  "code_perplexity": perplexity.detach()}
-        return QuantizerOutput(self.out_proj(z_q), codes_T, loss, stats)
+        out_TD = self.out_proj(z_q)
+        if self.token_scale:  # unit code -> the code's direction at the token's norm
+            out_TD = out_TD * x_TD.norm(dim=-1, keepdim=True).to(out_TD.dtype)
+        return QuantizerOutput(out_TD, codes_T, loss, stats)
 
     # ---- statistics (all reduced over the codebook's group) ---------------------------------------------
     @torch.no_grad()

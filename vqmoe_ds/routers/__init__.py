@@ -1,6 +1,9 @@
-"""Routers behind one interface (`Router.forward(x_TD) -> Routing`): top-k SMoE, XMoE, StableMoE,
-SMoE-Dropout and VQ.  `build_router(cfg)` makes the one a `MoEConfig` names."""
+"""Routers behind one interface (`Router.forward(x_TD, ids_T=None) -> Routing`): top-k SMoE, XMoE, StableMoE,
+SMoE-Dropout, VQ, and the discrete baselines hash routing and the clustering router.  `build_router(cfg)` makes
+the one a `MoEConfig` names."""
 from .base import Router, Routing, balance_loss, set_step
+from .cluster import ClusterRouter
+from .hash import HashRouter, balanced_table, fit_hash_tables
 from .smoe_dropout import SMoEDropoutRouter
 from .stablemoe import StableMoERouter
 from .topk import TopKRouter
@@ -12,15 +15,21 @@ def build_router(cfg, kind: str = None):
     """The continuous router of `cfg` (kind defaults to cfg.router; "vqmoe"'s continuous path is top-k)."""
     kind = kind or cfg.router
     d, n = cfg.hidden_size, cfg.num_experts
+    norm = cfg.norm_topk_prob
     if kind in ("topk", "vqmoe"):
-        return TopKRouter(d, n, cfg.top_k, cfg.balance_loss_coef, cfg.router_jitter)
+        return TopKRouter(d, n, cfg.top_k, cfg.balance_loss_coef, cfg.router_jitter, normalize=norm)
     if kind == "xmoe":
-        return XMoERouter(d, n, cfg.top_k, cfg.xmoe_dim, cfg.xmoe_init_temperature, cfg.balance_loss_coef)
+        return XMoERouter(d, n, cfg.top_k, cfg.xmoe_dim, cfg.xmoe_init_temperature, cfg.balance_loss_coef, norm)
     if kind == "stablemoe":
         return StableMoERouter(d, n, cfg.top_k, cfg.stablemoe_stage1_steps, cfg.stablemoe_distill_dim,
-                               cfg.stablemoe_distill_coef, cfg.balance_loss_coef)
+                               cfg.stablemoe_distill_coef, cfg.balance_loss_coef, norm)
     if kind == "smoe_dropout":
-        return SMoEDropoutRouter(d, n, cfg.smoe_dropout_k_start, cfg.smoe_dropout_k_end, cfg.smoe_dropout_k_steps)
+        return SMoEDropoutRouter(d, n, cfg.smoe_dropout_k_start, cfg.smoe_dropout_k_end, cfg.smoe_dropout_k_steps,
+                                 norm)
+    if kind == "hash":
+        return HashRouter(cfg.vocab_size, n, cfg.hash_table, cfg.hash_seed)
+    if kind == "cluster":
+        return ClusterRouter(d, n, cfg.cluster_warmup_steps, cfg.cluster_distance)
     if kind == "vq":
         from ..quantizers import build_quantizer
 
@@ -29,4 +38,5 @@ def build_router(cfg, kind: str = None):
 
 
 __all__ = ["Router", "Routing", "balance_loss", "set_step", "build_router", "TopKRouter", "XMoERouter",
-           "StableMoERouter", "SMoEDropoutRouter", "VQRouter"]
+           "StableMoERouter", "SMoEDropoutRouter", "VQRouter", "HashRouter", "ClusterRouter", "balanced_table",
+           "fit_hash_tables"]

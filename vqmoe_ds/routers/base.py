@@ -1,9 +1,9 @@
 """The one interface every router implements.
 
-A router looks at the tokens ``x_TD`` of one MoE layer and says, for each token, which experts it goes to
-and with what combine weight::
+A router looks at the tokens ``x_TD`` of one MoE layer (and, if it routes by token identity, their ids
+``ids_T``) and says, for each token, which experts it goes to and with what combine weight::
 
-    routing = router(x_TD)
+    routing = router(x_TD, ids_T)
     routing.experts_TK   # long [T, k]: expert id of each of the token's k routes (global ids, 0..N-1)
     routing.weights_TK   # float [T, k]: combine weight of each route (differentiable)
     routing.aux_loss     # scalar: the router's auxiliary loss, already weighted (balance, VQ, distillation)
@@ -36,7 +36,7 @@ class Routing:
 
 
 class Router(nn.Module):
-    """Base class: subclasses implement ``forward(x_TD) -> Routing``."""
+    """Base class: subclasses implement ``forward(x_TD, ids_T=None) -> Routing``."""
 
     num_experts: int
 

@@ -18,8 +18,8 @@ from .topk import TopKRouter
 
 class StableMoERouter(TopKRouter):
     def __init__(self, hidden_size: int, num_experts: int, k: int = 1, stage1_steps: int = 1000, distill_dim: int = 16,
-                 distill_coef: float = 1.0, balance_loss_coef: float = 0.01):
-        super().__init__(hidden_size, num_experts, k, balance_loss_coef)
+                 distill_coef: float = 1.0, balance_loss_coef: float = 0.01, normalize: bool = True):
+        super().__init__(hidden_size, num_experts, k, balance_loss_coef, normalize=normalize)
         self.stage1_steps = stage1_steps
         self.distill_coef = distill_coef
         self.distilled = nn.Sequential(nn.Linear(hidden_size, distill_dim, bias=False),
@@ -42,7 +42,7 @@ class StableMoERouter(TopKRouter):
             self.frozen_taken.fill_(True)
         return F.linear(F.linear(x_TD.float(), self.frozen_down), self.frozen_up)
 
-    def forward(self, x_TD: torch.Tensor) -> Routing:
+    def forward(self, x_TD: torch.Tensor, ids_T=None) -> Routing:
         logits_TE = self.logits(x_TD)
         if self.stage == 1:
             routing = self.route(logits_TE, self.k)
@@ -53,7 +53,6 @@ class StableMoERouter(TopKRouter):
             return routing
         experts_TK = self._frozen_logits(x_TD).topk(self.k, dim=-1).indices
         probs_TE = logits_TE.softmax(-1)
-        top_TK = probs_TE.gather(1, experts_TK)
-        weights_TK = top_TK / top_TK.sum(-1, keepdim=True)
+        weights_TK = self.combine_weights(probs_TE.gather(1, experts_TK))
         bal = balance_loss(probs_TE.detach(), experts_TK, self.num_experts)
         return Routing(experts_TK, weights_TK, logits_TE.new_zeros(()), {"balance_loss": bal})

@@ -1,6 +1,11 @@
 """Top-k softmax router (the SMoE baseline) with the Switch/GShard balance loss.
 
-scores = softmax(W_e x); each token goes to its k best experts with weights renormalised over the k.
+p = softmax(W_e x); each token goes to its k most probable experts.  The combine weight of a route:
+
+  * k = 1: the router probability p_e itself (Switch Transformer).  Renormalising a single probability would
+    make every weight exactly 1, and the router would then get no gradient from the task at all;
+  * k >= 2: p_e / sum of the k chosen p (GShard, Mixtral; ``normalize=True``) or p_e as is (OLMoE, Qwen-MoE;
+    ``normalize=False``).
 """
 from __future__ import annotations
 
@@ -28,12 +33,18 @@ class TopKRouter(Router):
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - self.jitter, 1 + self.jitter)
         return F.linear(x_TD, self.wg.weight.float())
 
+    def combine_weights(self, top_TK: torch.Tensor) -> torch.Tensor:
+        """The chosen experts' probabilities as combine weights (see the module docstring)."""
+        if self.normalize and top_TK.shape[1] > 1:
+            return top_TK / top_TK.sum(-1, keepdim=True)
+        return top_TK
+
     def route(self, logits_TE: torch.Tensor, k: int) -> Routing:
         probs_TE = logits_TE.softmax(-1)
         top_TK, experts_TK = probs_TE.topk(k, dim=-1)
-        weights_TK = top_TK / top_TK.sum(-1, keepdim=True) if self.normalize else top_TK
         bal = balance_loss(probs_TE, experts_TK, self.num_experts)
-        return Routing(experts_TK, weights_TK, self.balance_loss_coef * bal, {"balance_loss": bal.detach()})
+        return Routing(experts_TK, self.combine_weights(top_TK), self.balance_loss_coef * bal,
+                       {"balance_loss": bal.detach()})
 
-    def forward(self, x_TD: torch.Tensor) -> Routing:
+    def forward(self, x_TD: torch.Tensor, ids_T=None) -> Routing:
         return self.route(self.logits(x_TD), self.k)

@@ -33,6 +33,15 @@ class Corpus:
     tokenizer: str = "byte"
     meta: Optional[object] = None  # TokenizerMeta of preprocessed data; None: raw bytes
 
+    def token_counts(self, split: str = "train", chunk: int = 1 << 24) -> np.ndarray:
+        """How often each token id occurs in ``split`` ([vocab_size] int64), read in chunks."""
+        stream = self.streams[split]
+        counts = np.zeros(self.vocab_size, dtype=np.int64)
+        for start in range(0, len(stream), chunk):
+            ids = np.asarray(stream.read(start, min(chunk, len(stream) - start)), dtype=np.int64)
+            counts += np.bincount(ids, minlength=self.vocab_size)[:self.vocab_size]
+        return counts
+
     def tokenizer_state(self) -> dict:
         """What a checkpoint records about the tokens, so tools can decode without the data folder."""
         import dataclasses

@@ -14,6 +14,7 @@ import torch
 from ..cli import CommandLine, Parsed, Section, Shorthand
 from ..models import NAMED, ModelConfig, build_model, count_params, flops_per_token, named_config, param_report
 from ..moe.config import ConfigError, MoEConfig
+from ..routers import fit_hash_tables
 from .config import OptimConfig, ParallelConfig, RunConfig
 from .data import TrainBatches, eval_batches, eval_sizes_ok, load_corpus
 from .loop import Task, run
@@ -36,7 +37,7 @@ class LMDataConfig:
             raise ConfigError(f"eval_seq_length={self.eval_seq_length} must be >= 1")
 
 
-MOE_DERIVED = ("hidden_size", "ffn_hidden_size", "init_std")  # MoEConfig fields the model config sets
+MOE_DERIVED = ("hidden_size", "ffn_hidden_size", "init_std", "output_init_std", "vocab_size")  # MoEConfig fields the model config sets
 
 
 def command_line() -> CommandLine:
@@ -94,6 +95,8 @@ class LanguageModelling(Task):
 
     def build_model(self) -> torch.nn.Module:
         self.model = build_model(self.model_config)
+        if self.model_config.moe.get("hash_table") == "balanced":  # hash routing balanced by the data's ids
+            fit_hash_tables(self.model, self.corpus.token_counts("train"))
         return self.model
 
     # ---- training ----------------------------------------------------------------------------------------

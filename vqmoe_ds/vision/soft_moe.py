@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Dict, Tuple
+from typing import ClassVar, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,7 @@ class SoftMoEConfig:
     activation: str = "gelu"
     dropout: float = 0.0
     init_std: float = 0.02  # experts: N(0, init_std) per global expert id, as MoELayer does
+    output_init_std: Optional[float] = None  # the experts' fc2 (the model sets its depth-scaled std); none: init_std
     normalize: bool = False  # SoftMoE: l2-normalise X and Phi and learn a scalar scale (the paper, for large D)
 
     FLAGS: ClassVar[Dict[str, Tuple[str, ...]]] = {"slots_per_expert": ("--soft-slots",),
@@ -102,7 +103,7 @@ class SoftMoE(nn.Module):
 
     def reset_experts(self, seed: int) -> None:
         """Expert e drawn from (seed, global id e): an ep=2 run starts from the model of an ep=1 run."""
-        init_experts_by_global_id(self.experts, self.cfg.ep_size, seed, self.cfg.init_std)
+        init_experts_by_global_id(self.experts, self.cfg.ep_size, seed, self.cfg.init_std, self.cfg.output_init_std)
 
     @property
     def experts(self) -> nn.ModuleList:
@@ -134,7 +135,9 @@ class SoftMoE(nn.Module):
         out = self.moe.deepspeed_moe.experts(slots_ECD.reshape(P, E // P, C, D)).reshape(E, C, D)
         return _AllToAll.apply(self.ep_group, out) if P > 1 else out
 
-    def forward(self, x_BND: torch.Tensor):
+    def forward(self, x_BND: torch.Tensor, mask=None, ids=None):
+        if mask is not None:
+            raise ValueError("SoftMoE mixes all tokens of an image into its slots: it takes no padding mask")
         if x_BND.dim() != 3:
             raise ValueError(f"SoftMoE mixes the tokens of one image, so it needs x as [batch, tokens, dim]; got "
                              f"shape {tuple(x_BND.shape)}")

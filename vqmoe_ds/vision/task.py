@@ -62,7 +62,7 @@ class VisionDataConfig:
             self.augment = "crop" if self.dataset == "synthetic" else "standard"
 
 
-MOE_DERIVED = ("hidden_size", "ffn_hidden_size", "init_std")
+MOE_DERIVED = ("hidden_size", "ffn_hidden_size", "init_std", "output_init_std", "vocab_size")
 
 
 def command_line() -> CommandLine:

@@ -10,6 +10,7 @@ router of the library (``MoEConfig(...).build()``), or a `SoftMoE` (router ``"so
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
@@ -65,10 +66,18 @@ class ViTConfig:
         if self.d_model % self.n_head:
             bad(f"hidden size {self.d_model} is not divisible by {self.n_head} attention heads: "
                 f"change --hidden-size or --num-attention-heads")
+        if self.router == "hash":
+            bad("router hash sends each token id to a fixed expert, and image patches have no ids: choose another "
+                "router")
         if self.pool not in POOLS:
             bad(f"unknown pool {self.pool!r}: choose one of {', '.join(POOLS)} (--pool)")
         self.moe_layer_ids()
         self.ffn_config(0)  # MoEConfig / SoftMoEConfig check the MoE settings
+
+    @property
+    def output_init_std(self) -> float:
+        """The depth-scaled std of every residual branch's output projection (GPT-2)."""
+        return self.init_std / math.sqrt(2 * self.n_layer)
 
     @property
     def num_patches(self) -> int:
@@ -100,11 +109,13 @@ class ViTConfig:
             extra = set(self.moe) - set(kw) - {"router"}
             if extra:
                 raise ConfigError(f"SoftMoE takes no {', '.join(sorted(extra))}: drop those MoE flags for router soft")
-            return SoftMoEConfig(hidden_size=self.d_model, ffn_hidden_size=width, init_std=self.init_std, **kw)
+            return SoftMoEConfig(hidden_size=self.d_model, ffn_hidden_size=width, init_std=self.init_std,
+                                 output_init_std=self.output_init_std, **kw)
         if "slots_per_expert" in self.moe or "normalize" in self.moe:
             raise ConfigError(f"slots per expert / normalize apply to router soft only, not {self.router!r}: "
                               f"drop --soft-slots or use --router soft")
-        return MoEConfig(hidden_size=self.d_model, ffn_hidden_size=width, init_std=self.init_std, **self.moe)
+        return MoEConfig(hidden_size=self.d_model, ffn_hidden_size=width, init_std=self.init_std,
+                         output_init_std=self.output_init_std, **self.moe)
 
     def replace(self, **changes) -> "ViTConfig":
         return dataclasses.replace(self, **changes)

@@ -1,6 +1,6 @@
-"""Plain k-means (Lloyd's algorithm with k-means++ seeding) on a tensor, for the cluster centres of the
-consistency score (Definition 4.1).  Why our own: a few lines of torch, deterministic from a seed, and no new
-dependency (scikit-learn is not in the pinned stack)."""
+"""Plain k-means (Lloyd's algorithm with k-means++ seeding) on a tensor: the clustering router's centroids and
+the cluster centres of the routing analysis' consistency score (Definition 4.1).  Why our own: a few lines of
+torch, deterministic from a seed, and no new dependency (scikit-learn is not in the pinned stack)."""
 from __future__ import annotations
 
 import torch
