@@ -53,6 +53,11 @@ FLAGS = [
     (["--router", "topk", "--num-experts", "4", "--top-k", "8"], "top_k"),
     (["--top-k", "1", "--topk", "2"], "--top-k 1 and --topk 2 both set moe.top_k to different values"),
     (["--no-drop-tokens", "--disable-moe-token-dropping", "--drop-tokens"], "both set moe.drop_tokens"),
+    (["--moe-router-bias-update-rate", "-1"], "--moe-router-bias-update-rate -1.0: bias_update_rate=-1.0 must be >= 0"),
+    (["--moe-z-loss-coeff", "-0.1"], "--moe-z-loss-coeff -0.1: z_loss_coef=-0.1 must be >= 0"),
+    (["--moe-shared-expert-intermediate-size", "-4"], "shared_expert_size=-4 must be >= 0"),
+    (["--router", "hash", "--moe-router-score-function", "sigmoid"], "router 'hash' has no such scores"),
+    (["--router", "vq", "--moe-router-enable-expert-bias"], "needs a learned top-k router"),
 ]
 
 

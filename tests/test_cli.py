@@ -76,11 +76,16 @@ LM_VALUES = {
     "--router-jitter": "0.01", "--codebook-size": "12", "--codebook-dim": "8", "--vq-kind": "residual",
     "--vq-distance": "l2", "--vq-scale": "code", "--vq-alpha": "0.1", "--vq-beta": "0.3", "--vq-ema": None, "--vq-ema-decay": "0.9",
     "--vq-kmeans-init": None, "--vq-kmeans-iters": "3", "--vq-dead-code-threshold": "0.5",
-    "--vq-num-quantizers": "3", "--vqmoe-mode": "discrete_only", "--freeze-vq": None, "--discrete-input": "token",
+    "--vq-num-quantizers": "3", "--vqmoe-mode": "pretrain", "--freeze-vq": None, "--discrete-input": "token",
     "--xmoe-dim": "8", "--xmoe-init-temperature": "0.1", "--stablemoe-stage1-steps": "5",
     "--stablemoe-distill-dim": "4", "--stablemoe-distill-coef": "0.5", "--smoe-dropout-k-start": "2",
     "--smoe-dropout-k-end": "5", "--smoe-dropout-k-steps": "7", "--hash-table": "balanced", "--hash-seed": "3",
     "--cluster-warmup-steps": "9", "--cluster-distance": "l2",
+    "--moe-router-load-balancing-type": "seq_aux_loss", "--moe-z-loss-coeff": "0.001",
+    "--moe-router-score-function": "sigmoid", "--moe-router-topk-scaling-factor": "2.5",
+    "--moe-router-enable-expert-bias": None, "--moe-router-bias-update-rate": "0.01",
+    "--moe-router-force-load-balancing": None, "--moe-shared-expert-intermediate-size": "32",
+    "--moe-shared-expert-mode": "gate", "--moe-per-layer-logging": None,
     "--micro-batch-size": "4", "--gradient-accumulation-steps": "2", "--train-iters": "50", "--lr": "0.001",
     "--min-lr": "0.0001", "--lr-warmup-iters": "5", "--weight-decay": "0.01", "--clip-grad": "0.5", "--seed": "7",
     "--data-file": "corpus.txt", "--corpus-bytes": "12345", "--eval-seq-length": "12",
@@ -121,6 +126,8 @@ def test_every_pretraining_flag_round_trips_through_the_resolved_file(tmp_path):
     assert (m["vq_ema"], m["vq_kmeans_init"], m["freeze_vq"], m["smoe_dropout_k_end"]) == (True, True, True, 5)
     assert (task.optim.lr, task.optim.seed, task.data.corpus_bytes, task.run.keep_last) == (0.001, 7, 12345, 2)
     assert (task.run.progress, task.run.plots, task.parallel.dist_timeout_minutes) == (False, False, 5.0)
+    assert (m["score_function"], m["expert_bias"], m["shared_expert_size"], task.run.moe_per_layer_logging) == \
+        ("sigmoid", True, 32, True)
     # to the resolved file (what a run writes to config.json) and back, as JSON and as YAML
     written = cmd.resolved(parsed.preset, task.config_objects())
     import yaml

@@ -7,7 +7,10 @@ from dist_helper import run_ranks
 
 @pytest.mark.parametrize("case,dispatcher", [("top2", "sorted"), ("vq", "sorted"), ("vqmoe", "sorted"),
                                              ("vqmoe", "deepspeed"), ("vqmoe_default", "sorted"),
-                                             ("hash", "sorted"), ("hash", "deepspeed"), ("cluster", "sorted")])
+                                             ("hash", "sorted"), ("hash", "deepspeed"), ("cluster", "sorted"),
+                                             ("zloss", "sorted"), ("sigmoid", "deepspeed"), ("shared_gate", "sorted"),
+                                             ("residual", "sorted"), ("force", "sorted"), ("expert_bias", "sorted"),
+                                             ("global_aux", "sorted"), ("seq_aux", "sorted")])
 def test_ep2_equals_ep1(tmp_path, case, dispatcher):
     out = str(tmp_path / "res")
     run_ranks("ep_equivalence.py", case, dispatcher, out)

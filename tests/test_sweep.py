@@ -91,7 +91,10 @@ def test_presets(flags):
     seeds = sweep.build_grid("seeds", flags=flags)
     assert (seeds.routers, seeds.seeds) == (["topk", "vqmoe"], [1, 2, 3])
     balancing = sweep.build_grid("balancing", flags=flags)
-    assert all(("--balance-loss-coef" in r.argv) == (r.router == "topk") for r in balancing.runs)
+    assert balancing.groups == ["aux", "bias", "zloss"]
+    for r in balancing.runs:
+        assert ("--moe-router-enable-expert-bias" in r.argv) == (r.group == "bias")
+        assert ("--moe-z-loss-coeff" in r.argv) == (r.group == "zloss")
     for name in sweep.PRESETS:  # every run of every preset passes the driver's own checks
         grid = sweep.build_grid(name, flags=flags)
         sweep.check_grid(grid, "/nonexistent/out", "none", flags)

@@ -145,8 +145,13 @@ PRESETS: Dict[str, Preset] = {
         router_flags={"vqmoe": {"vqmoe-mode": "discrete_only"}}),
     "seeds": Preset("Table 7: top-2 SMoE and VQMoE over three seeds", ("topk", "vqmoe"), (1, 2, 3), TINY_CPU),
     "balancing": Preset(
-        "load balancing: top-2 SMoE with its load-balancing loss (coefficient 0.01) against VQMoE",
-        ("topk", "vqmoe"), (1, 2, 3), TINY_CPU, router_flags={"topk": {"balance-loss-coef": 0.01}}),
+        "load balancing: top-2 SMoE (and VQMoE's continuous path) with the aux loss (coefficient 0.01), with the "
+        "aux-loss-free expert bias instead, and with the aux loss plus the router z-loss (0.001)",
+        ("topk", "vqmoe"), (1, 2, 3), TINY_CPU,
+        groups=(Group("aux", {"balance-loss-coef": 0.01}),
+                Group("bias", {"balance-loss-coef": 0.0, "moe-router-enable-expert-bias": True,
+                               "moe-router-bias-update-rate": 1e-3}),
+                Group("zloss", {"balance-loss-coef": 0.01, "moe-z-loss-coeff": 1e-3}))),
 }
 
 

@@ -16,7 +16,17 @@ CASES = {
     "vqmoe_default": dict(router="vqmoe", codebook_size=6, balance_loss_coef=0.0),
     "hash": dict(router="hash", vocab_size=40, hash_seed=1),
     "cluster": dict(router="cluster"),
+    # routing options (balance loss weight on, so its gradient is compared too)
+    "zloss": dict(router="topk", z_loss_coef=0.01, balance_loss_coef=0.0),
+    "sigmoid": dict(router="topk", score_function="sigmoid", topk_scaling_factor=2.5, balance_loss_coef=0.0),
+    "shared_gate": dict(router="topk", shared_expert_size=8, shared_expert_mode="gate", balance_loss_coef=0.0),
+    "residual": dict(router="topk", shared_expert_size=8, shared_expert_mode="residual", balance_loss_coef=0.0),
+    "force": dict(router="topk", force_load_balancing=True, balance_loss_coef=0.0),
+    "expert_bias": dict(router="topk", expert_bias=True, bias_update_rate=0.01, balance_loss_coef=0.0),
+    "global_aux": dict(router="topk", load_balancing_type="global_aux_loss", balance_loss_coef=0.1),
+    "seq_aux": dict(router="topk", load_balancing_type="seq_aux_loss", balance_loss_coef=0.1),
 }
+SEQ = 8  # tokens per sequence where a case needs sequences
 
 
 def main(case, dispatcher, out_path):
@@ -34,6 +44,8 @@ def main(case, dispatcher, out_path):
         layers[ep] = cfg.build()
         if ep > 1:
             setup_expert_parallel(layers[ep])
+        if case == "expert_bias":  # a bias that changes the choices, the same on every rank and both layers
+            layers[ep].router.expert_bias_E.copy_(torch.tensor([0.3, -0.1, 0.0, -0.2]))
         if case == "cluster":  # fixed centroids (as after its warm-up), the same on every rank and both layers
             router = layers[ep].router
             router.centroids_ED.copy_(torch.nn.functional.normalize(torch.randn(4, D, generator=torch.Generator()
@@ -41,12 +53,15 @@ def main(case, dispatcher, out_path):
             router.state.fill_(1)
     ref, par = layers[1], layers[world]
     # full batch through ep=1 (every rank computes it), local half through ep=2
+    shape = (-1, SEQ, D) if case == "seq_aux" else (-1, D)
     x1 = x_full.clone().requires_grad_(True)
-    y1, aux1 = ref(x1, None, ids_full)
+    y1, aux1 = ref(x1.view(shape), None, ids_full)
+    y1 = y1.reshape(-1, D)
     ((y1 * R_full).sum() + aux1).backward()
     sl = slice(rank * T, (rank + 1) * T)
     x2 = x_full[sl].clone().requires_grad_(True)
-    y2, aux2 = par(x2, None, ids_full[sl])
+    y2, aux2 = par(x2.view(shape), None, ids_full[sl])
+    y2 = y2.reshape(-1, D)
     # aux losses are means over the local tokens: scaled by the local share, their sum over ranks is global
     ((y2 * R_full[sl]).sum() + aux2 * (T / (world * T))).backward()
     res = {"y": (y2 - y1[sl]).abs().max().item(), "grad_x": (x2.grad - x1.grad[sl]).abs().max().item()}
@@ -62,12 +77,21 @@ def main(case, dispatcher, out_path):
             glob = rank * E_local + local
             p1 = ref_params[n2.replace(f".deepspeed_experts.{local}.", f".deepspeed_experts.{glob}.")]
             res["w:" + n2] = (p2 - p1).abs().max().item()
-            res["g:" + n2] = (p2.grad - p1.grad).abs().max().item()
+            g1 = p1.grad if p1.grad is not None else torch.zeros_like(p1)  # an expert no token reached: ep=1 skips
+            res["g:" + n2] = (p2.grad - g1).abs().max().item()  # it, ep=2 runs it on 0 rows (zero gradient)
         else:
             g2 = p2.grad.clone()
             dist.all_reduce(g2)
             res["w:" + n2] = (p2 - p1).abs().max().item()
             res["g:" + n2] = (g2 - p1.grad).abs().max().item()
+    if case == "expert_bias":  # the update after the step: loads summed over the ranks that share the router
+        from vqmoe_ds.routers import update_expert_biases
+
+        update_expert_biases(ref)
+        update_expert_biases(par)
+        res["bias"] = (ref.router.expert_bias_E - par.router.expert_bias_E).abs().max().item()
+        res["bias_stuck"] = float(  # 1 if some expert's bias did not take its step of 0.01
+            (par.router.expert_bias_E - torch.tensor([0.3, -0.1, 0.0, -0.2])).abs().min() < 0.009)
     worst = max(res.values())
     print(f"rank {rank} {case} {dispatcher} worst {worst:.3g} {res}")
     torch.save(res, f"{out_path}.{rank}")

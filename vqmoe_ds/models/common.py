@@ -45,7 +45,7 @@ def flops_per_token(cfg: ModelConfig, batch_size: int = 1) -> float:
         AC, BD and PV over klen, and r_net projects the klen relative positions once per batch of
         ``batch_size`` segments;
       * FFN: dense, or per MoE layer the routed experts (k routes per token, VQMoE k + 1, discrete-only 1,
-        SMoE-Dropout its final k; dropless) and the routing products: the router (XMoE: its projection and
+        SMoE-Dropout its final k; dropless), the shared expert and its gate, and the routing products: the router (XMoE: its projection and
         expert embeddings; StableMoE: the learned router and the distilled one on the detached token;
         SMoE-Dropout: a frozen router), VQMoE's mixing gate W_g, the codebook's projections and the nearest-code
         distances to the K codes (detached: forward only);
@@ -69,6 +69,9 @@ def flops_per_token(cfg: ModelConfig, batch_size: int = 1) -> float:
             continue
         E = m.num_experts
         total += 3 * fwd(routes_per_token(m) * 2 * D * m.ffn_hidden_size)
+        if m.shared_expert_size:  # the shared expert and its gate
+            total += 3 * fwd(2 * D * m.shared_expert_size
+                             + {"add": 0, "gate": D, "residual": 2 * D}[m.shared_expert_mode])
         discrete_only = m.router == "vqmoe" and m.vqmoe_mode == "discrete_only"
         if m.router in ("topk", "vqmoe") and not discrete_only:
             total += 3 * fwd(D * E)

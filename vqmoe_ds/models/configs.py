@@ -123,7 +123,8 @@ def routes_per_token(m: MoEConfig) -> int:
 
 
 def router_params(m: MoEConfig) -> int:
-    """Parameters of an MoE layer outside its experts (router, codebook, VQMoE's mixing gate W_g).
+    """Parameters of an MoE layer outside its routed experts (router, codebook, VQMoE's mixing gate W_g, the
+    shared expert and its gate).
 
     Counted on the meta device from the same builders the layer uses, so every router kind is exact."""
     import torch
@@ -138,6 +139,11 @@ def router_params(m: MoEConfig) -> int:
             mods.append(build_router(m, "vq"))
             if m.vqmoe_mode == "pretrain" and m.router == "vqmoe":
                 mods.append(torch.nn.Linear(m.hidden_size, 2))
+        if m.shared_expert_size:
+            D, S = m.hidden_size, m.shared_expert_size
+            mods += [torch.nn.Linear(D, S), torch.nn.Linear(S, D)]
+            if m.shared_expert_mode != "add":
+                mods.append(torch.nn.Linear(D, 1 if m.shared_expert_mode == "gate" else 2))
     return sum(p.numel() for mod in mods for p in mod.parameters())
 
 

@@ -18,6 +18,11 @@ from typing import ClassVar, Dict, Optional, Tuple
 
 ROUTERS = ("dense", "topk", "xmoe", "stablemoe", "smoe_dropout", "hash", "cluster", "vq", "vqmoe")
 HASH_TABLES = ("random", "balanced")
+BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
+SHARED_EXPERT_MODES = ("add", "gate", "residual")
+SCORED_ROUTERS = ("topk", "xmoe", "stablemoe", "smoe_dropout", "vqmoe")  # routers with router logits (z-loss)
+TRAINED_TOPK_ROUTERS = ("topk", "xmoe", "vqmoe")  # learned top-k selection: sigmoid scores, expert bias, forcing
 VQ_KINDS = ("codebook", "residual", "lfq")
 VQ_DISTANCES = ("l2", "cosine")
 VQMOE_MODES = ("pretrain", "discrete_only")
@@ -50,6 +55,15 @@ class MoEConfig:
     drop_tokens: bool = True  # drop routes beyond capacity; --no-drop-tokens: dropless (capacity = the largest load)
     dispatcher: str = "sorted"  # "sorted": vqmoe-ds's dispatch; "deepspeed": stock MOELayer dispatch via the gate contract
     balance_loss_coef: float = 0.01  # weight of the Switch/GShard load-balancing loss
+    load_balancing_type: str = "aux_loss"  # the balance loss over the micro-batch (aux_loss), each sequence (seq_aux_loss), the load of the global batch (global_aux_loss), or none
+    z_loss_coef: float = 0.0  # weight of the router z-loss, mean logsumexp(logits)^2 (ST-MoE)
+    score_function: str = "softmax"  # router scores: softmax over experts, or an independent sigmoid per expert (DeepSeek-V3)
+    topk_scaling_factor: float = 1.0  # the combine weights are multiplied by this (DeepSeek-V3: 2.5)
+    expert_bias: bool = False  # aux-loss-free balancing: a per-expert bias on the scores, for selection only, nudged after each step towards even load (DeepSeek-V3)
+    bias_update_rate: float = 1e-3  # expert bias: the step of each update, bias += rate * sign(mean load - load)
+    force_load_balancing: bool = False  # benchmarking: tokens go round-robin to experts whatever their scores (weights still from the scores)
+    shared_expert_size: int = 0  # >0: a dense shared expert of this width every token passes through, added to the routed output (DeepSeek-MoE, Qwen-MoE)
+    shared_expert_mode: str = "add"  # shared expert: "add" it, "gate" it by sigmoid(w x) (Qwen2-MoE), or "residual": mix it with the routed output by softmax(W x) (DeepSpeed's PR-MoE)
     router_jitter: float = 0.0  # multiplicative uniform noise (1 +- eps) on the router input in training
     codebook_size: int = 16  # VQ codes K; the discrete path sends code c to expert c mod N, so K need not equal N
     codebook_dim: Optional[int] = None  # none: quantize in the model dim; else project down to this dim (VQGAN-style)
@@ -92,13 +106,24 @@ class MoEConfig:
         "min_capacity": ("--min-capacity", "--moe-min-capacity"),
         "drop_tokens": ("--drop-tokens", "--disable-moe-token-dropping=false"),
         "dispatcher": ("--moe-dispatcher",),
-        "balance_loss_coef": ("--balance-loss-coef", "--moe-loss-coeff"),
+        "balance_loss_coef": ("--balance-loss-coef", "--moe-loss-coeff", "--moe-aux-loss-coeff"),
+        "load_balancing_type": ("--moe-router-load-balancing-type",),
+        "z_loss_coef": ("--moe-z-loss-coeff",),
+        "score_function": ("--moe-router-score-function",),
+        "topk_scaling_factor": ("--moe-router-topk-scaling-factor",),
+        "expert_bias": ("--moe-router-enable-expert-bias",),
+        "bias_update_rate": ("--moe-router-bias-update-rate",),
+        "force_load_balancing": ("--moe-router-force-load-balancing",),
+        "shared_expert_size": ("--moe-shared-expert-intermediate-size",),
+        "shared_expert_mode": ("--moe-shared-expert-mode",),
         "router_jitter": ("--router-jitter", "--moe-input-jitter-eps"),
     }
     CHOICES: ClassVar[Dict[str, Tuple[str, ...]]] = {
         "router": ROUTERS, "vq_kind": VQ_KINDS, "vq_distance": VQ_DISTANCES, "vqmoe_mode": VQMOE_MODES,
         "dispatcher": DISPATCHERS, "discrete_input": DISCRETE_INPUTS, "activation": ACTIVATIONS,
-        "vq_scale": VQ_SCALES, "hash_table": HASH_TABLES, "cluster_distance": VQ_DISTANCES}
+        "vq_scale": VQ_SCALES, "hash_table": HASH_TABLES, "cluster_distance": VQ_DISTANCES,
+        "load_balancing_type": BALANCING_TYPES, "score_function": SCORE_FUNCTIONS,
+        "shared_expert_mode": SHARED_EXPERT_MODES}
 
     def __post_init__(self):
         if self.router == "vq":  # the short name of discrete-only VQMoE (eq. 7): one model, one implementation
@@ -139,6 +164,7 @@ class MoEConfig:
             bad(f"router_jitter={self.router_jitter} must be >= 0 (0: no jitter)")
         if self.balance_loss_coef < 0:
             bad(f"balance_loss_coef={self.balance_loss_coef} must be >= 0")
+        self._validate_routing_options(bad)
         if self.router == "vqmoe":
             if self.codebook_size < 1:
                 bad(f"codebook_size={self.codebook_size}: the codebook needs K >= 1 codes (--codebook-size)")
@@ -183,6 +209,35 @@ class MoEConfig:
             if not 1 <= self.smoe_dropout_k_start <= k_end <= self.num_experts:
                 bad(f"SMoE-Dropout k schedule {self.smoe_dropout_k_start}->{k_end} must satisfy "
                     f"1 <= k_start <= k_end <= num_experts={self.num_experts}")
+
+    def _validate_routing_options(self, bad) -> None:
+        if self.load_balancing_type not in BALANCING_TYPES:
+            bad(f"unknown load_balancing_type {self.load_balancing_type!r}: choose one of {', '.join(BALANCING_TYPES)}")
+        if self.score_function not in SCORE_FUNCTIONS:
+            bad(f"unknown score_function {self.score_function!r}: choose one of {', '.join(SCORE_FUNCTIONS)}")
+        if self.shared_expert_mode not in SHARED_EXPERT_MODES:
+            bad(f"unknown shared_expert_mode {self.shared_expert_mode!r}: choose one of "
+                f"{', '.join(SHARED_EXPERT_MODES)}")
+        if not self.z_loss_coef >= 0:
+            bad(f"z_loss_coef={self.z_loss_coef} must be >= 0")
+        if not self.bias_update_rate >= 0:
+            bad(f"bias_update_rate={self.bias_update_rate} must be >= 0")
+        if not self.topk_scaling_factor > 0:
+            bad(f"topk_scaling_factor={self.topk_scaling_factor} must be > 0")
+        if self.shared_expert_size < 0:
+            bad(f"shared_expert_size={self.shared_expert_size} must be >= 0 (0: no shared expert)")
+        discrete_only = self.router == "vqmoe" and self.vqmoe_mode == "discrete_only"
+        learned = self.router in TRAINED_TOPK_ROUTERS and not discrete_only
+        if self.score_function == "sigmoid" and not learned:
+            bad(f"score_function=sigmoid needs a learned top-k router, and router {self.router!r} "
+                f"{'routes by its codes only' if discrete_only else 'has no such scores'}: use topk, xmoe or vqmoe")
+        for name in ("expert_bias", "force_load_balancing"):
+            if getattr(self, name) and not learned:
+                bad(f"{name}=True needs a learned top-k router, not {self.router!r}"
+                    f"{' in discrete_only mode' if discrete_only else ''}: use topk, xmoe or vqmoe")
+        if self.z_loss_coef > 0 and (self.router not in SCORED_ROUTERS or discrete_only):
+            bad(f"z_loss_coef={self.z_loss_coef} needs router logits, and router {self.router!r} has none: use a "
+                f"learned router")
 
     @property
     def is_moe(self) -> bool:

@@ -77,6 +77,21 @@ class MoELayer(nn.Module):
         self.router: Router = build_router(cfg) if self.continuous else None
         self.vq_router: VQRouter = build_router(cfg, "vq") if self.discrete else None
         self.mix = nn.Linear(D, 2) if (self.discrete and self.continuous) else None  # W_g of eq. 5
+        S = cfg.shared_expert_size  # a dense expert every token passes through (not an expert-parallel one)
+        self.shared = ExpertMLP(D, S, cfg.activation, cfg.dropout) if S else None
+        self.shared_gate = nn.Linear(D, 1 if cfg.shared_expert_mode == "gate" else 2) \
+            if S and cfg.shared_expert_mode != "add" else None
+        if self.shared is not None:
+            with torch.no_grad():
+                for name, p in list(self.shared.named_parameters()) + \
+                        [("gate." + n, p) for n, p in (self.shared_gate.named_parameters() if self.shared_gate else [])]:
+                    if p.is_meta:
+                        continue
+                    if name.endswith("bias"):
+                        p.zero_()
+                    else:
+                        p.normal_(0.0, cfg.output_init_std if name.startswith("fc2") and cfg.output_init_std
+                                  else cfg.init_std)
         self._stats: Dict[str, torch.Tensor] = {}
         self.reset_experts(int(torch.randint(0, 2**31 - 1, (), device="cpu").item()))  # cpu: builds under a meta device too
 
@@ -92,13 +107,13 @@ class MoELayer(nn.Module):
         return self.moe.deepspeed_moe.ep_group
 
     # ---- route ------------------------------------------------------------------------------------------
-    def route(self, x_TD: torch.Tensor, ids_T: Optional[torch.Tensor] = None):
+    def route(self, x_TD: torch.Tensor, ids_T: Optional[torch.Tensor] = None, seq_len: Optional[int] = None):
         """(X_SD, RouteGrid, aux_loss, stats): the token matrix to dispatch and its routes."""
         T = x_TD.shape[0]
         stats, aux = {}, x_TD.new_zeros((), dtype=torch.float32)
         cont = disc = None
         if self.continuous:
-            cont = self.router(x_TD, ids_T)
+            cont = self.router(x_TD, ids_T, seq_len)
             aux = aux + cont.aux_loss
             stats.update(cont.stats)
         if self.discrete:
@@ -135,18 +150,34 @@ class MoELayer(nn.Module):
         x_TD = x.reshape(-1, D)
         ids_T = ids.reshape(-1) if ids is not None else None
         if mask is None:
-            y_TD, aux = self._forward_tokens(x_TD, ids_T, agree_capacity=False)
-            return y_TD.reshape(x.shape), aux
-        keep_T = mask.reshape(-1).to(torch.bool).nonzero().squeeze(1)  # a host sync: masked batches only
-        y_kD, aux = self._forward_tokens(x_TD.index_select(0, keep_T),
-                                         ids_T.index_select(0, keep_T) if ids_T is not None else None,
-                                         agree_capacity=True)
-        y_TD = y_kD.new_zeros(x_TD.shape).index_copy(0, keep_T, y_kD)
+            seq_len = x.shape[-2] if x.dim() >= 3 else None  # for the per-sequence balance loss
+            y_TD, aux = self._forward_tokens(x_TD, ids_T, agree_capacity=False, seq_len=seq_len)
+        else:
+            keep_T = mask.reshape(-1).to(torch.bool).nonzero().squeeze(1)  # a host sync: masked batches only
+            y_kD, aux = self._forward_tokens(x_TD.index_select(0, keep_T),
+                                             ids_T.index_select(0, keep_T) if ids_T is not None else None,
+                                             agree_capacity=True, seq_len=None)
+            y_TD = y_kD.new_zeros(x_TD.shape).index_copy(0, keep_T, y_kD)
+        if self.shared is not None:
+            y_TD = self._add_shared(x_TD, y_TD)
         return y_TD.reshape(x.shape), aux
 
-    def _forward_tokens(self, x_TD: torch.Tensor, ids_T: Optional[torch.Tensor], agree_capacity: bool):
+    def _add_shared(self, x_TD: torch.Tensor, y_TD: torch.Tensor) -> torch.Tensor:
+        """The shared expert's output added ("add"), added through a sigmoid gate ("gate", Qwen2-MoE), or mixed
+        with the routed output by a 2-way softmax ("residual", DeepSpeed's PR-MoE)."""
+        s_TD = self.shared(x_TD)
+        mode = self.cfg.shared_expert_mode
+        if mode == "add":
+            return y_TD + s_TD
+        if mode == "gate":
+            return y_TD + torch.sigmoid(self.shared_gate(x_TD)) * s_TD
+        c_T2 = F.softmax(self.shared_gate(x_TD).float(), dim=-1).to(y_TD.dtype)
+        return y_TD * c_T2[:, :1] + s_TD * c_T2[:, 1:]
+
+    def _forward_tokens(self, x_TD: torch.Tensor, ids_T: Optional[torch.Tensor], agree_capacity: bool,
+                        seq_len: Optional[int] = None):
         T = x_TD.shape[0]
-        X_SD, grid, aux, stats = self.route(x_TD, ids_T)
+        X_SD, grid, aux, stats = self.route(x_TD, ids_T, seq_len)
         if self.cfg.dispatcher == "deepspeed":
             # ranks may hold different numbers of real tokens: the equal-split all-to-all needs one capacity
             self.moe.deepspeed_moe.gate.agree = agree_capacity

@@ -13,6 +13,12 @@ The quantized token x~ (what VQMoE's discrete expert reads) must live on the tok
     ``scale="code"`` it is the unit code itself, 1/|x| of the token's size (|x| is about sqrt(d) after a
     LayerNorm), so the same experts would see tokens of two very different sizes on the two paths.
 
+The default (cosine, the model dimension, ``scale="token"``) was chosen by measurement: VQMoE on the tiny GPT,
+War and Peace as bytes, 2000 steps, 3 seeds, best validation BPC 2.308 +- 0.011; against it, paired by seed with
+95% t intervals: the unit code +0.022 [+0.016, +0.028], a factorised codebook of dimension 32 +0.021 [+0.004,
++0.038] and of dimension 8 +0.038 [+0.004, +0.071], L2 distance in the model dimension +0.090 [+0.075, +0.106]
+(docs/results.md has the command).
+
 Why our own and not vector-quantize-pytorch's ``VectorQuantize``: under expert parallelism the codebook is
 a non-expert parameter shared by the data-parallel group, and every statistic that moves it (EMA counts,
 k-means init, dead-code samples) must be reduced over exactly that group.  vector-quantize-pytorch

@@ -6,7 +6,7 @@ from .cluster import ClusterRouter
 from .hash import HashRouter, balanced_table, fit_hash_tables
 from .smoe_dropout import SMoEDropoutRouter
 from .stablemoe import StableMoERouter
-from .topk import TopKRouter
+from .topk import TopKOptions, TopKRouter, update_expert_biases
 from .vq import VQRouter
 from .xmoe import XMoERouter
 
@@ -16,16 +16,20 @@ def build_router(cfg, kind: str = None):
     kind = kind or cfg.router
     d, n = cfg.hidden_size, cfg.num_experts
     norm = cfg.norm_topk_prob
+    opts = TopKOptions(normalize=norm, score_function=cfg.score_function, scaling=cfg.topk_scaling_factor,
+                       balancing=cfg.load_balancing_type, z_loss_coef=cfg.z_loss_coef, expert_bias=cfg.expert_bias,
+                       bias_update_rate=cfg.bias_update_rate, force_balance=cfg.force_load_balancing)
     if kind in ("topk", "vqmoe"):
-        return TopKRouter(d, n, cfg.top_k, cfg.balance_loss_coef, cfg.router_jitter, normalize=norm)
+        return TopKRouter(d, n, cfg.top_k, cfg.balance_loss_coef, cfg.router_jitter, normalize=norm, options=opts)
     if kind == "xmoe":
-        return XMoERouter(d, n, cfg.top_k, cfg.xmoe_dim, cfg.xmoe_init_temperature, cfg.balance_loss_coef, norm)
+        return XMoERouter(d, n, cfg.top_k, cfg.xmoe_dim, cfg.xmoe_init_temperature, cfg.balance_loss_coef, norm, opts)
     if kind == "stablemoe":
         return StableMoERouter(d, n, cfg.top_k, cfg.stablemoe_stage1_steps, cfg.stablemoe_distill_dim,
-                               cfg.stablemoe_distill_coef, cfg.balance_loss_coef, norm)
+                               cfg.stablemoe_distill_coef, cfg.balance_loss_coef, norm, opts)
     if kind == "smoe_dropout":
+        opts.balancing = "none"  # a frozen router: nothing could act on a balance loss
         return SMoEDropoutRouter(d, n, cfg.smoe_dropout_k_start, cfg.smoe_dropout_k_end, cfg.smoe_dropout_k_steps,
-                                 norm)
+                                 norm, opts)
     if kind == "hash":
         return HashRouter(cfg.vocab_size, n, cfg.hash_table, cfg.hash_seed)
     if kind == "cluster":
@@ -39,4 +43,4 @@ def build_router(cfg, kind: str = None):
 
 __all__ = ["Router", "Routing", "balance_loss", "set_step", "build_router", "TopKRouter", "XMoERouter",
            "StableMoERouter", "SMoEDropoutRouter", "VQRouter", "HashRouter", "ClusterRouter", "balanced_table",
-           "fit_hash_tables"]
+           "fit_hash_tables", "TopKOptions", "update_expert_biases"]

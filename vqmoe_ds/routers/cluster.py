@@ -83,7 +83,7 @@ class ClusterRouter(Router):
             self.centroids_ED.copy_(F.normalize(centres, dim=-1) if self.distance == "cosine" else centres)
         self.state[1] = 1
 
-    def forward(self, x_TD: torch.Tensor, ids_T: Optional[torch.Tensor] = None) -> Routing:
+    def forward(self, x_TD: torch.Tensor, ids_T: Optional[torch.Tensor] = None, seq_len=None) -> Routing:
         z_TD = self._prepare(x_TD)
         if self.training and not self.fitted:
             self._warm_up(z_TD)

@@ -58,7 +58,7 @@ class HashRouter(Router):
             raise ValueError(f"token counts for {len(counts_V)} ids, the table has {self.table_V.numel()}")
         self.table_V.copy_(balanced_table(counts_V, self.num_experts).to(self.table_V.device))
 
-    def forward(self, x_TD: torch.Tensor, ids_T: Optional[torch.Tensor] = None) -> Routing:
+    def forward(self, x_TD: torch.Tensor, ids_T: Optional[torch.Tensor] = None, seq_len=None) -> Routing:
         if ids_T is None:
             raise ValueError("hash routing needs the input token ids: the model passes them to its MoE layers "
                              "(call the layer as layer(x, mask, ids))")

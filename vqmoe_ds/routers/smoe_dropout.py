@@ -15,8 +15,8 @@ from .topk import TopKRouter
 
 class SMoEDropoutRouter(TopKRouter):
     def __init__(self, hidden_size: int, num_experts: int, k_start: int = 1, k_end: int = None, k_steps: int = 1000,
-                 normalize: bool = True):
-        super().__init__(hidden_size, num_experts, k_start, balance_loss_coef=0.0, normalize=normalize)
+                 normalize: bool = True, options=None):
+        super().__init__(hidden_size, num_experts, k_start, balance_loss_coef=0.0, normalize=normalize, options=options)
         self.k_start, self.k_end, self.k_steps = k_start, k_end or num_experts, max(1, k_steps)
         self.wg.weight.requires_grad_(False)
 
@@ -24,8 +24,9 @@ class SMoEDropoutRouter(TopKRouter):
         frac = min(int(self.step) / self.k_steps, 1.0)
         return self.k_start + int((self.k_end - self.k_start) * frac)
 
-    def forward(self, x_TD: torch.Tensor, ids_T=None) -> Routing:
-        routing = self.route(self.logits(x_TD), self.current_k())  # W is frozen; x still gets gate gradients
-        routing.aux_loss = routing.aux_loss.new_zeros(())
+    def forward(self, x_TD: torch.Tensor, ids_T=None, seq_len=None) -> Routing:
+        # W is frozen; x still gets gate gradients.  No balance loss (build_router sets balancing "none"): the
+        # auxiliary loss is the z-loss alone, when asked for
+        routing = self.route(self.logits(x_TD), self.current_k(), seq_len)
         routing.stats["k"] = torch.tensor(routing.experts_TK.shape[1])
         return routing

@@ -18,8 +18,8 @@ from .topk import TopKRouter
 
 class StableMoERouter(TopKRouter):
     def __init__(self, hidden_size: int, num_experts: int, k: int = 1, stage1_steps: int = 1000, distill_dim: int = 16,
-                 distill_coef: float = 1.0, balance_loss_coef: float = 0.01, normalize: bool = True):
-        super().__init__(hidden_size, num_experts, k, balance_loss_coef, normalize=normalize)
+                 distill_coef: float = 1.0, balance_loss_coef: float = 0.01, normalize: bool = True, options=None):
+        super().__init__(hidden_size, num_experts, k, balance_loss_coef, normalize=normalize, options=options)
         self.stage1_steps = stage1_steps
         self.distill_coef = distill_coef
         self.distilled = nn.Sequential(nn.Linear(hidden_size, distill_dim, bias=False),
@@ -42,17 +42,17 @@ class StableMoERouter(TopKRouter):
             self.frozen_taken.fill_(True)
         return F.linear(F.linear(x_TD.float(), self.frozen_down), self.frozen_up)
 
-    def forward(self, x_TD: torch.Tensor, ids_T=None) -> Routing:
+    def forward(self, x_TD: torch.Tensor, ids_T=None, seq_len=None) -> Routing:
         logits_TE = self.logits(x_TD)
         if self.stage == 1:
-            routing = self.route(logits_TE, self.k)
+            routing = self.route(logits_TE, self.k, seq_len)
             student_TE = self.distilled(x_TD.detach().float())
             distill = F.cross_entropy(student_TE, logits_TE.detach().argmax(-1))
             routing.aux_loss = routing.aux_loss + self.distill_coef * distill
             routing.stats["distill_loss"] = distill.detach()
             return routing
         experts_TK = self._frozen_logits(x_TD).topk(self.k, dim=-1).indices
-        probs_TE = logits_TE.softmax(-1)
+        probs_TE = self.scores(logits_TE)
         weights_TK = self.combine_weights(probs_TE.gather(1, experts_TK))
         bal = balance_loss(probs_TE.detach(), experts_TK, self.num_experts)
         return Routing(experts_TK, weights_TK, logits_TE.new_zeros(()), {"balance_loss": bal})

@@ -17,7 +17,7 @@ class VQRouter(Router):
         self.quantizer = quantizer
         self.alpha = alpha
 
-    def forward(self, x_TD: torch.Tensor, ids_T=None) -> Routing:
+    def forward(self, x_TD: torch.Tensor, ids_T=None, seq_len=None) -> Routing:
         q = self.quantizer(x_TD)
         experts_TK = (q.codes_T % self.num_experts).unsqueeze(1)
         weights_TK = torch.ones(experts_TK.shape, dtype=torch.float32, device=x_TD.device)

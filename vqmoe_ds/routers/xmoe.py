@@ -17,8 +17,8 @@ from .topk import TopKRouter
 
 class XMoERouter(TopKRouter):
     def __init__(self, hidden_size: int, num_experts: int, k: int = 1, dim: int = 16, init_temperature: float = 0.07,
-                 balance_loss_coef: float = 0.01, normalize: bool = True):
-        super().__init__(hidden_size, num_experts, k, balance_loss_coef, normalize=normalize)
+                 balance_loss_coef: float = 0.01, normalize: bool = True, options=None):
+        super().__init__(hidden_size, num_experts, k, balance_loss_coef, normalize=normalize, options=options)
         del self.wg
         self.proj = nn.Linear(hidden_size, dim, bias=False)
         self.expert_emb = nn.Parameter(torch.empty(num_experts, dim))

@@ -79,6 +79,7 @@ class RunConfig:
     progress: bool = True  # a tqdm bar on rank 0
     plots: bool = True  # PNG plots at the end
     tensorboard: bool = True  # TensorBoard scalars beside log.jsonl
+    moe_per_layer_logging: bool = False  # TensorBoard: every MoE layer's routing metrics too, not only their summary
 
     def __post_init__(self):
         for name in ("save_interval", "keep_last", "eval_interval", "eval_iters", "test_iters"):

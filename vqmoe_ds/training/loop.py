@@ -33,11 +33,11 @@ from ..cli import ArgError, CommandLine, Parsed
 from ..data import DataError
 from ..moe.config import ConfigError
 from ..parallel import init_distributed, shutdown
-from ..routers import set_step
+from ..routers import set_step, update_expert_biases
 from .config import OptimConfig, ParallelConfig, RunConfig, check_save_dir, check_world, resolve_ds_config
 from .lr_schedule import start_lr_schedule
 from .preemption import StopRequest, any_rank
-from .run_log import RunLog, gather_moe_stats
+from .run_log import RunLog, gather_moe_stats, moe_summary
 
 # Bad input of any kind: one line, exit status 2, before any training step.
 INPUT_ERRORS = (ArgError, ConfigError, DataError, FileNotFoundError, ckpt.CheckpointError)
@@ -232,7 +232,7 @@ class Trainer:
         if run.load:
             self._resume(run.load)
         self.log = RunLog(run.out_dir, self.rank, optim.train_iters, self.step, progress=run.progress,
-                          tensorboard=run.tensorboard)
+                          tensorboard=run.tensorboard, per_layer=run.moe_per_layer_logging)
         self.log.info(f"{task.describe()}; {self.world} rank(s), ep {task.ep_size}, "
                       f"ZeRO {self.ds_config.get('zero_optimization', {}).get('stage', 0)}, "
                       f"batch {self.micro} x {self.accum} x {self.world}")
@@ -339,6 +339,8 @@ class Trainer:
                 for name, b in self.model.named_buffers():
                     b.copy_(buffers[name].to(b.device))
             self.task.undo_step()
+        else:
+            update_expert_biases(self.model)  # aux-loss-free balancing: after the optimizer step (collective)
         self.step += 1
         return sum(losses) / len(losses), sum(auxes) / len(auxes), extras, bad
 
@@ -383,6 +385,7 @@ class Trainer:
                   f"{self.task.unit}_per_s": extras.get(self.task.unit, 0.0) / window["time"],
                   **self.task.train_record({**extras, "seconds": window["time"]})}
         record["moe"] = gather_moe_stats(self.model, self.task.stats_layers(self.model))
+        record["moe_summary"] = moe_summary(record["moe"])
         self.log.write(record)
         if not self.run.progress:
             self.log.info(f"step {self.step}: loss {record['loss']:.4f}, aux {record['aux_loss']:.4f}, "

@@ -14,8 +14,41 @@ import torch.distributed as dist
 from ..models import moe_stats
 
 
+def load_metrics(load: List[float]) -> Dict[str, float]:
+    """Load max / mean and the coefficient of variation (std / mean) of one layer's expert loads."""
+    n = len(load)
+    mean = sum(load) / n if n else 0.0
+    if mean <= 0:
+        return {"load_max_over_mean": 0.0, "load_cv": 0.0}
+    var = sum((v - mean) ** 2 for v in load) / n
+    return {"load_max_over_mean": max(load) / mean, "load_cv": math.sqrt(var) / mean}
+
+
+SUMMED = ("balance_loss", "z_loss", "vq_loss")  # losses: summed over the layers
+AVERAGED = ("load_max_over_mean", "load_cv", "dropped_fraction")  # per-layer ratios: their mean over the layers
+
+
+def moe_summary(rows: List[Dict[str, Any]]) -> Dict[str, float]:
+    """One number per routing metric for the whole model: losses summed over the layers, load ratios and dropped
+    fractions averaged over them, the expert-bias range the largest of them."""
+    out: Dict[str, float] = {}
+    for key in SUMMED:
+        vals = [r[key] for r in rows if isinstance(r.get(key), float)]
+        if vals:
+            out[key] = sum(vals)
+    for key in AVERAGED:
+        vals = [r[key] for r in rows if isinstance(r.get(key), float)]
+        if vals:
+            out[key] = sum(vals) / len(vals)
+    ranges = [r["expert_bias_range"] for r in rows if isinstance(r.get("expert_bias_range"), float)]
+    if ranges:
+        out["expert_bias_range"] = max(ranges)
+    return out
+
+
 def gather_moe_stats(model, layers: Optional[List[Any]] = None) -> List[Dict[str, Any]]:
-    """Per MoE layer: counts summed over all ranks (expert_load, code_counts), scalars averaged.
+    """Per MoE layer: counts summed over all ranks (expert_load, code_counts), scalars averaged, and the load's
+    max / mean and coefficient of variation.
 
     ``layers``: the modules whose ``stats()`` to gather (default: the model's MoE layers; the vision driver
     passes its SoftMoE slots too).  Collective (all ranks call it at the same steps).  Every rank's layers
@@ -33,14 +66,16 @@ def gather_moe_stats(model, layers: Optional[List[Any]] = None) -> List[Dict[str
             if not counts:
                 t = t / world
             row[key] = t.tolist() if t.numel() > 1 or counts else t.item()
+        if isinstance(row.get("expert_load"), list):
+            row.update(load_metrics(row["expert_load"]))
         out.append(row)
     return out
 
 
 class RunLog:
     def __init__(self, out_dir: str, rank: int, total_steps: int, start_step: int = 0, progress: bool = True,
-                 tensorboard: bool = True):
-        self.rank, self.out_dir = rank, out_dir
+                 tensorboard: bool = True, per_layer: bool = False):
+        self.rank, self.out_dir, self.per_layer = rank, out_dir, per_layer
         self.bar = self.tb = self.jsonl = None
         if rank != 0:
             return
@@ -66,7 +101,9 @@ class RunLog:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k not in ("step", "time") and math.isfinite(v):
                     self.tb.add_scalar(f"{kind}/{k}", v, step)
-            for i, layer in enumerate(record.get("moe", [])):
+            for k, v in record.get("moe_summary", {}).items():
+                self.tb.add_scalar(f"moe/{k}", v, step)
+            for i, layer in enumerate(record.get("moe", []) if self.per_layer else []):
                 for k, v in layer.items():
                     if isinstance(v, float):
                         self.tb.add_scalar(f"moe_layer{i}/{k}", v, step)

@@ -1,0 +1,210 @@
+"""The routing options of current MoE systems (Megatron-core's names in the flags) against loop references written
+from their definitions: z-loss, sigmoid scores with top-k scaling, the balance loss per sequence and over the
+global batch, the expert bias of aux-loss-free balancing and its update, forced balancing, shared experts (added,
+gated, and DeepSpeed's PR-MoE residual mix), and the per-layer routing metrics of the log."""
+import math
+
+import pytest
+import torch
+
+from layer_harness import make_layer
+from reference import capacity_ref, expert_ref, moe_ref
+
+from vqmoe_ds.routers import update_expert_biases
+from vqmoe_ds.training.run_log import load_metrics, moe_summary
+
+TOL = 1e-5
+
+
+def chosen_by_loop(select, k):
+    chosen = []
+    for _ in range(k):
+        best = None
+        for e in range(len(select)):
+            if e not in chosen and (best is None or select[e] > select[best]):
+                best = e
+        chosen.append(best)
+    return chosen
+
+
+def options_ref(layer, x_BSD):
+    """(y, aux) of a top-k layer with its options, token by token from the definitions."""
+    cfg, router = layer.cfg, layer.router
+    E, k = cfg.num_experts, cfg.top_k
+    B, S, D = x_BSD.shape
+    x = x_BSD.reshape(B * S, D)
+    T = x.shape[0]
+    W = router.wg.weight
+    bias = router.expert_bias_E if cfg.expert_bias else torch.zeros(E)
+    rows, chosen_rows, choices = [], [], [[None] * T for _ in range(k)]
+    z_terms = []
+    for t in range(T):
+        logits = torch.stack([x[t] @ W[e] for e in range(E)])
+        z_terms.append(torch.logsumexp(logits, 0) ** 2)
+        scores = torch.sigmoid(logits) if cfg.score_function == "sigmoid" else torch.softmax(logits, 0)
+        if cfg.force_load_balancing:
+            chosen = [(t * k + j) % E for j in range(k)]
+        else:
+            chosen = chosen_by_loop([float(scores[e] + bias[e]) for e in range(E)], k)
+        g = [scores[e] for e in chosen]
+        if k > 1 and cfg.norm_topk_prob:
+            tot = sum(g) + (1e-20 if cfg.score_function == "sigmoid" else 0)
+            g = [v / tot for v in g]
+        g = [v * cfg.topk_scaling_factor for v in g]
+        rows.append(scores / scores.sum() if cfg.score_function == "sigmoid" else scores)
+        chosen_rows.append(chosen)
+        for c in range(k):
+            choices[c][t] = (t, chosen[c], g[c], x[t])
+    cap = capacity_ref(T * k, E, cfg.capacity_factor, cfg.min_capacity) if cfg.drop_tokens else None
+    y = moe_ref(choices, layer.experts, T, cap)
+    if layer.shared is not None:
+        shared = torch.stack([expert_ref(layer.shared, x[t]) for t in range(T)])
+        if cfg.shared_expert_mode == "add":
+            y = y + shared
+        elif cfg.shared_expert_mode == "gate":
+            gate = torch.stack([torch.sigmoid(x[t] @ layer.shared_gate.weight[0] + layer.shared_gate.bias[0])
+                                for t in range(T)])
+            y = y + gate.unsqueeze(1) * shared
+        else:
+            c = torch.stack([torch.softmax(x[t] @ layer.shared_gate.weight.t() + layer.shared_gate.bias, 0)
+                             for t in range(T)])
+            y = y * c[:, :1] + shared * c[:, 1:]
+
+    def balance(token_ids):
+        n = len(token_ids)
+        f = [sum(1 for t in token_ids for e in chosen_rows[t] if e == j) / (n * k) for j in range(E)]
+        P = [sum(rows[t][j] for t in token_ids) / n for j in range(E)]
+        return E * sum(f[j] * P[j] for j in range(E))
+
+    aux = torch.zeros(())
+    if cfg.load_balancing_type == "aux_loss":
+        aux = aux + cfg.balance_loss_coef * balance(range(T))
+    elif cfg.load_balancing_type == "seq_aux_loss":
+        aux = aux + cfg.balance_loss_coef * sum(balance(range(b * S, (b + 1) * S)) for b in range(B)) / B
+    if cfg.z_loss_coef > 0:
+        aux = aux + cfg.z_loss_coef * sum(z_terms) / T
+    return y.reshape(B, S, D), aux
+
+
+def compare(layer, B=3, S=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    D = layer.cfg.hidden_size
+    x0, R = torch.randn(B, S, D, generator=g), torch.randn(B, S, D, generator=g)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    out = []
+    for fn in (lambda x: options_ref(layer, x), layer):
+        layer.load_state_dict(state)
+        x = x0.clone().requires_grad_(True)
+        for p in params:
+            p.grad = None
+        y, aux = fn(x)
+        ((y * R).sum() + aux).backward()
+        out.append((y.detach(), float(aux), x.grad.clone(), [p.grad for p in params]))
+    (y_ref, a_ref, gx_ref, gp_ref), (y, a, gx, gp) = out
+    assert (y - y_ref).abs().max() <= TOL, (y - y_ref).abs().max()
+    assert abs(a - a_ref) <= TOL, (a, a_ref)
+    assert (gx - gx_ref).abs().max() <= TOL
+    for p, p1, p2 in zip(params, gp_ref, gp):
+        z = torch.zeros_like(p)
+        assert ((z if p1 is None else p1) - (z if p2 is None else p2)).abs().max() <= TOL
+    return layer
+
+
+OPTIONS = {
+    "z-loss": dict(z_loss_coef=0.01),
+    "sigmoid scores, normalised top-2, scaling 2.5": dict(score_function="sigmoid", topk_scaling_factor=2.5),
+    "sigmoid scores, top-1": dict(score_function="sigmoid", top_k=1),
+    "sigmoid, no normalisation": dict(score_function="sigmoid", norm_topk_prob=False),
+    "balance loss per sequence": dict(load_balancing_type="seq_aux_loss"),
+    "no balance loss": dict(load_balancing_type="none"),
+    "forced balancing": dict(force_load_balancing=True),
+    "shared expert, added": dict(shared_expert_size=12),
+    "shared expert, sigmoid gate": dict(shared_expert_size=12, shared_expert_mode="gate"),
+    "shared expert, PR-MoE residual": dict(shared_expert_size=12, shared_expert_mode="residual"),
+    "z-loss with capacity drops": dict(z_loss_coef=0.01, drop_tokens=True, capacity_factor=0.75, min_capacity=1),
+}
+
+
+@pytest.mark.parametrize("dispatcher", ["sorted", "deepspeed"])
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_option_matches_its_definition(name, dispatcher):
+    compare(make_layer(router="topk", dispatcher=dispatcher, **OPTIONS[name]))
+
+
+def test_forced_balancing_spreads_tokens_evenly():
+    layer = make_layer(router="topk", force_load_balancing=True)
+    layer(torch.randn(2, 8, 16))
+    assert layer.stats()["expert_load"].tolist() == [8, 8, 8, 8]  # 16 tokens x 2 routes over 4 experts
+
+
+def test_expert_bias_selects_and_is_updated_by_the_sign_rule():
+    layer = make_layer(router="topk", expert_bias=True, bias_update_rate=0.05)
+    router = layer.router
+    router.expert_bias_E.copy_(torch.tensor([0.5, 0.0, 0.0, -0.5]))  # selection leans to expert 0, away from 3
+    compare(layer)  # selection by scores + bias, weights from the scores alone
+    router.load_E.zero_()
+    router.expert_bias_E.copy_(torch.tensor([0.5, 0.0, 0.0, -0.5]))
+    loads = torch.zeros(4)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(2):  # two micro-batches of one step
+        layer(torch.randn(2, 8, 16, generator=g))
+        loads += layer.stats()["expert_load"].float()
+    assert torch.equal(router.load_E, loads)
+    before = router.expert_bias_E.clone()
+    update_expert_biases(layer)
+    want = before + 0.05 * torch.sign(loads.mean() - loads)
+    assert torch.allclose(router.expert_bias_E, want) and float(router.load_E.sum()) == 0.0
+    assert float(loads[0]) > float(loads.mean()) and float(router.expert_bias_E[0]) < 0.5  # over-loaded: bias down
+
+
+def test_routing_options_refused_where_they_mean_nothing():
+    from vqmoe_ds.moe import ConfigError, MoEConfig
+
+    for kw, words in [(dict(router="hash", score_function="sigmoid"), "router 'hash' has no such scores"),
+                      (dict(router="vq", expert_bias=True), "in discrete_only mode"),
+                      (dict(router="cluster", z_loss_coef=0.1), "router 'cluster' has none"),
+                      (dict(router="topk", bias_update_rate=-1.0), "bias_update_rate=-1.0 must be >= 0"),
+                      (dict(router="topk", z_loss_coef=-0.1), "z_loss_coef=-0.1 must be >= 0"),
+                      (dict(router="topk", shared_expert_size=-4), "shared_expert_size=-4 must be >= 0")]:
+        with pytest.raises(ConfigError) as e:
+            MoEConfig(hidden_size=8, ffn_hidden_size=8, **kw)
+        assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_load_metrics_and_summary_by_hand():
+    m = load_metrics([6.0, 2.0, 2.0, 2.0])  # mean 3, max 6, std sqrt((9 + 1 + 1 + 1) / 4) = sqrt(3)
+    assert m["load_max_over_mean"] == 2.0 and math.isclose(m["load_cv"], math.sqrt(3) / 3)
+    rows = [{"balance_loss": 1.0, "z_loss": 2.0, "load_cv": 0.2, "expert_bias_range": 0.1, "expert_load": [1, 2]},
+            {"balance_loss": 1.5, "z_loss": 3.0, "load_cv": 0.4, "expert_bias_range": 0.3, "dropped_fraction": 0.5}]
+    s = moe_summary(rows)
+    assert (s["balance_loss"], s["z_loss"], s["expert_bias_range"], s["dropped_fraction"]) == (2.5, 5.0, 0.3, 0.5)
+    assert math.isclose(s["load_cv"], 0.3)
+
+
+def test_driver_logs_the_routing_metrics_and_moves_the_expert_bias(tmp_path):
+    """One process, 12 steps of the tiny model with the expert bias and the z-loss: every train record carries the
+    model-wide routing summary, and the bias range grows by at most 2 x rate per step (two experts moving apart)."""
+    import json
+    import subprocess
+    import sys
+
+    from vqmoe_ds.training.launch import DRIVER, ROOT, env_for_ranks, free_port
+
+    env = env_for_ranks(str(tmp_path))
+    env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, DRIVER, "--router", "topk", "--moe-router-enable-expert-bias",
+                        "--moe-router-bias-update-rate", "0.01", "--moe-z-loss-coeff", "0.001",
+                        "--moe-per-layer-logging", "--train-iters", "12", "--log-interval", "4", "--eval-iters", "1",
+                        "--test-iters", "1", "--corpus-bytes", "100000", "--no-progress", "--no-plots",
+                        "--out-dir", str(out)], env=env, capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    train = [x for x in map(json.loads, open(out / "log.jsonl")) if x["kind"] == "train"]
+    assert [x["step"] for x in train] == [4, 8, 12]
+    for rec in train:
+        s = rec["moe_summary"]
+        assert {"balance_loss", "z_loss", "load_max_over_mean", "load_cv", "expert_bias_range"} <= set(s)
+        assert s["load_max_over_mean"] >= 1.0 and s["z_loss"] > 0
+        assert 0 < s["expert_bias_range"] <= 2 * 0.01 * rec["step"] + 1e-9
+        assert all("load_cv" in layer for layer in rec["moe"])
