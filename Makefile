@@ -5,7 +5,7 @@ export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/vqmoe_ds/torch_extensions
 export PYTHONUNBUFFERED = 1
 
-.PHONY: setup test demo bench
+.PHONY: setup test demo bench gpu-check
 setup:
 	bash scripts/install.sh
 
@@ -17,3 +17,7 @@ demo: setup
 
 bench: setup
 	$(VENV)/bin/python bench/moe_layer.py
+
+# on a machine with NVIDIA GPUs: kernel tests, bf16 NCCL training and resume, benchmarks (scripts/gpu_check.py)
+gpu-check: setup
+	$(VENV)/bin/python scripts/gpu_check.py

@@ -11,7 +11,7 @@ def _requirements(name):
 
 
 def _kernel_build_kwargs():
-    """ext_modules/cmdclass of the optional nearest_code extension (issue 6); see vqmoe_ds/kernels/_build.py."""
+    """ext_modules/cmdclass of the optional nearest_code extension; see vqmoe_ds/kernels/_build.py."""
     import importlib.util
 
     here = os.path.dirname(os.path.abspath(__file__))

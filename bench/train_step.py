@@ -2,8 +2,10 @@
 """Speed of a full training step (forward, backward, optimizer; the driver's own `Trainer.train_step`) per
 router, on the tiny and base shapes, at 1 rank and at 2 ranks with expert parallelism 2.
 
-Reports tokens/s and achieved FLOP/s (`flops_per_token` x tokens/s) and divides the latter by the fp32
-matmul peak of the same cores, measured in the same run with torch.mm (1 thread per rank, as the ranks run).
+Reports tokens/s and achieved FLOP/s (`flops_per_token(causal=True)` x tokens/s: every matrix product, causal
+attention counted at the products a causal kernel computes) and the MFU: achieved FLOP/s over the hardware peak,
+here the fp32 matmul peak of the cores the ranks use (ranks x a 1-thread torch.mm peak measured in the same run,
+1 thread per rank as the ranks run).  On a GPU the peak would be its datasheet bf16 dense figure.
 
     python bench/train_step.py [--shapes tiny base] [--routers dense topk xmoe stablemoe smoe_dropout vqmoe]
                                [--steps 5] [--warmup 2]
@@ -78,7 +80,7 @@ def worker(args):
             tokens += tr.train_step()[2]["tokens"] * tr.world
         dist.barrier()
         dt = time.perf_counter() - t
-        results.append({"router": router, "tokens_per_s": tokens / dt, "flops_per_s": tokens / dt * flops_per_token(tr.task.model_config),
+        results.append({"router": router, "tokens_per_s": tokens / dt, "flops_per_s": tokens / dt * flops_per_token(tr.task.model_config, causal=True),
                         "step_s": dt / args.steps, "tokens_per_step": tokens // args.steps})
         tr.log.close()
     if dist.get_rank() == 0:
@@ -103,7 +105,7 @@ def main():
     from vqmoe_ds.training.launch import env_for_ranks, free_port, remove_new_shm, shm_files, torchrun_cmd
 
     peak1 = mm_peak(1)
-    print(f"torch.mm fp32 peak: {peak1 / 1e9:.1f} GFLOP/s on 1 thread (x ranks = the peak of a run)")
+    print(f"hardware peak: torch.mm fp32 {peak1 / 1e9:.1f} GFLOP/s measured on 1 core; a run's peak = ranks x that")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for shape in args.shapes:
@@ -121,13 +123,13 @@ def main():
                 for res in json.loads(line[0][7:]):
                     rows.append((shape, ranks, res))
     print(f"\n{'shape':6} {'ranks':>5} {'router':13} {'tok/step':>8} {'step ms':>8} {'tokens/s':>9} {'GFLOP/s':>8} "
-          f"{'of mm peak':>10}")
+          f"{'MFU (ranks x 1-core fp32 mm peak)':>34}")
     for shape, ranks, r in rows:
         if "error" in r:
             print(f"{shape:6} {ranks:>5} {r['router']:13} refused: {r['error']}")
             continue
         print(f"{shape:6} {ranks:>5} {r['router']:13} {r['tokens_per_step']:>8} {r['step_s'] * 1e3:>8.0f} "
-              f"{r['tokens_per_s']:>9.0f} {r['flops_per_s'] / 1e9:>8.2f} {r['flops_per_s'] / (peak1 * ranks):>10.1%}")
+              f"{r['tokens_per_s']:>9.0f} {r['flops_per_s'] / 1e9:>8.2f} {r['flops_per_s'] / (peak1 * ranks):>34.1%}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
    key-value records interleaved -- no download) to runs/demo/corpus.txt;
 2. launches ``torchrun --nproc_per_node=2 pretrain_vqmoe.py`` with a VQMoE GPT (4 layers, d 128, 8 experts
    split over the 2 ranks by expert parallelism, codebook of 16) on ds_configs/cpu_fp32.json;
-3. prints the validation / test BPC and where the logs, TensorBoard files, plots and checkpoints are.
+3. prints the validation loss and test bits per character, and where the logs, TensorBoard files, plots and
+   checkpoints are.
 
     python scripts/demo.py [--steps 400] [--out-dir runs/demo]
 """
@@ -48,6 +49,7 @@ def main():
         "--micro-batch-size", "16", "--train-iters", str(args.steps), "--lr", "2e-3", "--min-lr", "2e-4",
         "--lr-warmup-iters", "20", "--eval-interval", str(max(1, args.steps // 4)), "--eval-iters", "20",
         "--test-iters", "0", "--log-interval", "10", "--data-file", corpus, "--out-dir", args.out_dir,
+        "--overwrite",  # the demo replaces its own earlier run
         "--save", os.path.join(args.out_dir, "checkpoints")]
     cmd = torchrun_cmd(2, driver_args, free_port())
     print("running:", " ".join(cmd), flush=True)
@@ -62,8 +64,9 @@ def main():
         return rc
     with open(os.path.join(args.out_dir, "results.json")) as f:
         res = json.load(f)
-    print(f"\ndemo done in {time.time() - t0:.0f} s: best validation loss {res['best_valid']['loss']:.4f} nats/char, "
-          f"test BPC {res['test']['bpc']:.4f} (a uniform guess is 8.0), test PPL {res['test']['ppl']:.3f}")
+    print(f"\ndemo done in {time.time() - t0:.0f} s: best validation loss {res['best_valid']['loss']:.4f} nats/token, "
+          f"test {res['test']['bpc']:.4f} bits/char (ASCII bytes: a token is a character; a uniform guess is 8.0), "
+          f"test token perplexity {res['test']['token_ppl']:.3f}")
     print(f"plots: {', '.join(os.path.join(args.out_dir, n) for n in ('loss.png', 'expert_load.png', 'code_usage.png'))}")
     print(f"log: {os.path.join(args.out_dir, 'log.jsonl')}; TensorBoard: tensorboard --logdir "
           f"{os.path.join(args.out_dir, 'tensorboard')}")

@@ -1,16 +1,11 @@
 """Start N real processes on this machine (gloo), the way torchrun does: RANK/WORLD_SIZE/MASTER_* set."""
 import os
-import socket
 import subprocess
 import sys
 
+from vqmoe_ds.parallel import free_port
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_ranks(script: str, *args: str, nprocs: int = 2, timeout: int = 300) -> list:
@@ -33,3 +28,17 @@ def run_ranks(script: str, *args: str, nprocs: int = 2, timeout: int = 300) -> l
     for rank, (p, out) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f"rank {rank} exited {p.returncode}:\n{out[-6000:]}"
     return outs
+
+
+def clear_deepspeed_groups() -> None:
+    """Drop DeepSpeed's cached groups after an entry point closed its process group in this process (tools and
+    drivers end with ``destroy_process_group``), so that the next one in the same test builds its own."""
+    from deepspeed.utils import groups
+
+    for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_DATA_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS",
+                 "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):
+        if isinstance(getattr(groups, name, None), dict):
+            getattr(groups, name).clear()
+    for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP"):
+        if hasattr(groups, name):
+            setattr(groups, name, None)

@@ -6,6 +6,9 @@ from vqmoe_ds.moe import MoEConfig
 
 
 def make_layer(seed=0, **kw):
+    """A small MoE layer; ``dispatcher="grouped"`` means the sorted dispatcher with the grouped-GEMM experts."""
+    if kw.get("dispatcher") == "grouped":
+        kw.update(dispatcher="sorted", expert_impl="grouped")
     base = dict(hidden_size=16, ffn_hidden_size=24, num_experts=4, top_k=2, drop_tokens=False, min_capacity=0)
     base.update(kw)
     torch.manual_seed(seed)
@@ -13,8 +16,9 @@ def make_layer(seed=0, **kw):
     # non-zero biases so the reference checks them too
     with torch.no_grad():
         for e in layer.experts:
-            e.fc1.bias.normal_(0, 0.1)
-            e.fc2.bias.normal_(0, 0.1)
+            if e.fc1.bias is not None:
+                e.fc1.bias.normal_(0, 0.1)
+                e.fc2.bias.normal_(0, 0.1)
     return layer
 
 

@@ -12,7 +12,7 @@ import torch
 
 from vqmoe_ds import checkpoint as ckpt
 from vqmoe_ds.cli import ArgError
-from vqmoe_ds.data import DataError
+from vqmoe_ds.data import ArrayTokenStream, DataError
 from vqmoe_ds.training.config import check_save_dir, check_world, resolve_ds_config
 from vqmoe_ds.training.data import eval_sizes_ok, load_corpus, split_in_order
 from vqmoe_ds.training.launch import DRIVER, ROOT, env_for_ranks
@@ -114,8 +114,9 @@ def test_data_checks(tmp_path):
     with pytest.raises((DataError, FileNotFoundError), match="tokenizer.json"):
         load_corpus(data_path=str(tmp_path / "nothing"))
     tiny = split_in_order(np.arange(200, dtype=np.int64) % 256, "tiny")
-    with pytest.raises(DataError):
-        eval_sizes_ok(tiny["valid"], "gpt", 8, 128, 2)
+    eval_sizes_ok(tiny["valid"], "gpt", 8, 128, 2)  # 10 tokens: evaluated whole, the batch padded
+    with pytest.raises(DataError, match="nothing to predict"):
+        eval_sizes_ok(ArrayTokenStream(np.zeros(1, dtype=np.int64), 256), "gpt", 8, 128, 2)
 
 
 def test_unwritable_save_folder(tmp_path):

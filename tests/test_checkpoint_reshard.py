@@ -22,7 +22,7 @@ from dist_helper import run_ranks
 from test_launchers import records, tiny_args
 
 from vqmoe_ds import checkpoint as ckpt
-from vqmoe_ds.checkpoint.layout import EXPERT_FILE, list_files
+from vqmoe_ds.checkpoint.layout import EXPERT_FILE, digests, list_files
 from vqmoe_ds.training.launch import ROOT, env_for_ranks, free_port, remove_new_shm, shm_files, torchrun_cmd
 
 TOOL = os.path.join(ROOT, "tools", "reshard_checkpoint.py")
@@ -117,6 +117,7 @@ def _remark(folder, tag="step3"):
     path = folder / tag / ckpt.MARKER
     marker = json.loads(path.read_text())
     marker["files"] = {k: v for k, v in list_files(str(folder / tag)).items() if k != ckpt.MARKER}
+    marker["sha256"] = digests(str(folder / tag), list(marker["files"]))
     path.write_text(json.dumps(marker))
 
 
@@ -169,6 +170,9 @@ def test_reshard_refuses_bad_sources(source, tmp_path, capsys):
     os.replace(a, tmp)
     os.replace(b, a)
     os.replace(tmp, b)
+    with pytest.raises(ckpt.CheckpointError, match="layer_0_expert_1_.* does not match the checksum"):
+        ckpt.verify(str(swapped), "step3")  # files swapped after the save: their checksums say so
+    _remark(swapped)  # a save that wrote experts to the wrong files (#6589) has matching checksums: the tool checks
     ckpt.verify(str(swapped), "step3")
     msg = _error(capsys, "--load", swapped, "--out", tmp_path / "o", "--world-size", "1", "--ep-size", "1")
     assert "layer_0_expert_1_mp_rank_00_model_states.pt holds" in msg and "(expert 2 of" in msg, msg

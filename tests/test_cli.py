@@ -24,7 +24,8 @@ from vqmoe_ds.vision.vit import ViTConfig
 
 # set by the model config, not by an MoE flag: (MoEConfig field, the model flag that sets it)
 MOE_FROM_MODEL = {"hidden_size": "--hidden-size", "ffn_hidden_size": "--expert-ffn-hidden-size",
-                  "init_std": "--init-method-std", "output_init_std": "--init-method-std", "vocab_size": "--vocab-size"}
+                  "init_std": "--init-method-std", "output_init_std": "--init-method-std", "vocab_size": "--vocab-size",
+                  "linear_bias": "--add-bias-linear"}
 NOT_FLAGS = {ModelConfig: {"moe"}, ViTConfig: {"moe", "in_chans", "num_classes"}}  # sections / set by the data
 
 
@@ -38,8 +39,8 @@ def test_every_model_and_moe_field_has_a_flag_with_help(cmd, model_cls):
     have = fields_by_flag(cmd)
     flags = cmd.all_flags()
     for f in dataclasses.fields(MoEConfig):
-        if f.name == "vocab_size" and model_cls is ViTConfig:
-            continue  # images have no token vocabulary
+        if f.name in ("vocab_size", "linear_bias") and model_cls is ViTConfig:
+            continue  # images have no token vocabulary; the ViT keeps its biases
         if f.name in MOE_FROM_MODEL:
             assert MOE_FROM_MODEL[f.name] in flags, f.name
         else:
@@ -85,7 +86,7 @@ LM_VALUES = {
     "--moe-router-score-function": "sigmoid", "--moe-router-topk-scaling-factor": "2.5",
     "--moe-router-enable-expert-bias": None, "--moe-router-bias-update-rate": "0.01",
     "--moe-router-force-load-balancing": None, "--moe-shared-expert-intermediate-size": "32",
-    "--moe-shared-expert-mode": "gate", "--moe-per-layer-logging": None,
+    "--moe-shared-expert-mode": "gate", "--moe-per-layer-logging": None, "--moe-expert-impl": "loop",
     "--micro-batch-size": "4", "--gradient-accumulation-steps": "2", "--train-iters": "50", "--lr": "0.001",
     "--min-lr": "0.0001", "--lr-warmup-iters": "5", "--weight-decay": "0.01", "--clip-grad": "0.5", "--seed": "7",
     "--data-file": "corpus.txt", "--corpus-bytes": "12345", "--eval-seq-length": "12",
@@ -93,8 +94,14 @@ LM_VALUES = {
     "--eval-iters": "3", "--test-iters": "4", "--eval-batch-size": "6", "--log-interval": "2",
     "--max-skipped-steps": "4", "--progress": None, "--plots": None, "--tensorboard": None,
     "--dist-timeout-minutes": "5.0", "--deepspeed_config": CPU_CFG, "--data-path": None, "--load": ROOT,
+    "--overwrite": None, "--upcycle-from": ROOT,
 }
-NEGATED = {"--tie-embeddings", "--drop-tokens", "--progress", "--plots", "--tensorboard", "--norm-topk-prob"}  # default True: --no-...
+# the GPT block's settings (not valid with --model txl above): round-tripped with --model gpt
+GPT_VALUES = {"--normalization": "RMSNorm", "--norm-epsilon": "1e-06", "--swiglu": None,
+              "--position-embedding-type": "rope", "--rotary-base": "5000.0", "--qk-norm": "hidden",
+              "--add-bias-linear": None}
+NEGATED = {"--tie-embeddings", "--drop-tokens", "--progress", "--plots", "--tensorboard", "--norm-topk-prob",
+           "--add-bias-linear"}  # default True: --no-...
 
 
 def _argv(values):
@@ -112,7 +119,7 @@ def _argv(values):
 def test_every_pretraining_flag_round_trips_through_the_resolved_file(tmp_path):
     cmd = lm.command_line()
     covered = {flag for flag, spec in cmd.all_flags().items() if not spec.cli_only and flag == spec.flag}
-    assert covered == set(LM_VALUES), covered ^ set(LM_VALUES)  # the table above covers every setting
+    assert covered == set(LM_VALUES) | set(GPT_VALUES), covered ^ (set(LM_VALUES) | set(GPT_VALUES))  # every setting
     parsed = cmd.parse(_argv(LM_VALUES))
     task = lm.make_task(parsed)
     cfg = task.model_config
@@ -143,6 +150,20 @@ def test_every_pretraining_flag_round_trips_through_the_resolved_file(tmp_path):
         assert cmd.resolved(again.parsed.preset, again.config_objects()) == written
     other = lm.make_task(cmd.parse(["--data-path", "data/enwik8"]))
     assert other.data.data_path == "data/enwik8" and other.data.data_file is None
+    assert task.data.upcycle_from == ROOT
+
+
+def test_gpt_block_flags_round_trip_through_the_resolved_file(tmp_path):
+    cmd = lm.command_line()
+    parsed = cmd.parse(["--model", "gpt", *_argv(GPT_VALUES)])
+    task = lm.make_task(parsed)
+    cfg = task.model_config
+    assert (cfg.normalization, cfg.norm_epsilon, cfg.swiglu, cfg.position_embedding_type, cfg.rotary_base,
+            cfg.qk_norm, cfg.add_bias_linear) == ("RMSNorm", 1e-6, True, "rope", 5000.0, "hidden", False)
+    assert cfg.moe_config(0).activation == "swiglu" and not cfg.moe_config(0).linear_bias
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(cmd.resolved(parsed.preset, task.config_objects())))
+    assert lm.make_task(cmd.parse(["--config-file", str(path)])).model_config == cfg
 
 
 def test_vision_and_finetune_resolved_files_round_trip(tmp_path):
@@ -181,6 +202,8 @@ MEGATRON_ALIASES = [
     (["--untie-embeddings-and-output-weights"], ["--no-tie-embeddings"]),
     (["--init-std", "0.01"], ["--init-method-std", "0.01"]),
     (["--ep-size", "2"], ["--moe-expert-parallel-size", "2"]),
+    (["--disable-bias-linear"], ["--no-add-bias-linear"]),
+    (["--qk-layernorm"], ["--qk-norm", "head"]),
 ]
 
 

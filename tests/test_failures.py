@@ -153,3 +153,19 @@ def test_skipped_step_does_not_advance_the_lr_schedule(tmp_path, stage):
     assert [clean[s] for s in range(1, 7)] == pytest.approx([2e-3, cos(1 / 3), cos(2 / 3), 3e-4, 3e-4, 3e-4])
     assert [lrs[s] for s in (1, 2)] == [clean[1], clean[2]]
     assert [lrs[s] for s in (4, 5, 6)] == [clean[3], clean[4], clean[5]]  # an advanced schedule: 3e-4 at 4
+
+
+def test_full_disk_in_a_save_is_one_line_naming_the_last_good_checkpoint(tmp_path):
+    """The save of step 4 fails to write ("No space left on device"): the run stops with exit status 3 and one
+    line naming the step, the folder and the last complete checkpoint, which is still what `latest` names."""
+    out = tmp_path / "full"
+    procs = start_ranks(tmp_path, small(out, "--save-interval", "2", "--moe-expert-parallel-size", "1", steps=6),
+                        fault="enospc_in_save@4@0", nprocs=1)
+    outs = finish(procs)
+    assert procs[0].returncode == 3, outs[0][1][-3000:]
+    errors = [line for line in outs[0][1].splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "saving step 4" in errors[0] and "No space left on device" in errors[0], errors
+    saved = out / "checkpoints"
+    assert f"the last complete checkpoint is {saved / 'step2'}" in errors[0]
+    assert (saved / "latest").read_text() == "step2" and "Traceback" not in outs[0][1]
+    ckpt.verify(str(saved), "step2")

@@ -58,6 +58,16 @@ FLOP_CASES = {
                                           "smoe_dropout_k_end": 2, "drop_tokens": False}),
     "Transformer-XL top-2": dict(model="txl", mem_len=32, moe={"router": "topk", "num_experts": 4, "top_k": 2,
                                                                "drop_tokens": False}),
+    # the configurable GPT block: RMSNorm, SwiGLU, RoPE, QK-norm, no biases, untied (OLMoE's block)
+    "OLMoE-style GPT": dict(normalization="RMSNorm", swiglu=True, position_embedding_type="rope", qk_norm="hidden",
+                            add_bias_linear=False, tie_embeddings=False,
+                            moe={"router": "topk", "num_experts": 4, "top_k": 2, "norm_topk_prob": False,
+                                 "drop_tokens": False}),
+    "SwiGLU dense GPT, per-head QK-norm": dict(swiglu=True, qk_norm="head", moe={"router": "dense"}),
+    "SwiGLU VQMoE GPT with shared expert": dict(swiglu=True, position_embedding_type="rope",
+                                                moe={"router": "vqmoe", "num_experts": 4, "top_k": 2,
+                                                     "codebook_size": 8, "shared_expert_size": 32,
+                                                     "drop_tokens": False}),
 }
 
 
@@ -91,6 +101,50 @@ def test_flops_per_token_matches_torch_flop_counter(name):
 def test_bad_model_settings_raise_one_line():
     for kw, word in [(dict(n_head=5), "divisible"), (dict(moe_layers="0,9"), "outside"),
                      (dict(mem_len=4), "txl")]:
+        with pytest.raises(ConfigError) as e:
+            named_config("tiny", **kw)
+        assert word in str(e.value) and "\n" not in str(e.value)
+
+
+def test_olmoe_1b_7b_matches_the_published_counts_on_the_meta_device():
+    """OLMoE-1B-7B: 6.9B parameters in all, 1.3B active per token (its paper and model card).  The formula here
+    is written out from OLMoE's modules: untied embedding and LM head, per layer q/k/v/o (no biases), q_norm and
+    k_norm over the hidden size, two RMSNorms, a router E x D and 64 SwiGLU experts (gate, up, down)."""
+    V, D, L, F, E, k = 50304, 2048, 16, 1024, 64, 8
+    per_layer = 4 * D * D + 2 * D + 2 * D + E * D
+    total = 2 * V * D + L * per_layer + D + L * E * 3 * D * F
+    active = 2 * V * D + L * per_layer + D + L * k * 3 * D * F
+    cfg = named_config("olmoe-1b-7b")
+    c = count_params(cfg)
+    assert (c["total"], c["active"]) == (total, active)
+    assert round(c["total"] / 1e9, 1) == 6.9 and round(c["active"] / 1e9, 1) == 1.3
+    model = build_model(cfg, "meta")
+    assert all(p.is_meta for p in model.parameters())
+    assert sum(p.numel() for p in model.parameters()) == total
+    block = model.blocks[0]
+    assert type(block.ln1).__name__ == "RMSNorm" and block.attn.c_attn.bias is None
+    assert tuple(block.ffn.experts[0].fc1.weight.shape) == (2 * F, D) and not hasattr(model, "wpe")
+
+
+@pytest.mark.parametrize("kw", [
+    dict(normalization="RMSNorm", swiglu=True, position_embedding_type="rope", qk_norm="hidden", add_bias_linear=False,
+         tie_embeddings=False, moe={"router": "topk", "num_experts": 4, "top_k": 2}),
+    dict(qk_norm="head", add_bias_linear=False, moe_layers="1", moe={"router": "xmoe", "num_experts": 4, "top_k": 1}),
+    dict(swiglu=True, normalization="RMSNorm", moe={"router": "vqmoe", "num_experts": 4, "top_k": 2,
+                                                    "shared_expert_size": 16, "shared_expert_mode": "gate"}),
+], ids=["olmoe-block", "head-qk-norm-no-bias", "swiglu-vqmoe-shared"])
+def test_new_block_counts_match_the_built_model(kw):
+    cfg = named_config("tiny", **kw)
+    model = build_model(cfg, "meta")
+    assert sum(p.numel() for p in model.parameters()) == count_params(cfg)["total"]
+
+
+def test_bad_block_settings_raise_one_line():
+    for kw, word in [(dict(normalization="BatchNorm"), "normalization"), (dict(qk_norm="all"), "qk_norm"),
+                     (dict(model="txl", mem_len=4, swiglu=True), "--model gpt only"),
+                     (dict(swiglu=True, moe={"activation": "relu"}), "disagree"),
+                     (dict(position_embedding_type="rope", n_head=64), "even head dimension"),
+                     (dict(rotary_base=1.0), "rotary_base")]:
         with pytest.raises(ConfigError) as e:
             named_config("tiny", **kw)
         assert word in str(e.value) and "\n" not in str(e.value)

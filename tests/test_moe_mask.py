@@ -12,7 +12,7 @@ from vqmoe_ds.models import build_model, named_config
 ROUTERS = ["topk", "xmoe", "stablemoe", "smoe_dropout", "vqmoe", "vq"]
 
 
-@pytest.mark.parametrize("dispatcher", ["sorted", "deepspeed"])
+@pytest.mark.parametrize("dispatcher", ["sorted", "deepspeed", "grouped"])
 @pytest.mark.parametrize("router", ROUTERS)
 def test_masked_layer_equals_the_layer_on_the_real_tokens(router, dispatcher):
     layer = make_layer(router=router, dispatcher=dispatcher, drop_tokens=True, capacity_factor=0.75, min_capacity=1,

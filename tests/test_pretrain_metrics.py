@@ -1,4 +1,4 @@
-"""BPC and PPL against hand-computed values."""
+"""Bits per token and PPL against hand-computed values (per byte / character / word: tests/test_lm_metrics.py)."""
 import math
 
 import pytest
@@ -7,12 +7,13 @@ import torch
 from vqmoe_ds.training.metrics import NLLMeter, bpc, ppl
 
 
-def test_uniform_model_over_bytes_is_8_bpc_and_ppl_256():
+def test_uniform_model_over_bytes_is_8_bits_per_token_and_ppl_256():
     meter = NLLMeter()
     meter.add(torch.zeros(2, 5, 256), torch.randint(0, 256, (2, 5)))
     s = meter.summary()
     assert s["tokens"] == 10
-    assert s["bpc"] == pytest.approx(8.0, abs=1e-6)
+    assert s["bits_per_token"] == pytest.approx(8.0, abs=1e-6)
+    assert "bpc" not in s  # characters unknown without the split's counts
     assert s["ppl"] == pytest.approx(256.0, rel=1e-6)
 
 
@@ -24,7 +25,7 @@ def test_hand_computed_two_token_example():
     meter.add(logits, targets)
     nll = -math.log(math.exp(2) / (math.exp(2) + 1)) - math.log(0.5)
     assert meter.nll == pytest.approx(nll, rel=1e-6)
-    assert meter.summary()["bpc"] == pytest.approx(nll / 2 / math.log(2), rel=1e-6)
+    assert meter.summary()["bits_per_token"] == pytest.approx(nll / 2 / math.log(2), rel=1e-6)
     assert meter.summary()["ppl"] == pytest.approx(math.exp(nll / 2), rel=1e-6)
 
 

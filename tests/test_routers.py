@@ -60,7 +60,7 @@ def check(diffs):
     assert not bad, bad
 
 
-@pytest.mark.parametrize("dispatcher", ["sorted", "deepspeed"])
+@pytest.mark.parametrize("dispatcher", ["sorted", "deepspeed", "grouped"])
 @pytest.mark.parametrize("k,drop,norm", [(1, False, True), (2, False, True), (2, True, True), (3, True, True),
                                          (2, False, False), (3, True, False)])
 def test_topk_router(dispatcher, k, drop, norm):
@@ -96,7 +96,7 @@ def test_every_learned_router_gets_a_task_gradient(router, k):
     assert grads and all(v > 1e-6 for v in grads.values()), grads
 
 
-@pytest.mark.parametrize("dispatcher", ["sorted", "deepspeed"])
+@pytest.mark.parametrize("dispatcher", ["sorted", "deepspeed", "grouped"])
 def test_xmoe_router(dispatcher):
     layer = make_layer(router="xmoe", top_k=2, xmoe_dim=8, dispatcher=dispatcher)
     diffs, _ = run_both(layer, softmax_router_ref(xmoe_logits))
@@ -118,7 +118,7 @@ def test_stablemoe_stage1_distills():
     assert diffs["grad:router.distilled.0.weight"] <= TOL
 
 
-@pytest.mark.parametrize("dispatcher", ["sorted", "deepspeed"])
+@pytest.mark.parametrize("dispatcher", ["sorted", "deepspeed", "grouped"])
 def test_stablemoe_stage2_routes_with_frozen_snapshot(dispatcher):
     layer = make_layer(router="stablemoe", top_k=2, stablemoe_stage1_steps=5, dispatcher=dispatcher)
     layer.router.set_step(5)
@@ -138,7 +138,7 @@ def test_stablemoe_stage2_routes_with_frozen_snapshot(dispatcher):
     assert torch.equal(before, torch.stack([F.softmax(x @ snap[0].t() @ snap[1].t(), 1).topk(2, 1).indices[:, i] for i in range(2)]))
 
 
-@pytest.mark.parametrize("dispatcher", ["sorted", "deepspeed"])
+@pytest.mark.parametrize("dispatcher", ["sorted", "deepspeed", "grouped"])
 def test_smoe_dropout_k_schedule(dispatcher):
     layer = make_layer(router="smoe_dropout", smoe_dropout_k_start=1, smoe_dropout_k_end=4, smoe_dropout_k_steps=9,
                        dispatcher=dispatcher)

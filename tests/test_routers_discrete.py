@@ -35,7 +35,7 @@ def _run(layer, reference, ids=None, T=24, seed=1):
         assert ((zero if p_ref is None else p_ref) - (zero if p_lay is None else p_lay)).abs().max() <= TOL
 
 
-@pytest.mark.parametrize("dispatcher", ["sorted", "deepspeed"])
+@pytest.mark.parametrize("dispatcher", ["sorted", "deepspeed", "grouped"])
 @pytest.mark.parametrize("drop", [False, True])
 def test_hash_routing_matches_a_table_lookup(dispatcher, drop):
     layer = make_layer(router="hash", vocab_size=50, hash_seed=3, dispatcher=dispatcher, drop_tokens=drop,
@@ -101,7 +101,7 @@ def _nearest(z, centroids, distance):
     return out
 
 
-@pytest.mark.parametrize("dispatcher", ["sorted", "deepspeed"])
+@pytest.mark.parametrize("dispatcher", ["sorted", "deepspeed", "grouped"])
 @pytest.mark.parametrize("distance", ["cosine", "l2"])
 def test_cluster_router_routes_to_the_nearest_fixed_centroid(dispatcher, distance):
     layer = make_layer(router="cluster", cluster_distance=distance, cluster_warmup_steps=2, dispatcher=dispatcher)

@@ -126,7 +126,7 @@ OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("dispatcher", ["sorted", "deepspeed"])
+@pytest.mark.parametrize("dispatcher", ["sorted", "deepspeed", "grouped"])
 @pytest.mark.parametrize("name", list(OPTIONS))
 def test_option_matches_its_definition(name, dispatcher):
     compare(make_layer(router="topk", dispatcher=dispatcher, **OPTIONS[name]))

@@ -68,7 +68,7 @@ VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("dispatcher", ["sorted", "deepspeed"])
+@pytest.mark.parametrize("dispatcher", ["sorted", "deepspeed", "grouped"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_vqmoe_pretrain_matches_reference(dispatcher, variant):
     layer = make_layer(router="vqmoe", codebook_size=6, dispatcher=dispatcher, **VARIANTS[variant])
@@ -78,18 +78,18 @@ def test_vqmoe_pretrain_matches_reference(dispatcher, variant):
         assert name in diffs, name  # the mixing gate, router and codebook all receive gradients
 
 
-@pytest.mark.parametrize("dispatcher", ["sorted", "deepspeed"])
+@pytest.mark.parametrize("dispatcher", ["sorted", "deepspeed", "grouped"])
 def test_vqmoe_low_capacity_drops_like_reference(dispatcher):
     layer = make_layer(router="vqmoe", codebook_size=6, dispatcher=dispatcher, drop_tokens=True,
                        capacity_factor=0.5, min_capacity=1)
     diffs, y = run_both(layer, vqmoe_ref)
     check(diffs)
     assert layer.stats()["expert_load"].sum() == 24 * 3
-    if dispatcher == "sorted":
+    if dispatcher in ("sorted", "grouped"):
         assert layer.stats()["dropped_fraction"] > 0.3  # half the routes fit
 
 
-@pytest.mark.parametrize("dispatcher", ["sorted", "deepspeed"])
+@pytest.mark.parametrize("dispatcher", ["sorted", "deepspeed", "grouped"])
 def test_vqmoe_token_input_variant(dispatcher):
     layer = make_layer(router="vqmoe", codebook_size=5, discrete_input="token", dispatcher=dispatcher,
                        drop_tokens=True, capacity_factor=0.75, min_capacity=1)
@@ -97,7 +97,7 @@ def test_vqmoe_token_input_variant(dispatcher):
 
 
 @pytest.mark.parametrize("router,mode", [("vq", "pretrain"), ("vqmoe", "discrete_only")])
-@pytest.mark.parametrize("dispatcher", ["sorted", "deepspeed"])
+@pytest.mark.parametrize("dispatcher", ["sorted", "deepspeed", "grouped"])
 def test_discrete_only_matches_reference(router, mode, dispatcher):
     layer = make_layer(router=router, vqmoe_mode=mode, codebook_size=7, vq_distance="cosine", codebook_dim=5,
                        dispatcher=dispatcher)
@@ -155,3 +155,37 @@ def test_vqmoe_discrete_gate_mixes_paths():
     r = layer.vq_router(x)
     y_vq = torch.stack([layer.experts[int(e)](xq) for e, xq in zip(r.experts_TK[:, 0], r.quantized_TD)])
     assert torch.allclose(y_d, y_vq, atol=1e-5)
+
+
+def test_router_and_mixing_gate_read_x_in_one_matmul(monkeypatch):
+    """The shipped VQMoE layer computes x W_e^T and x W_g^T as one matmul over [W_e; W_g] (x read once): the
+    matmuls that take x itself produce E + 2 columns together, in one product; unfused they are two."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from vqmoe_ds.routers.topk import TopKRouter
+
+    class Widths(TorchDispatchMode):
+        def __init__(self, x):
+            super().__init__()
+            self.ptr, self.widths = x.data_ptr(), []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.__name__.split(".")[0] in ("mm", "addmm") and any(
+                    torch.is_tensor(a) and a.dim() == 2 and a.data_ptr() == self.ptr for a in args[:2]):
+                self.widths.append(out.shape[-1])
+            return out
+
+    x = torch.randn(24, 16)
+
+    def widths():
+        layer = make_layer(router="vqmoe").train()  # 4 experts
+        layer(x)  # k-means init
+        with Widths(x) as w:
+            y = layer(x)[0]
+        return sorted(w.widths), y
+
+    fused, y_fused = widths()
+    monkeypatch.setattr(TopKRouter, "fusable", property(lambda self: False))
+    separate, y_separate = widths()
+    assert fused == [6] and separate == [2, 4]
+    assert (y_fused - y_separate).abs().max() < 1e-5

@@ -143,6 +143,9 @@ def plot_stability(stab, tags, path):
 
 def analyse(args):
     from vqmoe_ds.analysis import stability_series
+    from vqmoe_ds.data.errors import require_output
+
+    require_output(args.out_dir, "--out-dir", "folder")  # before any work
     from vqmoe_ds.checkpoint import load_lm, read_run, resolve
     from vqmoe_ds.models import moe_layers
 

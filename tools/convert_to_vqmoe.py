@@ -50,7 +50,10 @@ def parse(argv=None):
 def convert(args):
     import deepspeed
 
+    from vqmoe_ds.data.errors import require_output
     from vqmoe_ds.models import build_model
+
+    require_output(args.out_dir, "--out-dir", "folder")  # before any work
     from vqmoe_ds import checkpoint as ckpt
 
     gate_bias(args.discrete_share)  # checks the share before anything is built
@@ -91,13 +94,17 @@ def evaluate(args, run, src, dst, cfg):
     disc, _, _ = load_lm(os.path.join(args.out_dir, "checkpoints"), TAG, cfg=d_cfg,
                          may_drop=absent_path_keys(cfg, d_cfg))
     res["discrete_only"] = held_out_loss(disc, corpus, **kw)
-    x, _ = next(eval_batches(corpus.streams[args.split], cfg.model, args.eval_batch_size, cfg.seq_len, 0, 1, 1))
-    with torch.no_grad():
-        res["max_abs_logit_diff"] = float((src(x)[0] - dst(x)[0]).abs().max())
-    print(f"held-out {args.split} ({res['source']['tokens']} tokens): loss / bpc / ppl", flush=True)
+    x, _, mask = next(eval_batches(corpus.streams[args.split], cfg.model, args.eval_batch_size, cfg.seq_len, 0, 1, 1))
+    with torch.no_grad():  # over the real tokens of the first batch (its padding is masked)
+        res["max_abs_logit_diff"] = float((src(x, None, None, mask)[0] - dst(x, None, None, mask)[0])[mask].abs().max())
+    per_char = "bits_per_char" in res["source"]
+    print(f"held-out {args.split} ({res['source']['tokens']} tokens): loss nats/token / bits/token"
+          f"{' / bits/char' if per_char else ''} / token ppl", flush=True)
     for k in ("source", "converted", "discrete_only"):
         r = res[k]
-        print(f"  {k:14s} {r['loss']:.4f} / {r['bpc']:.4f} / {r['ppl']:.3f}", flush=True)
+        values = [f"{r['loss']:.4f}", f"{r['bits_per_token']:.4f}"]
+        values += [f"{r['bits_per_char']:.4f}"] if per_char else []
+        print(f"  {k:14s} {' / '.join(values + [format(r['token_ppl'], '.3f')])}", flush=True)
     print(f"  max |logit(source) - logit(converted)| = {res['max_abs_logit_diff']:.3g}", flush=True)
     return res
 

@@ -5,7 +5,8 @@
 
 ``--sts``: TSV of s1<TAB>s2<TAB>score -> Spearman between cosine similarity and the gold scores.
 ``--train/--test``: labelled TSV/CSV with a header (``--text-column``, ``--label-column``) -> accuracy of a
-logistic regression and of a nearest-centroid rule on the embeddings.  ``--discrete-only`` embeds with the
+logistic regression and of a nearest-centroid rule on the embeddings.  ``--cluster``: a labelled TSV/CSV ->
+V-measure of k-means clusters (k = its number of labels) against the labels (MTEB's clustering score).  ``--discrete-only`` embeds with the
 VQMoE layers' discrete path only (eq. 7).  ``--save-embeddings FILE.pt`` also writes the test embeddings.
 """
 import argparse
@@ -32,6 +33,7 @@ def parse(argv=None):
     ap.add_argument("--sts", help="s1<TAB>s2<TAB>score")
     ap.add_argument("--train", help="labelled TSV/CSV (header) for the classifiers")
     ap.add_argument("--test", help="labelled TSV/CSV (header): the accuracy reported")
+    ap.add_argument("--cluster", help="labelled TSV/CSV (header): V-measure of k-means clusters of its texts")
     ap.add_argument("--text-column", default="text")
     ap.add_argument("--label-column", default="label")
     ap.add_argument("--pooling", choices=("mean", "last"), default="mean")
@@ -41,11 +43,11 @@ def parse(argv=None):
     ap.add_argument("--out", help="JSON with the results")
     ap.add_argument("--save-embeddings")
     a = ap.parse_args(argv)
-    if not a.sts and not (a.train and a.test):
-        ap.error("nothing to evaluate: give --sts and/or both --train and --test")
+    if not a.sts and not (a.train and a.test) and not a.cluster:
+        ap.error("nothing to evaluate: give --sts, both --train and --test, and/or --cluster")
     if bool(a.train) != bool(a.test):
         ap.error("--train and --test go together")
-    for p in (a.sts, a.train, a.test):
+    for p in (a.sts, a.train, a.test, a.cluster):
         if p and not os.path.isfile(p):
             ap.error(f"{p} does not exist")
     return a
@@ -58,8 +60,12 @@ def read_labelled(path, args, label_names=None):
 
 
 def run(args):
-    from vqmoe_ds.finetune.embedding import (embed_texts, logistic_regression, nearest_centroid, read_sts,
-                                             sts_spearman)
+    from vqmoe_ds.data.errors import require_output
+    from vqmoe_ds.finetune.embedding import (cluster_v_measure, embed_texts, logistic_regression, nearest_centroid,
+                                             read_sts, sts_spearman)
+
+    if args.out:
+        require_output(args.out, "--out", "file")  # before any work
     from vqmoe_ds.checkpoint import load_lm, read_run, tokenizer_for
     from vqmoe_ds.finetune.discrete import absent_path_keys, discrete_only_config
 
@@ -69,6 +75,7 @@ def run(args):
     sts = read_sts(args.sts) if args.sts else None
     train = read_labelled(args.train, args) if args.train else None
     test = read_labelled(args.test, args, train.label_names) if args.test else None
+    clusters = read_labelled(args.cluster, args) if args.cluster else None
     cfg, drop = None, ()
     if args.discrete_only:
         src = info.model_config.replace(moe=dict(info.model_config.moe, ep_size=1))
@@ -96,6 +103,12 @@ def run(args):
               f"{c['nearest_centroid']:.4f} ({len(yte)} test examples)", flush=True)
         if args.save_embeddings:
             torch.save({"embeddings": xte, "labels": yte}, args.save_embeddings)
+    if clusters:
+        y = torch.tensor([y for _, y in clusters.examples])
+        k = len(clusters.label_names)
+        out["clustering"] = {"v_measure": cluster_v_measure(emb([t for t, _ in clusters.examples]), y, k),
+                             "texts": len(y), "labels": clusters.label_names}
+        print(f"clustering V-measure {out['clustering']['v_measure']:.4f} ({len(y)} texts, {k} labels)", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)

@@ -12,8 +12,24 @@ ZeRO partitions go over the expert-data-parallel group of G/ep ranks.
   `estimate_zero2_model_states_mem_needs` (2 + 18/dp: its fp32 grad buffers included).  fp32 training: 16.
 Activations (saved for backward, 2 B each; Korthikanti et al. 2022 per layer for attention + LayerNorms,
 with the FFN part scaled by the routes per token and the capacity factor): see `activation_bytes`.
+
+``--dtype fp32`` (this project's CPU runs, ds_configs/cpu_fp32.json): 4 B activations and what DeepSpeed's fp32
+ZeRO allocates per parameter of a group split over dp ranks: stage 0: 4 params + 4 grads + 8 Adam = 16;
+stage 1: 4 params + 4 grads (full, per parameter) + 4/dp fp32 partition + 4/dp its gradient + 8/dp Adam;
+stage 2: 4 params + 4 reduction bucket (the pages touched of the 5e8-element bucket, up to the group's size) +
+4/dp partition + 4/dp its gradient + 8/dp Adam; plus the Adam step's temporaries (torch Adam on the flat
+partition: 8/dp).  ``--framework-gib``: what a rank holds before any model (Python, torch, DeepSpeed, data,
+communication buffers; on CPU the peak of a ``--config tiny`` run, bench/zero_memory.py).
+
+``--inference``: the memory of a forward pass (evaluation, embeddings, generation) instead: the weights (bf16 2 B
+or fp32 4 B per parameter; a rank holds the non-expert weights and N/ep of the experts), one layer's transient
+activations, the logits, and the KV cache of ``--micro-batch`` sequences of ``--seq-length``.
+
+Left out everywhere: allocator fragmentation and caching (CUDA caching allocator, glibc arenas), the CUDA
+context (~0.5 GiB per GPU), NCCL buffers, checkpoint-save copies, and on GPUs ``--framework-gib`` unless given.
 """
 import argparse
+import json
 import os
 import sys
 
@@ -26,7 +42,12 @@ from vqmoe_ds.models.configs import NAMED, count_params, named_config, routes_pe
 GiB = 2 ** 30
 
 
-def model_state_bytes(params: float, stage: int, dp: int) -> float:
+def model_state_bytes(params: float, stage: int, dp: int, dtype: str = "bf16", bucket: float = 5e8) -> float:
+    if dtype == "fp32":  # see the module docstring; Adam's step temporaries 8/dp included
+        if stage == 0:
+            return 16 * params + 8 * params
+        grads = 4 * params if stage == 1 else 4 * min(params, bucket)
+        return 4 * params + grads + (4 + 4 + 8 + 8) * params / dp
     if stage == 0:
         return 16 * params
     if stage == 1:
@@ -36,11 +57,14 @@ def model_state_bytes(params: float, stage: int, dp: int) -> float:
     return estimate_zero2_model_states_mem_needs(params, num_gpus_per_node=dp, num_nodes=1, cpu_offload=False)[1]
 
 
-def activation_bytes(cfg, micro_batch: int, flash: bool = True, capacity_factor: float = 1.25) -> float:
+def activation_bytes(cfg, micro_batch: int, flash: bool = True, capacity_factor: float = 1.25,
+                     bytes_per: int = 2) -> float:
     """Per rank: per layer s*b*h*(attention 11 + LayerNorms 4 + FFN) + 5*a*s^2*b for the attention scores
     (0 with flash / memory-efficient attention); FFN: input 2 + r*(2 F/h [fc1 out] + 2 F/h [act out] + 2 [out])
-    where r = routes per token x capacity factor for MoE layers, 1 for dense; TXL adds the memory (keys
-    over s + mem_len) to the attention part.  Plus the logits (4 B fp32 x V) of one micro-batch."""
+    where r = routes per token x capacity factor for MoE layers, 1 for dense (SwiGLU: fc1 out 4 F/h, silu(gate)
+    and the product 2 F/h each); TXL adds the memory (keys over s + mem_len) to the attention part.  Plus the
+    logits (4 B fp32 x V) of one micro-batch.  The constants count 2 B per value; ``bytes_per=4`` (fp32)
+    doubles them."""
     s, b, h, a, V = cfg.seq_len, micro_batch, cfg.d_model, cfg.n_head, cfg.vocab_size
     klen = s + cfg.mem_len
     total = 0.0
@@ -49,10 +73,22 @@ def activation_bytes(cfg, micro_batch: int, flash: bool = True, capacity_factor:
         r = 1.0 if m.router == "dense" else routes_per_token(m) * capacity_factor
         F = m.ffn_hidden_size
         attn = 11 * s * b * h * klen / s
-        ffn = s * b * h * (2 + r * (4 * F / h + 2))
+        ffn = s * b * h * (2 + r * ((8 if m.activation == "swiglu" else 4) * F / h + 2))
         scores = 0 if flash else 5 * a * s * klen * b
         total += attn + 4 * s * b * h + ffn + scores
-    return total + 4 * s * b * V
+    return total * bytes_per / 2 + 4 * s * b * V
+
+
+def inference_bytes(cfg, params_local: float, micro_batch: int, bytes_per: int = 2) -> dict:
+    """A forward pass: weights, the KV cache (2 x layers x s x b x h values), one layer's transient activations
+    (the FFN's input, hidden and output rows of every route, the attention's q, k, v and output) and the logits."""
+    s, b, h, V, L = cfg.seq_len, micro_batch, cfg.d_model, cfg.vocab_size, cfg.n_layer
+    m = cfg.moe_config(cfg.moe_layer_ids()[0]) if cfg.is_moe else cfg.moe_config(0)
+    r = 1 if m.router == "dense" else routes_per_token(m)
+    width = (3 if m.activation == "swiglu" else 2) * m.ffn_hidden_size
+    layer = s * b * (4 * h + r * (2 * h + width)) * bytes_per
+    return {"weights": params_local * bytes_per, "kv_cache": 2 * L * s * b * h * bytes_per,
+            "activations": layer, "logits": 4 * s * b * V}
 
 
 def main():
@@ -65,6 +101,12 @@ def main():
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--seq-length", type=int)
     p.add_argument("--no-flash", action="store_true", help="attention materialises s x s scores")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
+                   help="bf16 mixed precision (GPUs), or fp32 (this project's CPU runs)")
+    p.add_argument("--inference", action="store_true", help="a forward pass (weights, KV cache) instead of training")
+    p.add_argument("--framework-gib", type=float, default=0.0,
+                   help="what a rank holds without a model (measured: the peak of a --config tiny run), added")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
     a = p.parse_args()
     if a.gpus % a.ep:
         print(f"error: --ep {a.ep} does not divide --gpus {a.gpus}: choose an ep size that divides the world", file=sys.stderr)
@@ -78,16 +120,39 @@ def main():
         return 2
     c = count_params(cfg)
     expert_local = c["experts"] / a.ep
-    ms_dense = model_state_bytes(c["non_expert"], a.zero, a.gpus)
-    ms_expert = model_state_bytes(expert_local, a.zero, a.gpus // a.ep)
-    act = activation_bytes(cfg, a.micro_batch, flash=not a.no_flash)
+    bytes_per = 4 if a.dtype == "fp32" else 2
+    fw = a.framework_gib * GiB
+    if a.inference:
+        parts = inference_bytes(cfg, c["non_expert"] + expert_local, a.micro_batch, bytes_per)
+        total = sum(parts.values()) + fw
+        if a.json:
+            print(json.dumps({**{k + "_gib": v / GiB for k, v in parts.items()}, "total_gib": total / GiB}))
+            return 0
+        print(f"{a.config} {a.model} inference: {c['total'] / 1e9:.3f}B params ({c['active'] / 1e9:.3f}B active), "
+              f"{a.dtype}, ep {a.ep}, batch {a.micro_batch} x {cfg.seq_len}")
+        print(f"  weights                 {parts['weights'] / GiB:8.3f} GiB  ({(c['non_expert'] + expert_local) / 1e9:.3f}B "
+              f"on this rank)")
+        print(f"  KV cache                {parts['kv_cache'] / GiB:8.3f} GiB")
+        print(f"  activations + logits    {(parts['activations'] + parts['logits']) / GiB:8.3f} GiB")
+        print(f"  total per GPU           {total / GiB:8.3f} GiB" + ("" if fw else " (+ framework, CUDA context)"))
+        return 0
+    ms_dense = model_state_bytes(c["non_expert"], a.zero, a.gpus, a.dtype)
+    ms_expert = model_state_bytes(expert_local, a.zero, a.gpus // a.ep, a.dtype)
+    act = activation_bytes(cfg, a.micro_batch, flash=not a.no_flash, bytes_per=bytes_per)
+    total = ms_dense + ms_expert + act + fw
+    if a.json:
+        print(json.dumps({"non_expert_states_gib": ms_dense / GiB, "expert_states_gib": ms_expert / GiB,
+                          "activations_gib": act / GiB, "framework_gib": a.framework_gib, "total_gib": total / GiB}))
+        return 0
     print(f"{a.config} {a.model}: {c['total'] / 1e6:.1f}M params ({c['experts'] / 1e6:.1f}M in experts), "
-          f"{a.gpus} GPUs, ep {a.ep}, ZeRO {a.zero}, micro-batch {a.micro_batch} x {cfg.seq_len}")
+          f"{a.gpus} GPUs, ep {a.ep}, ZeRO {a.zero}, {a.dtype}, micro-batch {a.micro_batch} x {cfg.seq_len}")
     print(f"  non-expert model states {ms_dense / GiB:8.3f} GiB  ({c['non_expert'] / 1e6:.1f}M params, dp {a.gpus})")
     print(f"  expert model states     {ms_expert / GiB:8.3f} GiB  ({expert_local / 1e6:.1f}M local params, "
           f"expert-dp {a.gpus // a.ep})")
     print(f"  activations             {act / GiB:8.3f} GiB")
-    print(f"  total per GPU           {(ms_dense + ms_expert + act) / GiB:8.3f} GiB (+ framework buffers, ~1-2 GiB)")
+    if fw:
+        print(f"  framework               {fw / GiB:8.3f} GiB")
+    print(f"  total per GPU           {total / GiB:8.3f} GiB" + ("" if fw else " (+ framework buffers, ~1-2 GiB)"))
     return 0
 
 

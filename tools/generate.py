@@ -3,10 +3,13 @@
 
     python tools/generate.py --load runs/demo/checkpoints [--tag best] --prompt "12 + 7 = " --tokens 200
 
-The checkpoint is verified, and the model rebuilt from its stored config with expert parallelism 1; DeepSpeed's
-``load_checkpoint`` gathers all experts into it (its expert files are named by global expert id, so a
-checkpoint written at ep_size 2 loads at 1).  Byte-level models print text; others print token ids.
-Transformer-XL samples with its memory: the prompt once, then one token at a time.
+The checkpoint is verified (every file against its recorded size and checksum), and the model rebuilt from its
+stored config with expert parallelism 1; DeepSpeed's ``load_checkpoint`` gathers all experts into it (its expert
+files are named by global expert id, so a checkpoint written at ep_size 2 loads at 1).  The prompt is encoded and
+the sample decoded with the tokenizer the checkpoint recorded (bytes, characters, words or sentencepiece; or
+``--tokenizer-meta PREFIX.tokenizer.json``).  Transformer-XL samples with its memory: the prompt once, then one
+token at a time.  ``--weights FILE.safetensors`` samples from an exported model instead (byte tokenizer unless
+``--tokenizer-meta`` is given).
 """
 import argparse
 import os
@@ -18,41 +21,60 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/vqmoe_ds/torch_extensions"))
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--load", help="the --save folder of a run")
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        print(f"error: {message} (see tools/generate.py --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse(argv=None):
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", help="the --save folder of a run (or a run's --out-dir)")
     p.add_argument("--weights", help="instead of --load: FILE.safetensors written by tools/export_checkpoint.py")
-    p.add_argument("--tag", default="best", help="checkpoint tag: best (default), step<N>, or 'latest'")
-    p.add_argument("--prompt", default="\n")
-    p.add_argument("--tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=20)
+    p.add_argument("--tag", default="best", help="checkpoint tag: best (default), step<N>, or latest")
+    p.add_argument("--tokenizer-meta", help="PREFIX.tokenizer.json of the data (default: the checkpoint's tokenizer)")
+    p.add_argument("--prompt", default="\n", help="text the sample continues (default: a newline)")
+    p.add_argument("--tokens", type=int, default=200, help="tokens to sample (default 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature, > 0 (default 0.8)")
+    p.add_argument("--top-k", type=int, default=20, help="sample among the k most likely tokens; 0: all (default 20)")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
-    if bool(args.load) == bool(args.weights):
-        print("error: give exactly one of --load (a checkpoint folder) and --weights (an exported file)",
-              file=sys.stderr)
-        return 2
-    from vqmoe_ds.checkpoint import CheckpointError, load_exported, load_for_inference
-
-    try:
-        if args.weights:
-            model, cfg = load_exported(args.weights)
-        else:
-            model, cfg, _ = load_for_inference(args.load, args.tag)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return sample(model, cfg, args)
+    args = p.parse_args(argv)
+    problems = [(bool(args.load) == bool(args.weights),
+                 "give exactly one of --load (a checkpoint folder) and --weights (an exported file)"),
+                (args.tokens < 1, f"--tokens {args.tokens} must be >= 1"),
+                (not args.temperature > 0, f"--temperature {args.temperature} must be > 0 (small values: near-greedy)"),
+                (args.top_k < 0, f"--top-k {args.top_k} must be >= 0 (0: all tokens)"),
+                (args.prompt == "", "--prompt is empty: give at least one character")]
+    for bad, message in problems:
+        if bad:
+            p.error(message)
+    return args
 
 
-def sample(model, cfg, args):
+def load(args):
+    """(model, config, tokenizer)."""
+    from vqmoe_ds.checkpoint import load_exported, load_for_inference, read_run, tokenizer_for
+    from vqmoe_ds.data import TokenizerMeta
+    from vqmoe_ds.data.tokenizers import ByteTokenizer, Tokenizer
+
+    if args.weights:
+        model, cfg = load_exported(args.weights)
+        tok = Tokenizer.from_metadata(TokenizerMeta.load(args.tokenizer_meta)) if args.tokenizer_meta \
+            else ByteTokenizer()
+        return model, cfg, tok
+    run = read_run(args.load, args.tag)  # verifies the checkpoint first
+    tok = tokenizer_for(run, args.tokenizer_meta)
+    model, cfg, _ = load_for_inference(run.save_dir, run.tag)
+    return model, cfg, tok
+
+
+def sample(model, cfg, tok, args) -> str:
     import torch
-    import torch.distributed as dist
 
     torch.manual_seed(args.seed)
-    byte_level = cfg.vocab_size == 256
-    ids = list(args.prompt.encode("utf-8")) if byte_level else [int(t) for t in args.prompt.split()]
+    ids = [int(i) for i in tok.encode(args.prompt)]
+    if not ids:
+        raise ValueError(f"the prompt {args.prompt!r} encodes to no tokens with the {type(tok).__name__}: give other text")
     out, mems = list(ids), None
     with torch.no_grad():
         x = torch.tensor([ids])
@@ -61,16 +83,30 @@ def sample(model, cfg, args):
                 logits = model(torch.tensor([out[-cfg.seq_len:]]))[0]
             else:
                 logits, _, _, mems = model(x, mems=mems)
-            logits = logits[0, -1].float() / max(args.temperature, 1e-5)
+            logits = logits[0, -1].float() / args.temperature
             if args.top_k:
                 kth = torch.topk(logits, min(args.top_k, logits.numel())).values[-1]
                 logits[logits < kth] = float("-inf")
             nxt = int(torch.multinomial(torch.softmax(logits, -1), 1))
             out.append(nxt)
             x = torch.tensor([[nxt]])
-    print(bytes(out).decode("utf-8", errors="replace") if byte_level else " ".join(map(str, out)))
-    dist.barrier()
-    dist.destroy_process_group()
+    return tok.decode(out)
+
+
+def main(argv=None):
+    args = parse(argv)
+    from vqmoe_ds.checkpoint import CheckpointError
+    from vqmoe_ds.data import DataError
+    from vqmoe_ds.parallel import shutdown
+
+    try:
+        model, cfg, tok = load(args)
+        print(sample(model, cfg, tok, args))
+    except (CheckpointError, DataError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown(clean=False)
     return 0
 
 

@@ -6,10 +6,12 @@
     python tools/get_data.py wikitext-103      # tokenized (.tokens); wikitext-103-raw for the raw text
     python tools/get_data.py lm1b              # valid = held-out shard 1, test = held-out shard 0
     python tools/get_data.py local --path my_corpus/ --split 0.9,0.05,0.05 --name mycorpus
+    python tools/get_data.py local --path my_corpus/ --split 0.9,0.1,0     # no test split
 
-Downloads go to <data-dir>/downloads/ and resume if interrupted; each is checked against its known size
-and md5/sha256 (--md5/--sha256 pin another mirror's file; --base-url replaces the host).  Then run
-tools/preprocess_data.py on the output folder (see docs/data.md).
+Output goes to <data-dir>/<name>/ (default data/<dataset>/).  Downloads go to <data-dir>/downloads/ and
+resume if interrupted; each is checked against its known size and md5/sha256 (--md5/--sha256 pin another
+mirror's file; --base-url replaces the host).  Then run tools/preprocess_data.py on the output folder (see
+docs/data.md).
 """
 import argparse
 import os
@@ -20,13 +22,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from vqmoe_ds.data import corpora  # noqa: E402
 from vqmoe_ds.data.download import download  # noqa: E402
 from vqmoe_ds.data.errors import DataError  # noqa: E402
+from vqmoe_ds.data.tool_help import HelpFormatter  # noqa: E402
 
 DATASETS = ("enwik8", "text8", "wikitext-103", "wikitext-103-raw", "lm1b", "local")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dataset", choices=DATASETS)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("dataset", choices=DATASETS, help="the corpus to get, or local for your own text")
     p.add_argument("--data-dir", default="data", help="root folder of downloads and prepared corpora")
     p.add_argument("--name", default=None, help="output folder name under --data-dir (default: the dataset name)")
     p.add_argument("--base-url", default=None, help="fetch <base-url>/<archive name> instead of the official URL")
@@ -37,9 +40,10 @@ def parse_args(argv=None):
     p.add_argument("--lm1b-valid-shard", type=int, default=1, help="lm1b held-out shard used as validation")
     p.add_argument("--lm1b-test-shard", type=int, default=0, help="lm1b held-out shard used as test (standard: 0)")
     p.add_argument("--path", default=None, help="local: a text file or a folder of text files")
-    p.add_argument("--split", default="0.9,0.05,0.05", help="local: train,valid,test fractions of the bytes")
+    p.add_argument("--split", default="0.9,0.05,0.05",
+                   help="local: train,valid,test fractions of the bytes (valid or test may be 0: no such split)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait on a stalled connection")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when not on a terminal)")
     return p.parse_args(argv)
 
 
@@ -59,7 +63,7 @@ def run(args) -> list:
     archive = download(url, os.path.join(args.data_dir, "downloads", remote.filename),
                        size=None if pinned else remote.size, md5=args.md5 if pinned else remote.md5,
                        sha256=args.sha256 if pinned else remote.sha256, timeout=args.timeout,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress and sys.stderr.isatty())  # a bar on a terminal only
     if args.dataset == "enwik8":
         return corpora.prepare_enwik8(archive, out_dir, sizes)
     if args.dataset == "text8":

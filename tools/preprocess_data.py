@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Tokenize train/valid/test text into megatron-core indexed datasets (.bin/.idx) plus tokenizer metadata.
+r"""Tokenize train/valid/test text into megatron-core indexed datasets (.bin/.idx) plus tokenizer metadata.
 
     # byte level (enwik8), char level (text8)
     python tools/preprocess_data.py --input data/enwik8 --tokenizer byte --output-prefix data/enwik8/byte
@@ -12,6 +12,8 @@
 
 --input DIR takes DIR/train.txt, valid.txt, test.txt (those present; train is needed for char/word);
 --train/--valid/--test name files directly.  The output prefix is the --data-path of training.
+PREFIX.tokenizer.json records, per split, the tokens and the UTF-8 bytes, characters, words and lines of its
+text: what the training driver converts its loss with (bits per byte/character, word-level perplexity).
 """
 import argparse
 import os
@@ -21,22 +23,25 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vqmoe_ds.data.errors import DataError  # noqa: E402
+from vqmoe_ds.data.tool_help import HelpFormatter  # noqa: E402
 from vqmoe_ds.data.preprocess import SPLITS, PreprocessConfig, preprocess_corpus  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--input", default=None, help="folder holding train.txt / valid.txt / test.txt")
     for s in SPLITS:
-        p.add_argument(f"--{s}", default=None, help=f"the {s} text file")
+        p.add_argument(f"--{s}", default=None, help=f"the {s} text file (instead of --input's)")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.<split>.bin/.idx and PREFIX.tokenizer.json")
-    p.add_argument("--tokenizer", required=True, choices=("byte", "char", "word", "sentencepiece"))
-    p.add_argument("--sp-model", default=None, help="sentencepiece .model file")
+    p.add_argument("--tokenizer", required=True, choices=("byte", "char", "word", "sentencepiece"),
+                   help="what a token is (docs/data.md)")
+    p.add_argument("--sp-model", default=None, help="sentencepiece: the .model of tools/train_tokenizer.py")
     p.add_argument("--min-count", type=int, default=1, help="word: train words seen fewer times become <unk>")
-    p.add_argument("--dtype", default=None, help="token dtype of the .bin (default: smallest that fits)")
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    p.add_argument("--dtype", default=None, help="token dtype of the .bin (None: the smallest that fits)")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                   help="tokenizing processes (byte: always 1)")
     p.add_argument("--block-bytes", type=int, default=1 << 20, help="bytes of text per work item")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when not on a terminal)")
     return p.parse_args(argv)
 
 
@@ -53,7 +58,7 @@ def main(argv=None) -> int:
             raise DataError(f"--input {args.input} is not a folder: give the folder get_data.py wrote, or --train FILE")
         cfg = PreprocessConfig(tokenizer=args.tokenizer, workers=args.workers, block_bytes=args.block_bytes,
                                min_count=args.min_count, sp_model=args.sp_model, dtype=args.dtype,
-                               progress=not args.no_progress)
+                               progress=not args.no_progress and sys.stderr.isatty())  # a bar on a terminal only
         t0 = time.time()
         meta = preprocess_corpus(splits, args.output_prefix, cfg)
     except DataError as e:

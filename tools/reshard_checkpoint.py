@@ -28,10 +28,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     from vqmoe_ds.checkpoint import CheckpointError
     from vqmoe_ds.checkpoint.reshard import NOTICE, reshard
+    from vqmoe_ds.data.errors import DataError, require_output
 
     try:
+        require_output(args.out, "--out", "folder")
         path = reshard(args.load, args.tag, args.out, args.out_tag, args.world_size, args.ep_size)
-    except CheckpointError as e:
+    except (CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path} for {args.world_size} rank(s), ep size {args.ep_size}; resume with --load {args.out} "

@@ -817,7 +817,7 @@ def plots(grid: Grid, rows: Sequence[Mapping[str, Any]], out: str) -> List[str]:
             highs += [s.mean + e for s, e in zip(stats, err) if s.n]
         ticks = groups or grid.routers
         ax.set_xticks(np.arange(len(ticks)))
-        ax.set_xticklabels(ticks)
+        ax.set_xticklabels(ticks, rotation=30 if len(ticks) > 5 else 0, ha="right" if len(ticks) > 5 else "center")
         spread = max(highs) - min(lows)
         bottom = max(0.0, min(lows) - max(spread, 0.05 * min(lows)))
         ax.set_ylim(bottom, max(highs) + 0.2 * max(spread, 0.05 * max(highs)))

@@ -16,9 +16,12 @@ def setup_expert_parallel(model: nn.Module) -> nn.Module:
     ``deepspeed.init_distributed()`` first) — what the engine does at initialisation."""
     from deepspeed.moe.layer import MoE
 
-    for m in model.modules():
-        if isinstance(m, MoE) and m.deepspeed_moe.ep_group is None:
-            m.set_deepspeed_parallelism()
+    from .quiet import EP_GROUP_CREATED, stdout_without
+
+    with stdout_without(EP_GROUP_CREATED):  # DeepSpeed's per-rank print of the expected set-up (see quiet.py)
+        for m in model.modules():
+            if isinstance(m, MoE) and m.deepspeed_moe.ep_group is None:
+                m.set_deepspeed_parallelism()
     return model
 
 
@@ -64,10 +67,84 @@ def clear_stale_extension_locks(root: Optional[str] = None, max_age_s: float = 6
     return removed
 
 
+# --- small collectives -------------------------------------------------------------------------------------
+# Every collective outside the data path (loss and metric sums, agreement flags, log statistics) goes through
+# these helpers, which put their tensors on the accelerator's current device: under NCCL a collective on a CPU
+# tensor fails ("No backend type associated with device type cpu"), under gloo the device is the CPU anyway.
+def all_reduce_sum(t, group=None):
+    """``t`` summed over the ranks of ``group``, returned on the device ``t`` came from (in place when it is
+    already on the communication device).  Nothing without a process group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return t
+    device = comm_device()
+    moved = t.to(device) if t.device != device else t
+    dist.all_reduce(moved, group=group)
+    if moved is t:
+        return t
+    return moved.to(t.device)
+
+
+def reduce_values(values, group=None):
+    """A list of numbers summed over the ranks (float64 on the communication device); a list of floats back."""
+    import torch
+
+    return all_reduce_sum(torch.tensor(list(values), dtype=torch.float64, device=comm_device()), group).tolist()
+
+
+def barrier(group=None) -> None:
+    """Wait for every rank of ``group`` (nothing without a process group)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier(group=group)
+
+
+def any_rank(flag: bool, group=None) -> bool:
+    """True on every rank when ``flag`` is true on any rank of ``group`` (one small all-reduce; nothing without a
+    process group).  The tensor lives on the accelerator's current device, so the collective runs under NCCL
+    as under gloo."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
+
+
+def comm_device():
+    """The device the tensors of small collectives live on: the accelerator's current device (cuda:N under
+    NCCL, cpu under gloo)."""
+    import torch
+
+    try:
+        from deepspeed.accelerator import get_accelerator
+
+        return torch.device(get_accelerator().current_device_name())
+    except Exception:  # noqa: BLE001 -- DeepSpeed without an accelerator: the CPU
+        return torch.device("cpu")
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now (for single-machine rendezvous)."""
+    """A TCP port on 127.0.0.1 that nothing listens on now (for single-machine rendezvous).
+
+    Drawn below Linux's ephemeral range (32768-60999): a port the kernel handed out with ``bind(0)`` is one it
+    may hand to the next outgoing connection (gloo's, mpirun's) before the rendezvous server listens on it."""
+    import random
     import socket
 
+    rng = random.Random()
+    for _ in range(64):
+        port = rng.randrange(20000, 32768)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -95,8 +172,11 @@ def init_distributed(**kwargs) -> None:
     through mpi4py when asked), after clearing stale extension locks that would hang its CPU comm-op load."""
     import deepspeed
 
+    from .quiet import SHM_BUILT, stdout_without
+
     clear_stale_extension_locks()
-    deepspeed.init_distributed(**kwargs)
+    with stdout_without(SHM_BUILT):  # DeepSpeed prints it on every rank when its CPU comm op loads (quiet.py)
+        deepspeed.init_distributed(**kwargs)
 
 
 # --- process end ------------------------------------------------------------------------------------------

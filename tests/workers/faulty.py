@@ -3,7 +3,9 @@ with ``VQMOE_FAULT=kind@step@rank[,...]`` (step or rank ``*``: any).  Kinds:
 
   * ``nan``: the task loss of every micro-batch of that step is NaN on that rank;
   * ``exit``: that rank dies (``os._exit(1)``) just before that step;
-  * ``kill_in_save``: that rank is killed (SIGKILL) during the save of that step, after its files are written.
+  * ``kill_in_save``: that rank is killed (SIGKILL) during the save of that step, after its files are written;
+  * ``enospc_in_save``: writing that rank's state file in the save of that step fails with "No space left on
+    device".
 
 The faults are monkeypatches of the training loop and the checkpoint store, so the library itself carries no
 fault hooks.
@@ -57,6 +59,8 @@ _write_rank_state = store.write_rank_state
 
 
 def write_rank_state(folder, rank, state):
+    if fault("enospc_in_save"):
+        raise OSError(28, "No space left on device", os.path.join(folder, f"rank{rank}_state.pt"))
     _write_rank_state(folder, rank, state)
     if fault("kill_in_save"):
         os.kill(os.getpid(), 9)

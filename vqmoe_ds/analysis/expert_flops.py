@@ -20,9 +20,9 @@ from __future__ import annotations
 from typing import Dict, List
 
 import torch
-import torch.distributed as dist
 
 from ..models import moe_layers
+from ..parallel import all_reduce_sum
 
 
 class ExpertFlopsCounter:
@@ -72,8 +72,8 @@ class ExpertFlopsCounter:
         same routes the experts' ranks run."""
         t = torch.tensor([[c["tokens"], c["routes"], c["dropped"], c["expert_rows"]] for c in self.counts],
                          dtype=torch.float64).reshape(len(self.counts), 4)
-        if all_reduce and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(t)
+        if all_reduce:
+            t = all_reduce_sum(t)
         layers: List[Dict[str, float]] = []
         total = 0.0
         for layer, (tokens, routes, dropped, rows) in zip(self.layers, t.tolist()):

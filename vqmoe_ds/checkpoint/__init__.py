@@ -2,12 +2,12 @@
 for fine-tuning, conversion, analysis and generation (``read``), resharding (``reshard``) and export
 (``export``).  One error type, `CheckpointError`, for all of them."""
 from .layout import (BEST, LATEST, MARKER, MODEL_FILE, CheckpointError, expert_file, rank_file, read_latest,
-                     resolve_tag, step_tag, step_tags, verify)
+                     resolve_tag, step_tag, step_tags, verify, verify_checksums)
 from .read import (PretrainedRun, StrictRemap, load_exported, load_for_inference, load_into, load_lm,
                    minimal_ds_config, read_run, resolve, tokenizer_for)
 from .store import check_architecture, check_expert_files, load, module_buffers, prune, save
 
 __all__ = ["BEST", "LATEST", "MARKER", "MODEL_FILE", "CheckpointError", "expert_file", "rank_file", "read_latest",
-           "resolve_tag", "step_tag", "step_tags", "verify", "PretrainedRun", "StrictRemap", "load_exported",
+           "resolve_tag", "step_tag", "step_tags", "verify", "verify_checksums", "PretrainedRun", "StrictRemap", "load_exported",
            "load_for_inference", "load_into", "load_lm", "minimal_ds_config", "read_run", "resolve", "tokenizer_for",
            "check_architecture", "check_expert_files", "load", "module_buffers", "prune", "save"]

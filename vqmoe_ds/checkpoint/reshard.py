@@ -28,8 +28,8 @@ import torch
 
 from ..models import ModelConfig
 from ..parallel import init_single_process
-from .layout import (EXPERT_FILE, EXPERT_KEY, MARKER, MODEL_FILE, TMP_PREFIX, CheckpointError, expert_file, fsync_dir,
-                     fsync_file, list_files, rank_file, resolve_tag, verify, write_atomic)
+from .layout import (EXPERT_FILE, EXPERT_KEY, MARKER, MODEL_FILE, TMP_PREFIX, CheckpointError, digests, expert_file,
+                     fsync_dir, fsync_file, list_files, rank_file, resolve_tag, verify, write_atomic)
 
 NOTICE = ("notice: the optimizer state (Adam moments, ZeRO partitions) is not converted: the driver resumes this "
           "checkpoint with a freshly initialised optimizer (model weights, step, lr schedule and data position are "
@@ -162,7 +162,10 @@ def reshard(load_dir, tag, out_dir, out_tag, world, ep):
     if run_config and moe:
         run_config = {**run_config, "moe": {**run_config.get("moe", {}), "ep_size": ep}}
     out_marker = {"tag": out_tag, "step": marker.get("step"), "world_size": world, "files": files,
-                  "model_config": cfg_out, "config": run_config, "resharded": info}
+                  "sha256": digests(tmp, list(files)), "model_config": cfg_out, "config": run_config,
+                  "resharded": info}
+    if marker.get("imported"):  # weights only (tools/convert_hf.py): the driver loads them without any run state
+        out_marker["imported"] = marker["imported"]
     write_atomic(os.path.join(tmp, MARKER), json.dumps(out_marker, indent=1))
     fsync_dir(tmp)
     os.replace(tmp, final)

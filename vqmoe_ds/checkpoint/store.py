@@ -28,15 +28,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .layout import (BEST, MARKER, OLD_PREFIX, TMP_PREFIX, CheckpointError, expert_file, fsync_dir, fsync_file,
-                     list_files, rank_file, read_latest, resolve_tag, step_tags, verify, write_atomic)
+from .layout import (BEST, MARKER, OLD_PREFIX, TMP_PREFIX, CheckpointError, digests, expert_file, fsync_dir,
+                     fsync_file, list_files, rank_file, read_latest, resolve_tag, step_tags, verify, write_atomic)
 
 # Fields of a model config that may change between a checkpoint and the run that resumes it: they shape neither
 # the weights nor the buffers (regularisation, capacity, loss weights, the dispatch implementation).  Every
 # other field must match.
 MAY_CHANGE_ON_RESUME = {"dropout", "attn_dropout", "init_std"}
 MOE_MAY_CHANGE_ON_RESUME = {"dropout", "capacity_factor", "eval_capacity_factor", "min_capacity", "drop_tokens",
-                            "dispatcher", "router_jitter", "balance_loss_coef", "vq_alpha", "vq_beta",
+                            "dispatcher", "expert_impl", "router_jitter", "balance_loss_coef", "vq_alpha", "vq_beta",
                             "stablemoe_distill_coef", "init_std", "output_init_std"}
 
 
@@ -71,34 +71,54 @@ def write_rank_state(folder: str, rank: int, state: Dict[str, Any]) -> None:
 
 def save(engine, save_dir: str, tag: str, client_state: Dict[str, Any], task_state: Optional[Dict[str, Any]] = None,
          latest: bool = True, keep_last: int = 0, model: Optional[torch.nn.Module] = None,
-         step: Optional[int] = None, config: Optional[Dict[str, Any]] = None) -> str:
+         step: Optional[int] = None, config: Optional[Dict[str, Any]] = None,
+         marker_extra: Optional[Dict[str, Any]] = None) -> str:
     """Collective: every rank calls it.  ``task_state``: this rank's own state beyond the model (e.g. the
-    Transformer-XL memory); ``config``: the run's resolved configuration, kept in the marker.  Returns the
-    checkpoint folder (complete when this returns)."""
+    Transformer-XL memory); ``config``: the run's resolved configuration, kept in the marker; ``marker_extra``:
+    more marker fields (``imported``: weights without optimizer, scheduler or data position, see `load`).
+    Returns the checkpoint folder (complete when this returns)."""
+    from ..parallel import any_rank
+
     rank = _rank()
+    world = dist.get_world_size() if dist.is_initialized() else 1
     tmp_tag = TMP_PREFIX + tag
     tmp = os.path.join(save_dir, tmp_tag)
     if rank == 0:
         os.makedirs(save_dir, exist_ok=True)
-        for name in os.listdir(save_dir):  # leftovers of saves that were killed: never complete, never loaded
-            if name.startswith((TMP_PREFIX, OLD_PREFIX)) and os.path.isdir(os.path.join(save_dir, name)):
-                shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
+        clear_leftovers(save_dir)
     _barrier()
-    engine.save_checkpoint(save_dir, tag=tmp_tag, client_state=client_state, save_latest=False)
-    write_rank_state(tmp, rank, {"rng": rng_state(), "task": _to_cpu(task_state),
-                                 "buffers": module_buffers(model) if model is not None else None})
+    error = None
+    try:
+        engine.save_checkpoint(save_dir, tag=tmp_tag, client_state=client_state, save_latest=False)
+        write_rank_state(tmp, rank, {"rng": rng_state(), "task": _to_cpu(task_state),
+                                     "buffers": module_buffers(model) if model is not None else None})
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        if not isinstance(e, OSError) and "writ" not in str(e).lower():
+            raise
+        error = e
+    if any_rank(error is not None):  # every rank stops here, with the same one-line reason where it can
+        reason = (f"{type(error).__name__}: {str(error).strip().splitlines()[0][:160]}" if error is not None
+                  else "a write failed on another rank")
+        raise CheckpointError(f"saving step {step} to {tmp} failed ({reason}): free space or give --save a folder "
+                              f"you can write to; the last complete checkpoint is {_last_complete(save_dir)}")
     _barrier()
+    files = list_files(tmp)  # every rank hashes (and syncs) its share of the files: the reading is split
+    mine = digests(tmp, list(files), (rank, world))
+    for name in mine:
+        fsync_file(os.path.join(tmp, name))
+    shares = [None] * world
+    if world > 1:
+        dist.all_gather_object(shares, mine)
+    else:
+        shares = [mine]
     if rank == 0:
-        files = list_files(tmp)
-        for name in files:
-            fsync_file(os.path.join(tmp, name))
-        world = dist.get_world_size() if dist.is_initialized() else 1
         missing = [rank_file(r) for r in range(world) if rank_file(r) not in files]
         if missing:
             raise CheckpointError(f"save of {tag} in {save_dir} lacks {missing[0]}: the folder is not shared by all "
                                   f"ranks; give --save a folder on a file system every node sees")
-        marker = {"tag": tag, "step": step, "world_size": world, "files": files,
-                  "model_config": client_state.get("model_config"), "config": config}
+        sha = {name: d for share in shares for name, d in share.items()}
+        marker = {"tag": tag, "step": step, "world_size": world, "files": files, "sha256": sha,
+                  "model_config": client_state.get("model_config"), "config": config, **(marker_extra or {})}
         write_atomic(os.path.join(tmp, MARKER), json.dumps(marker, indent=1, default=str))
         fsync_dir(tmp)
         final = os.path.join(save_dir, tag)
@@ -116,6 +136,29 @@ def save(engine, save_dir: str, tag: str, client_state: Dict[str, Any], task_sta
     if rank == 0 and keep_last > 0:
         prune(save_dir, keep_last)
     return os.path.join(save_dir, tag)
+
+
+def clear_leftovers(save_dir: str) -> None:
+    """Remove the folders of saves that were killed (``.tmp_*``: never complete, never loaded).  An ``.old_X`` is the
+    previous complete ``X`` during its replacement: it goes back to ``X`` if the save was killed before the new
+    ``X`` was in place (so a tag such as ``best`` never disappears), and is removed otherwise."""
+    for name in os.listdir(save_dir):
+        full = os.path.join(save_dir, name)
+        if not os.path.isdir(full):
+            continue
+        if name.startswith(TMP_PREFIX):
+            shutil.rmtree(full, ignore_errors=True)
+        elif name.startswith(OLD_PREFIX):
+            final = os.path.join(save_dir, name[len(OLD_PREFIX):])
+            if os.path.exists(final):
+                shutil.rmtree(full, ignore_errors=True)
+            else:
+                os.replace(full, final)
+
+
+def _last_complete(save_dir: str) -> str:
+    tag = read_latest(save_dir)
+    return os.path.join(save_dir, tag) if tag else "none yet"
 
 
 def _to_cpu(state):
@@ -200,11 +243,21 @@ def load(engine, load_dir: str, tag: Optional[str] = None, resume: bool = True,
     """Verify, then load model (and with ``resume`` optimizer, scheduler, RNG, this rank's buffers) from
     ``load_dir`` (``tag`` None: latest).  Returns (client_state, this rank's task state or None)."""
     tag = resolve_tag(load_dir, tag)
-    marker = verify(load_dir, tag)
+    marker = verify(load_dir, tag, checksums=False)  # sizes; the loop verifies the checksums, split over the ranks
     if model_config is not None:
         check_architecture(marker.get("model_config"), model_config, f"checkpoint {os.path.join(load_dir, tag)}")
     if model is not None:
         check_expert_files(load_dir, tag, model)
+    if marker.get("imported"):  # tools/convert_hf.py: weights only; optimizer, lr schedule and data start fresh
+        if resume and _rank() == 0:
+            print(f"notice: {os.path.join(load_dir, tag)} was imported ({marker['imported'].get('format', 'hf')} "
+                  f"checkpoint {marker['imported'].get('source')}): the model weights are loaded, the optimizer, "
+                  f"lr schedule and data order start fresh at step 0", flush=True)
+        path, client_state = engine.load_checkpoint(load_dir, tag=tag, load_module_only=True,
+                                                    load_optimizer_states=False, load_lr_scheduler_states=False)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed found no loadable checkpoint in {load_dir} (tag {tag}): load another tag")
+        return {k: v for k, v in (client_state or {}).items() if k != "data"}, None
     fresh_optimizer = resume and bool(marker.get("resharded"))  # tools/reshard_checkpoint.py: no optimizer files
     if fresh_optimizer and _rank() == 0:
         print(f"notice: {os.path.join(load_dir, tag)} was resharded (tools/reshard_checkpoint.py): model weights, "

@@ -73,13 +73,15 @@ def parse_sizes(text: str) -> Tuple[int, int, int]:
 
 
 def parse_ratios(text: str) -> Tuple[float, float, float]:
-    """``"0.9,0.05,0.05"`` -> three positive fractions summing to 1."""
+    """``"0.9,0.05,0.05"`` -> three fractions summing to 1; train's positive, valid's or test's may be 0 (that split
+    is not written: a run without a test split, or without validation)."""
     try:
         ratios = tuple(float(x) for x in text.split(","))
     except ValueError:
         ratios = ()
-    if len(ratios) != 3 or min(ratios) <= 0:
-        raise DataError(f"--split {text!r} must be three positive fractions 'train,valid,test' like 0.9,0.05,0.05")
+    if len(ratios) != 3 or min(ratios) < 0 or ratios[0] <= 0:
+        raise DataError(f"--split {text!r} must be three fractions 'train,valid,test' like 0.9,0.05,0.05 (train "
+                        f"positive; valid or test may be 0 to write no such split)")
     if abs(sum(ratios) - 1.0) > 1e-6:
         raise DataError(f"--split {text!r} sums to {sum(ratios):g}, not 1: make the three fractions add up to 1")
     return ratios
@@ -238,7 +240,9 @@ def _concatenated_size(path: str) -> int:
 def prepare_local(path: str, out_dir: str, ratios: Sequence[float] = (0.9, 0.05, 0.05)) -> List[str]:
     """Split a text file, or a folder of them (sorted by path), by ``ratios`` of its bytes.
 
-    Cut i falls after the line holding byte ``round((r_0 + ... + r_i) * N) - 1``, so no line is split.
+    Cut i falls after the line holding byte ``round((r_0 + ... + r_i) * N) - 1``, so no line is split.  A split
+    of ratio 0 is not written (and an earlier ``<split>.txt`` of ``out_dir`` is removed, so that preprocessing
+    the folder does not pick it up).  Returns the files written.
     """
     parse_ratios(",".join(map(str, ratios)))
     files = _local_files(path)
@@ -263,11 +267,18 @@ def prepare_local(path: str, out_dir: str, ratios: Sequence[float] = (0.9, 0.05,
                 pos += j + 1
                 block = block[j + 1:]
                 idx += 1
+                while idx < 2 and ratios[idx] == 0:  # an empty split: straight on to the next
+                    idx += 1
     finally:
         for fh in fhs:
             fh.close()
-    for name, out in zip(SPLITS, outs):
+    written = []
+    for name, out, r in zip(SPLITS, outs, ratios):
+        if r == 0:
+            os.remove(out)
+            continue
         if os.path.getsize(out) == 0:
             raise DataError(f"the {name} split of {path} would be empty ({total} bytes split {','.join(map(str, ratios))} "
                             f"at line ends): give a larger corpus (more lines) or other --split fractions")
-    return outs
+        written.append(out)
+    return written

@@ -32,6 +32,25 @@ def require_file(path: str, what: str = "input file", fix: str = "check the path
     return path
 
 
+def require_output(path: str, flag: str, kind: str = "folder") -> str:
+    """Check, before a tool does any work, that it can write its output ``path`` (a ``kind`` "folder" or "file"):
+    nothing of the other kind is in the way and the folder can be created and written.  One-line DataError."""
+    folder = path if kind == "folder" else (os.path.dirname(os.path.abspath(path)) or ".")
+    if kind == "folder" and os.path.exists(path) and not os.path.isdir(path):
+        raise DataError(f"{flag} {path} is a file, where a folder is written: give a folder path")
+    if kind == "file" and os.path.isdir(path):
+        raise DataError(f"{flag} {path} is a folder, where a file is written: give a file path")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write_probe_{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise DataError(f"{flag} {path}: cannot write to {folder} ({e.strerror}): give a path you can write to") from None
+    return path
+
+
 def require_text_file(path: str, utf8: bool = True, what: str = "text file",
                       fix: str = "give a plain-text corpus (one document or sentence per line)") -> str:
     """Check that ``path`` exists, is non-empty and looks like text.

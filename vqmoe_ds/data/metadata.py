@@ -11,13 +11,13 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, Optional
 
 import numpy as np
 
 from .errors import DataError
 
-KINDS = ("byte", "char", "word", "sentencepiece")
+KINDS = ("byte", "char", "word", "sentencepiece", "hf")  # hf: a Hugging Face tokenizer.json (imported models)
 
 # Token dtypes megatron-core's IndexedDataset can store that make sense for token ids, smallest first.
 TOKEN_DTYPES = ("uint8", "uint16", "int32")
@@ -61,6 +61,9 @@ class TokenizerMeta:
     vocab_file: Optional[str] = None
     chars: Optional[str] = None  # char: the alphabet, character i has id i
     min_count: Optional[int] = None  # word: words seen fewer times in train became <unk>
+    # per split: {"tokens", "bytes", "chars", "words", "lines"} of its text (vqmoe_ds.data.text_counts), what the
+    # driver divides its summed NLL by for bits per byte / character and word-level perplexity
+    splits: Optional[Dict[str, Dict[str, int]]] = None
 
     def __post_init__(self):
         if self.kind not in KINDS:

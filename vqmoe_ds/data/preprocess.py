@@ -8,9 +8,12 @@ At most ``4 x workers`` blocks are in flight, so memory stays bounded whatever t
 
 Layout written for ``output_prefix=P`` (the ``--data-path`` the training driver takes)::
 
-    P.tokenizer.json         TokenizerMeta (kind, vocab size, dtype, special ids, vocab file)
+    P.tokenizer.json         TokenizerMeta (kind, vocab size, dtype, special ids, vocab file, and per split the
+                             tokens, UTF-8 bytes, characters, words and lines of its text: ``text_counts``)
     P.vocab.txt              word-level vocabulary, one token per line (word only)
-    P.<split>.bin / .idx     tokens of each split; one megatron "document" per block, one sequence per line
+    P.<split>.bin / .idx     tokens of each split; one megatron "document" per block; word and sentencepiece:
+                             one sequence per line, byte and char: one sequence per block (their blocks are cut
+                             at any byte / character, and the models read every split as one stream anyway)
 
 Vocabularies (char alphabet, word counts) are built on the train split only.
 """
@@ -26,6 +29,7 @@ import numpy as np
 
 from .errors import DataError, require_text_file
 from .metadata import TOKEN_DTYPES, TokenizerMeta, choose_dtype
+from .text_counts import TextCounter, count_block
 from .tokenizers import ByteTokenizer, CharTokenizer, Tokenizer, WordTokenizer
 from .tokenizers.word import count_words
 
@@ -69,12 +73,8 @@ def iter_blocks(path: str, block_bytes: int, cut: str) -> Iterator[Tuple[int, by
                 return
             if cut == "any":
                 c = len(buf)
-            elif cut == "utf8":  # do not end inside a multi-byte character: back off over continuation bytes
-                c = len(buf) - 1
-                while c > 0 and (buf[c] & 0xC0) == 0x80:
-                    c -= 1
-                if c == 0:
-                    c = len(buf)
+            elif cut == "utf8":  # do not end inside a multi-byte character
+                c = utf8_cut(buf)
             else:  # "line"
                 c = buf.rfind(b"\n") + 1
                 if c == 0:  # a line longer than the block: read on
@@ -83,6 +83,20 @@ def iter_blocks(path: str, block_bytes: int, cut: str) -> Iterator[Tuple[int, by
             yield offset, buf[:c]
             offset += c
             carry = buf[c:]
+
+
+def utf8_cut(buf: bytes) -> int:
+    """The length of the longest prefix of ``buf`` that does not end inside a UTF-8 character: ``len(buf)``
+    unless the last character is incomplete (then where it starts; ``len(buf)`` again if that is 0, so a
+    block of invalid bytes still moves on and the UTF-8 check names it)."""
+    i = len(buf) - 1
+    while i > 0 and len(buf) - i < 4 and (buf[i] & 0xC0) == 0x80:  # back to the last character's lead byte
+        i -= 1
+    lead = buf[i]
+    need = next((n for n, (m, v) in enumerate(((0x80, 0), (0xE0, 0xC0), (0xF0, 0xE0), (0xF8, 0xF0)), 1)
+                 if lead & m == v), 1)  # the character's length from its lead byte (1 for a stray byte)
+    c = len(buf) if i + need <= len(buf) else i
+    return c or len(buf)
 
 
 # ---- the worker side: one tokenizer per process, set up once by the pool initializer ----
@@ -97,7 +111,7 @@ def _init_worker(tokenizer):
 def _encode_task(task):
     path, offset, block, dtype = task
     tokens, lengths = _WORKER_TOKENIZER.encode_block(block, path, offset)
-    return tokens.astype(dtype), lengths, len(block)
+    return tokens.astype(dtype), lengths, count_block(block), len(block)
 
 
 def _count_task(task):
@@ -178,7 +192,16 @@ def build_tokenizer(cfg: PreprocessConfig, train_path: Optional[str]) -> Tokeniz
 def tokenize_file(path: str, tokenizer: Tokenizer, prefix: str, dtype: str, workers: int = 1,
                   block_bytes: int = 1 << 20, progress: bool = True) -> int:
     """Write ``path`` tokenized as ``prefix.bin``/``prefix.idx``; return the number of tokens."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    return tokenize_and_count(path, tokenizer, prefix, dtype, workers, block_bytes, progress)["tokens"]
+
+
+def tokenize_and_count(path: str, tokenizer: Tokenizer, prefix: str, dtype: str, workers: int = 1,
+                       block_bytes: int = 1 << 20, progress: bool = True) -> Dict[str, int]:
+    """``tokenize_file``, returning the counts of the text as well: ``{"tokens", "bytes", "chars", "words",
+    "lines"}`` (see ``text_counts``)."""
+    from .token_stream import indexed_dataset
+
+    IndexedDatasetBuilder = indexed_dataset().IndexedDatasetBuilder
 
     np_dtype = np.dtype(dtype).type
     if isinstance(tokenizer, ByteTokenizer):
@@ -186,11 +209,12 @@ def tokenize_file(path: str, tokenizer: Tokenizer, prefix: str, dtype: str, work
         # transfer of every block twice (bench/preprocess.py, 50 MB: 0.1 s in-process vs 0.4 s on 2 workers)
         workers = 1
     builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np_dtype)
-    n_tokens = 0
+    n_tokens, counter = 0, TextCounter()
     tasks = ((path, o, b, np_dtype) for o, b in iter_blocks(path, block_bytes, tokenizer.block_cut))
     try:
-        for tokens, lengths, _ in ordered_map(_encode_task, tasks, workers, tokenizer, os.path.getsize(path),
-                                              desc=os.path.basename(path), progress=progress):
+        for tokens, lengths, counts, _ in ordered_map(_encode_task, tasks, workers, tokenizer, os.path.getsize(path),
+                                                      desc=os.path.basename(path), progress=progress):
+            counter.add(counts)
             if tokens.size:
                 builder.add_document(tokens, lengths)
                 n_tokens += tokens.size
@@ -201,7 +225,7 @@ def tokenize_file(path: str, tokenizer: Tokenizer, prefix: str, dtype: str, work
                 os.remove(p)
         raise
     builder.finalize(prefix + ".idx")
-    return n_tokens
+    return {"tokens": n_tokens, **counter.result()}
 
 
 def preprocess_corpus(splits: Dict[str, str], output_prefix: str, cfg: PreprocessConfig) -> TokenizerMeta:
@@ -230,6 +254,9 @@ def preprocess_corpus(splits: Dict[str, str], output_prefix: str, cfg: Preproces
         meta.vocab_file = os.path.abspath(output_prefix + ".vocab.txt")
         tok.save(meta.vocab_file)
     meta.save(output_prefix + ".tokenizer.json")
+    meta.splits = {}
     for name, path in splits.items():
-        tokenize_file(path, tok, f"{output_prefix}.{name}", dtype, cfg.workers, cfg.block_bytes, cfg.progress)
+        meta.splits[name] = tokenize_and_count(path, tok, f"{output_prefix}.{name}", dtype, cfg.workers,
+                                               cfg.block_bytes, cfg.progress)
+    meta.save(output_prefix + ".tokenizer.json")  # again, with the counts of every split's text
     return meta

@@ -19,6 +19,20 @@ import numpy as np
 from .errors import DataError
 
 
+def indexed_dataset():
+    """megatron-core's ``indexed_dataset`` module, the one place vqmoe-ds imports megatron-core.
+
+    Its import warns four times (UserWarning) that Transformer Engine and Apex are not installed, and that it
+    falls back to local optimizer and multi-tensor implementations: harmless here, since only the indexed
+    dataset format is used, which needs neither; so those warnings are silenced for the import alone."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed", category=UserWarning)
+        from megatron.core.datasets import indexed_dataset
+    return indexed_dataset
+
+
 class ArrayTokenStream:
     """Tokens held in memory (a numpy array or anything ``np.asarray`` takes)."""
 
@@ -51,8 +65,7 @@ class IndexedTokenStream:
         if not os.path.isfile(binf):
             raise DataError(f"{binf} is missing beside {idx}: the .bin and .idx of a prefix belong together; "
                             f"re-run tools/preprocess_data.py")
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-
+        IndexedDataset = indexed_dataset().IndexedDataset
         try:
             self.dataset = IndexedDataset(prefix, mmap=True)
         except (AssertionError, ValueError, OSError, KeyError) as e:

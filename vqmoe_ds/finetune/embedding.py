@@ -6,7 +6,10 @@ replaced by an identity (the same pooling as the fine-tuning classifier).  Evalu
   * STS: Spearman correlation between the cosine similarity of the two sentences' embeddings and the gold
     score, from a TSV of ``s1<TAB>s2<TAB>score`` (an optional header line is skipped);
   * classification: a multinomial logistic regression (L2, full-batch L-BFGS) and a nearest-centroid rule
-    (cosine) trained on the train file's embeddings, accuracy on the test file's.
+    (cosine) trained on the train file's embeddings, accuracy on the test file's;
+  * clustering (MTEB's clustering task): k-means with k = the number of labels on the normalised embeddings of a
+    labelled file, scored by the V-measure of the clusters against the labels (the harmonic mean of homogeneity
+    and completeness, Rosenberg & Hirschberg 2007).
 
 Why no scikit-learn / scipy: neither is in the pinned stack; these are a few lines of torch each and tested
 against hand-computed values.
@@ -41,8 +44,9 @@ def embed_texts(model: nn.Module, tokenizer, texts: Sequence[str], max_len: int,
                 raise DataError(f"text {i} is empty: every sentence needs at least one token")
             ids.append(e)
         idx, mask = collate(ids)
-        h, _, _, _ = model(idx)
-        out.append(pool(h.float(), mask, pooling))
+        device = next(model.parameters()).device  # the model may live on an accelerator (DS_ACCELERATOR=cuda)
+        h, _, _, _ = model(idx.to(device))
+        out.append(pool(h.float(), mask.to(device), pooling).cpu())
     return torch.cat(out)
 
 
@@ -121,3 +125,39 @@ def logistic_regression(train_x: torch.Tensor, train_y: torch.Tensor, test_x: to
     opt.step(closure)
     with torch.no_grad():
         return lin(xt).argmax(-1)
+
+
+def v_measure(labels: torch.Tensor, clusters: torch.Tensor) -> float:
+    """V-measure of ``clusters`` against ``labels``: 2 h c / (h + c) with homogeneity h = 1 - H(C|K) / H(C) and
+    completeness c = 1 - H(K|C) / H(K) (h = 1 when H(C) = 0, c = 1 when H(K) = 0)."""
+    labels, clusters = labels.long().cpu(), clusters.long().cpu()
+    _, c_idx = torch.unique(labels, return_inverse=True)
+    _, k_idx = torch.unique(clusters, return_inverse=True)
+    n = float(labels.numel())
+    table = torch.zeros(int(c_idx.max()) + 1, int(k_idx.max()) + 1, dtype=torch.float64)
+    table.index_put_((c_idx, k_idx), torch.ones(labels.numel(), dtype=torch.float64), accumulate=True)
+
+    def entropy(counts):
+        p = counts[counts > 0] / n
+        return float(-(p * p.log()).sum())
+
+    def conditional(t):  # H(rows | columns) from the contingency table
+        col = t.sum(0, keepdim=True).expand_as(t)
+        nz = t > 0
+        return float(-(t[nz] / n * (t[nz] / col[nz]).log()).sum())
+
+    h_c, h_k = entropy(table.sum(1)), entropy(table.sum(0))
+    hom = 1.0 if h_c == 0 else 1.0 - conditional(table) / h_c
+    com = 1.0 if h_k == 0 else 1.0 - conditional(table.t()) / h_k
+    return 0.0 if hom + com == 0 else 2 * hom * com / (hom + com)
+
+
+def cluster_v_measure(x: torch.Tensor, labels: torch.Tensor, num_labels: int, seed: int = 0) -> float:
+    """k-means (k = ``num_labels``) on the normalised embeddings, scored by `v_measure` against ``labels``."""
+    from ..quantizers.kmeans import kmeans
+
+    z = F.normalize(x.double(), dim=-1)
+    if z.shape[0] < num_labels:
+        raise DataError(f"clustering {num_labels} labels needs at least {num_labels} texts, got {z.shape[0]}")
+    centres = kmeans(z, num_labels, iters=100, seed=seed)
+    return v_measure(labels, torch.cdist(z, centres).argmin(1))

@@ -1,4 +1,4 @@
-"""Held-out language-model loss of a checkpoint on its own run's data (BPC / perplexity), for the tools.
+"""Held-out language-model loss of a checkpoint on its own run's data (bits per byte/char, perplexity), for the tools.
 
 Why here: the training-free conversion and the embedding tool evaluate checkpoints outside the pretraining
 driver; they rebuild the run's corpus from its config.json (``--data-path``, ``--data-file`` or the default
@@ -27,12 +27,17 @@ def run_corpus(run: PretrainedRun, text_file: Optional[str] = None):
 @torch.no_grad()
 def held_out_loss(model, corpus, split: str = "valid", batch_size: int = 8, seq_len: Optional[int] = None,
                   max_batches: int = 0) -> dict:
-    """{"loss", "bpc", "ppl", "tokens"} of ``model`` on ``split``, windows in stream order (TXL: with memory)."""
+    """The metrics of ``training.metrics.lm_metrics`` (``loss``, ``bits_per_byte``, ``bpc``, ``word_ppl``, ...) of
+    ``model`` on ``split``: every token once (``max_batches`` 0), windows in stream order (TXL: with memory),
+    the padding of the last batch masked out, as the driver evaluates."""
     cfg = model.cfg
     seq_len = seq_len or cfg.seq_len
     meter, mems = NLLMeter(), None
     model.eval()
-    for x, y in eval_batches(corpus.streams[split], cfg.model, batch_size, seq_len, 0, 1, max_batches):
-        logits, _, _, mems = model(x, None, mems)
-        meter.add(logits, y)
-    return meter.summary()
+    dev = next(model.parameters()).device
+    for x, y, mask in eval_batches(corpus.streams[split], cfg.model, batch_size, seq_len, 0, 1, max_batches):
+        x, y = x.to(dev), y.to(dev)
+        mask = mask.to(dev) if mask is not None else None
+        logits, _, _, mems = model(x, None, mems, mask)
+        meter.add(logits, y, mask)
+    return meter.summary(corpus.split_counts(split))

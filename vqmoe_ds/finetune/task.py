@@ -30,6 +30,7 @@ from ..data import DataError
 from ..models import build_model
 from ..moe.config import ConfigError, MoEConfig
 from ..training.config import OptimConfig, ParallelConfig, RunConfig
+from ..parallel import all_reduce_sum
 from ..training.loop import Task, run
 from . import data as ftdata
 from .discrete import absent_path_keys, discrete_only_config, freeze_routing
@@ -80,7 +81,8 @@ class FinetuneConfig:
 
 
 # the pretrained layers' settings a fine-tuning run may change (everything else comes from the checkpoint)
-MOE_OVERRIDABLE = ("ep_size", "capacity_factor", "eval_capacity_factor", "min_capacity", "drop_tokens", "dispatcher")
+MOE_OVERRIDABLE = ("ep_size", "capacity_factor", "eval_capacity_factor", "min_capacity", "drop_tokens", "dispatcher",
+                  "expert_impl")
 RESUME_MUST_MATCH = ("load", "tag", "mode", "task", "train", "pooling", "classifier_hidden")
 
 
@@ -193,8 +195,7 @@ class TextClassification(Task):
         finally:
             if split == "test":
                 counter.__exit__(None, None, None)
-        if self.world > 1:
-            torch.distributed.all_reduce(sums)
+        sums = all_reduce_sum(sums)
         res = {"accuracy": float(sums[0] / sums[2]), "loss": float(sums[1] / sums[2]), "examples": int(sums[2])}
         if split == "test":
             res["expert_flops"] = counter.summary()

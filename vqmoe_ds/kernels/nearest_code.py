@@ -32,8 +32,9 @@ of any shape ``[T, d]`` / ``[K, d]`` and strides.  The outputs carry no gradient
 quantised vectors a straight-through gradient themselves, exactly as with a pure-torch argmin.
 
 Implementations (``impl``): ``"torch"`` (pure torch, any device), ``"cpu"`` / ``"cuda"`` (the compiled
-kernel; error if unavailable), ``"auto"`` (compiled kernel for the tensor's device when available,
-otherwise the torch path after exactly one warning).  The compiled extension is the one built by
+kernel; error if unavailable), ``"auto"`` (on the CPU the compiled kernel when available, otherwise the torch
+path after exactly one warning; on a GPU the torch path: the CUDA kernel is opt-in, ``impl="cuda"`` or
+``VQMOE_DS_CUDA_KERNEL=1``, until it has passed its tests on a GPU -- ``make gpu-check`` runs them).  The compiled extension is the one built by
 ``pip install -e .`` (``vqmoe_ds/kernels/_nearest_code_ext*.so``), else it is JIT-compiled with
 ``torch.utils.cpp_extension.load`` into ``$TORCH_EXTENSIONS_DIR`` on first use (set
 ``VQMOE_DS_KERNELS_JIT=0`` to forbid that).  ``VQMOE_DS_KERNELS=off`` ignores any build (pure torch).
@@ -385,6 +386,8 @@ def _use_kernel(dev: str, impl: str) -> bool:
                                f"({_state['error'] or 'extension built without ' + impl}); rebuild with "
                                "`pip install --no-build-isolation --no-deps -e .` or use impl='auto'/'torch'")
         return True
+    if dev == "cuda" and os.environ.get("VQMOE_DS_CUDA_KERNEL") != "1":
+        return False  # opt-in (see the module docstring)
     ok = kernel_available(dev)
     if not ok and not _state["warned"]:
         _state["warned"] = True

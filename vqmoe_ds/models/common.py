@@ -13,7 +13,7 @@ from .configs import ModelConfig, count_params
 
 
 def init_weights(model: nn.Module, std: float, n_layer: int) -> None:
-    """N(0, std) for our Linear/Embedding weights, zero biases, unit LayerNorms; output projections of the
+    """N(0, std) for our Linear/Embedding weights, zero biases, unit norms; output projections of the
     residual branches (attention's ``c_proj``/``o_net``, the dense FFN's ``fc2``) get std/sqrt(2 n_layer)
     (GPT-2).  Modules inside an `MoELayer` are skipped: the layer initialises its experts per global expert id
     (their ``fc2`` with the same depth-scaled std, ``MoEConfig.output_init_std``) and its routers itself."""
@@ -31,20 +31,24 @@ def init_weights(model: nn.Module, std: float, n_layer: int) -> None:
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.RMSNorm):
+            nn.init.ones_(m.weight)
 
 
-def flops_per_token(cfg: ModelConfig, batch_size: int = 1) -> float:
+def flops_per_token(cfg: ModelConfig, batch_size: int = 1, causal: bool = False) -> float:
     """Training FLOPs per token of one forward + backward, counted from the matrix products the model computes
     (2 FLOPs per multiply-add; elementwise work, softmaxes and norms are not counted, as torch's
     ``FlopCounterMode`` does not count them).  A product whose weight and input both need gradients costs 3x its
     forward (forward, input gradient, weight gradient); one with only one of them 2x; a detached one 1x.
 
       * attention: the QKV and output projections, and the T x T score and value products in full -- what the
-        math kernel and Transformer-XL's einsums compute (a causal flash kernel skips about half of the latter).
+        math kernel and Transformer-XL's einsums compute; with ``causal`` only the products of each query with the
+        keys at or before it, (T + 1) / 2 on average (what a causal flash kernel computes, give or take its blocks).
         Transformer-XL projects QKV for its memory rows too (klen = tgt_len + mem_len per segment), computes
         AC, BD and PV over klen, and r_net projects the klen relative positions once per batch of
         ``batch_size`` segments;
-      * FFN: dense, or per MoE layer the routed experts (k routes per token, VQMoE k + 1, discrete-only 1,
+      * rotary embeddings and the norms (queries' and keys' too) are elementwise: not counted;
+      * FFN (2 matrices of D x F, SwiGLU 3): dense, or per MoE layer the routed experts (k routes per token, VQMoE k + 1, discrete-only 1,
         SMoE-Dropout its final k; dropless), the shared expert and its gate, and the routing products: the router (XMoE: its projection and
         expert embeddings; StableMoE: the learned router and the distilled one on the detached token;
         SMoE-Dropout: a frozen router), VQMoE's mixing gate W_g, the codebook's projections and the nearest-code
@@ -58,19 +62,22 @@ def flops_per_token(cfg: ModelConfig, batch_size: int = 1) -> float:
     total = 3 * fwd(D * V)  # output layer
     for i in range(L):
         if cfg.model == "gpt":
-            total += 3 * fwd(4 * D * D + 2 * T * D)  # qkv + out projection, scores + values
+            keys = (T + 1) / 2 if causal else T  # causal: the keys at or before the query, on average
+            total += 3 * fwd(4 * D * D + 2 * keys * D)  # qkv + out projection, scores + values
         else:
             klen = T + cfg.mem_len
-            total += 3 * fwd(3 * D * D * klen / T + D * D + 3 * klen * D)  # qkv over klen rows, o_net, AC BD PV
+            keys = cfg.mem_len + (T + 1) / 2 if causal else klen
+            total += 3 * fwd(3 * D * D * klen / T + D * D + 3 * keys * D)  # qkv over klen rows, o_net, AC BD PV
             total += 2 * fwd(D * D * klen / (T * batch_size))  # r_net over constant positions: weight gradient only
         m = cfg.moe_config(i)
+        mats = 3 if m.activation == "swiglu" else 2  # an MLP's matrices of D x F: SwiGLU's gate, up and down
         if m.router == "dense":
-            total += 3 * fwd(2 * D * m.ffn_hidden_size)
+            total += 3 * fwd(mats * D * m.ffn_hidden_size)
             continue
         E = m.num_experts
-        total += 3 * fwd(routes_per_token(m) * 2 * D * m.ffn_hidden_size)
+        total += 3 * fwd(routes_per_token(m) * mats * D * m.ffn_hidden_size)
         if m.shared_expert_size:  # the shared expert and its gate
-            total += 3 * fwd(2 * D * m.shared_expert_size
+            total += 3 * fwd(mats * D * m.shared_expert_size
                              + {"add": 0, "gate": D, "residual": 2 * D}[m.shared_expert_mode])
         discrete_only = m.router == "vqmoe" and m.vqmoe_mode == "discrete_only"
         if m.router in ("topk", "vqmoe") and not discrete_only:

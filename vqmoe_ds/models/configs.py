@@ -1,4 +1,5 @@
-"""Model configs: one dataclass for both architectures, and the named shapes (tiny, base, large, olmoe).
+"""Model configs: one dataclass for both architectures, and the named shapes (tiny, base, large, olmoe,
+olmoe-1b-7b).
 
 `ModelConfig.moe_config(layer)` gives the `MoEConfig` of one block's FFN slot: the MoE settings for layers
 chosen by ``moe_layers`` and a dense FFN (``d_inner``) for the others.
@@ -18,6 +19,14 @@ from typing import Any, ClassVar, Dict, List, Optional, Tuple
 from ..moe.config import ConfigError, MoEConfig
 
 MODEL_TYPES = ("gpt", "txl")
+NORMALIZATIONS = ("LayerNorm", "RMSNorm")
+POSITION_EMBEDDINGS = ("learned_absolute", "rope")
+QK_NORMS = ("none", "head", "hidden")
+# MoEConfig fields the model config sets (not MoE settings of their own)
+MOE_SET_BY_MODEL = ("hidden_size", "ffn_hidden_size", "init_std", "output_init_std", "vocab_size", "linear_bias")
+# the fields that shape the GPT block only (Transformer-XL keeps its LayerNorm / GELU / relative-position block)
+GPT_BLOCK_FIELDS = ("normalization", "norm_epsilon", "swiglu", "position_embedding_type", "rotary_base", "qk_norm",
+                    "add_bias_linear")
 
 
 
@@ -52,14 +61,26 @@ class ModelConfig:
     expert_ffn: Optional[int] = None  # experts' hidden width; none: --ffn-hidden-size
     moe: Dict[str, Any] = field(default_factory=lambda: {"router": "topk", "num_experts": 8, "top_k": 2})  # MoEConfig fields except hidden_size / ffn_hidden_size / init_std
     init_std: float = 0.02  # standard deviation of the normal initialisation of the weights
+    # the GPT block (the defaults are the original block: LayerNorm, GELU MLPs with biases, learned positions)
+    normalization: str = "LayerNorm"  # GPT: the block's and the final norm, LayerNorm or RMSNorm (OLMoE, Mixtral, Qwen-MoE)
+    norm_epsilon: float = 1e-5  # GPT: epsilon of every norm
+    swiglu: bool = False  # GPT: SwiGLU MLPs, down(silu(gate x) * up x), for the dense FFN and the experts (OLMoE)
+    position_embedding_type: str = "learned_absolute"  # GPT: learned_absolute positions or rope (rotary, on queries and keys)
+    rotary_base: float = 10000.0  # GPT with rope: the base theta of the rotary frequencies
+    qk_norm: str = "none"  # GPT: norm of queries and keys before attention: none, head (each head, Megatron's --qk-layernorm) or hidden (the whole projection, OLMoE)
+    add_bias_linear: bool = True  # GPT: biases in the attention projections, the dense FFN and the experts
 
     FLAGS: ClassVar[Dict[str, Tuple[str, ...]]] = {
         "n_layer": ("--num-layers",), "n_head": ("--num-attention-heads",), "d_model": ("--hidden-size",),
         "d_inner": ("--ffn-hidden-size",), "seq_len": ("--seq-length",), "expert_ffn": ("--expert-ffn-hidden-size",),
         "dropout": ("--hidden-dropout",), "attn_dropout": ("--attention-dropout",),
         "tie_embeddings": ("--tie-embeddings", "--untie-embeddings-and-output-weights=false"),
-        "init_std": ("--init-method-std", "--init-std")}
-    CHOICES: ClassVar[Dict[str, Tuple[str, ...]]] = {"model": MODEL_TYPES}
+        "init_std": ("--init-method-std", "--init-std"),
+        "qk_norm": ("--qk-norm", "--qk-layernorm=head"),
+        "add_bias_linear": ("--add-bias-linear", "--disable-bias-linear=false")}
+    CHOICES: ClassVar[Dict[str, Tuple[str, ...]]] = {"model": MODEL_TYPES, "normalization": NORMALIZATIONS,
+                                                     "position_embedding_type": POSITION_EMBEDDINGS,
+                                                     "qk_norm": QK_NORMS}
 
     def __post_init__(self):
         self.validate()
@@ -70,6 +91,10 @@ class ModelConfig:
 
         if self.model not in MODEL_TYPES:
             bad(f"unknown model {self.model!r}: choose one of {', '.join(MODEL_TYPES)} (--model)")
+        for f in dataclasses.fields(self):  # every number finite (a NaN passes every comparison below)
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                bad(f"{f.name}={v} is not a finite number: give a real value")
         for name in ("vocab_size", "n_layer", "n_head", "d_model", "d_inner", "seq_len"):
             if getattr(self, name) < 1:
                 bad(f"{name}={getattr(self, name)} must be >= 1")
@@ -87,8 +112,32 @@ class ModelConfig:
             bad(f"mem_len={self.mem_len} must be >= 0 (--mem-len)")
         if self.model == "gpt" and self.mem_len:
             bad(f"--mem-len {self.mem_len} applies to --model txl only: drop it or use --model txl")
+        for name, choices in (("normalization", NORMALIZATIONS), ("position_embedding_type", POSITION_EMBEDDINGS),
+                              ("qk_norm", QK_NORMS)):
+            if getattr(self, name) not in choices:
+                bad(f"unknown {name} {getattr(self, name)!r}: choose one of {', '.join(choices)}")
+        if not self.norm_epsilon > 0:
+            bad(f"norm_epsilon={self.norm_epsilon} must be > 0 (--norm-epsilon)")
+        if not self.rotary_base > 1:
+            bad(f"rotary_base={self.rotary_base} must be > 1 (--rotary-base)")
+        if self.position_embedding_type == "rope" and (self.d_model // self.n_head) % 2:
+            bad(f"rope needs an even head dimension, and hidden size {self.d_model} / {self.n_head} heads = "
+                f"{self.d_model // self.n_head}: change --hidden-size or --num-attention-heads")
+        if self.model == "txl":
+            changed = [f.name for f in dataclasses.fields(self) if f.name in GPT_BLOCK_FIELDS
+                       and getattr(self, f.name) != f.default]
+            if changed:
+                bad(f"{changed[0]}={getattr(self, changed[0])!r} applies to --model gpt only (Transformer-XL keeps "
+                    f"its own block): drop it or use --model gpt")
+        if self.swiglu and self.moe.get("activation", "swiglu") != "swiglu":
+            bad(f"swiglu=True and moe.activation={self.moe['activation']!r} disagree: --swiglu makes every MLP SwiGLU; "
+                f"drop --moe-activation or --swiglu")
         self.moe_layer_ids()  # raises on a bad pattern
         self.moe_config(0)  # MoEConfig validates the MoE settings
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
 
     def moe_layer_ids(self) -> List[int]:
         return parse_moe_layers(self.moe_layers, self.n_layer)
@@ -98,12 +147,15 @@ class ModelConfig:
         return self.moe.get("router", "topk") != "dense" and bool(self.moe_layer_ids())
 
     def moe_config(self, layer: int) -> MoEConfig:
+        mlp = {"activation": "swiglu"} if self.swiglu else {}  # the block's MLP form (SwiGLU: every MLP)
+        if not self.add_bias_linear:
+            mlp["linear_bias"] = False
         if layer in self.moe_layer_ids() and self.moe.get("router", "topk") != "dense":
             return MoEConfig(hidden_size=self.d_model, ffn_hidden_size=self.expert_ffn or self.d_inner,
                              init_std=self.init_std, output_init_std=self.init_std / math.sqrt(2 * self.n_layer),
-                             vocab_size=self.vocab_size, **self.moe)
+                             vocab_size=self.vocab_size, **{**self.moe, **mlp})
         return MoEConfig(hidden_size=self.d_model, ffn_hidden_size=self.d_inner, router="dense",
-                         dropout=self.moe.get("dropout", 0.0))
+                         dropout=self.moe.get("dropout", 0.0), **mlp)
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -141,40 +193,54 @@ def router_params(m: MoEConfig) -> int:
                 mods.append(torch.nn.Linear(m.hidden_size, 2))
         if m.shared_expert_size:
             D, S = m.hidden_size, m.shared_expert_size
-            mods += [torch.nn.Linear(D, S), torch.nn.Linear(S, D)]
+            from ..moe.layer import ExpertMLP
+
+            mods.append(ExpertMLP(D, S, m.activation, bias=m.linear_bias))
             if m.shared_expert_mode != "add":
                 mods.append(torch.nn.Linear(D, 1 if m.shared_expert_mode == "gate" else 2))
     return sum(p.numel() for mod in mods for p in mod.parameters())
+
+
+def mlp_params(d: int, f: int, swiglu: bool, bias: bool) -> int:
+    """One MLP (the dense FFN or one expert): fc1 d -> f (SwiGLU: d -> 2f, gate and up) and fc2 f -> d."""
+    return (2 if swiglu else 1) * f * (d + bias) + d * (f + bias)
+
+
+def norm_params(cfg: ModelConfig, width: int) -> int:
+    return width * (1 if cfg.normalization == "RMSNorm" else 2)
 
 
 def count_params(cfg: ModelConfig) -> Dict[str, int]:
     """{"total", "active", "experts", "non_expert", "embedding"} of the whole model (all N experts, as with
     ep_size=1; a rank of an expert-parallel run holds N/ep of them).
 
-    Experts are ``fc1 (D x F + F) + fc2 (F x D + D)`` each; "active" counts ``routes_per_token`` of them.
+    Experts are ``fc1 (D x F + F) + fc2 (F x D + D)`` each (SwiGLU: fc1 is D x 2F; without biases no F, D terms);
+    "active" counts ``routes_per_token`` of them.
     """
     D, F, L, V = cfg.d_model, cfg.d_inner, cfg.n_layer, cfg.vocab_size
-    ln = 2 * D
+    bias = cfg.add_bias_linear
+    ln = norm_params(cfg, D)
     if cfg.model == "gpt":
-        attn = D * 3 * D + 3 * D + D * D + D  # fused QKV (bias) + out proj (bias)
-        emb = V * D + cfg.seq_len * D  # tokens + learned positions
+        attn = D * 3 * D + 3 * D * bias + D * D + D * bias  # fused QKV + out proj (biases unless disabled)
+        attn += {"none": 0, "head": 2 * norm_params(cfg, cfg.head_dim), "hidden": 2 * ln}[cfg.qk_norm]
+        emb = V * D + (cfg.seq_len * D if cfg.position_embedding_type == "learned_absolute" else 0)  # + positions
     else:
         H, Dh = cfg.n_head, D // cfg.n_head
         attn = D * 3 * D + D * D + D * D + 2 * H * Dh  # fused QKV, r_net, o_net (no biases) + u, v
         emb = V * D
     head = 0 if cfg.tie_embeddings else V * D  # untied output layer (no bias)
-    dense_ffn = D * F + F + F * D + D
     experts = active_experts = dense = 0
     for i in range(L):
         m = cfg.moe_config(i)
+        swiglu = m.activation == "swiglu"
         if m.router == "dense":
-            dense += dense_ffn
+            dense += mlp_params(D, F, swiglu, m.linear_bias)
         else:
-            one = D * m.ffn_hidden_size + m.ffn_hidden_size + m.ffn_hidden_size * D + D
+            one = mlp_params(D, m.ffn_hidden_size, swiglu, m.linear_bias)
             experts += m.num_experts * one
             active_experts += routes_per_token(m) * one
             dense += router_params(m)
-    non_expert = emb + head + L * (attn + 2 * ln) + dense + ln  # + final LayerNorm
+    non_expert = emb + head + L * (attn + 2 * ln) + dense + ln  # + final norm
     return {"total": non_expert + experts, "active": non_expert + active_experts, "experts": experts,
             "non_expert": non_expert, "embedding": emb + head}
 
@@ -194,6 +260,14 @@ NAMED: Dict[str, Dict[str, Any]] = {
     # Our experts are GELU MLPs (2 matrices), OLMoE's are SwiGLU (3): expert parameters are 2/3 of OLMoE's.
     "olmoe": dict(n_layer=16, n_head=16, d_model=2048, d_inner=1024, seq_len=4096, vocab_size=50304,
                   tie_embeddings=False, moe={"router": "topk", "num_experts": 64, "top_k": 8}),
+    # OLMoE-1B-7B itself (6.92B total, 1.28B active): RMSNorm, SwiGLU experts, RoPE, QK-norm over the whole
+    # projection, no biases, a softmax router that does not renormalise its top-8, balance loss 0.01, router
+    # z-loss 0.001, dropless.  tools/convert_hf.py imports its Hugging Face checkpoint into this shape.
+    "olmoe-1b-7b": dict(n_layer=16, n_head=16, d_model=2048, d_inner=1024, seq_len=4096, vocab_size=50304,
+                        tie_embeddings=False, normalization="RMSNorm", swiglu=True, position_embedding_type="rope",
+                        rotary_base=10000.0, qk_norm="hidden", add_bias_linear=False,
+                        moe={"router": "topk", "num_experts": 64, "top_k": 8, "norm_topk_prob": False,
+                             "balance_loss_coef": 0.01, "z_loss_coef": 0.001, "drop_tokens": False}),
 }
 
 

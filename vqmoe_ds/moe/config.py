@@ -13,6 +13,7 @@ model's training loss is ``task_loss + sum(aux_loss over layers)``.  Detached nu
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Dict, Optional, Tuple
 
@@ -27,8 +28,9 @@ VQ_KINDS = ("codebook", "residual", "lfq")
 VQ_DISTANCES = ("l2", "cosine")
 VQMOE_MODES = ("pretrain", "discrete_only")
 DISPATCHERS = ("sorted", "deepspeed")
+EXPERT_IMPLS = ("auto", "grouped", "loop")
 DISCRETE_INPUTS = ("quantized", "token")
-ACTIVATIONS = ("gelu", "relu", "silu")
+ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
 VQ_SCALES = ("token", "code")
 
 
@@ -45,7 +47,8 @@ class MoEConfig:
     top_k: int = 2  # experts per token of the learned router (VQMoE's continuous path)
     norm_topk_prob: bool = True  # k >= 2: renormalise the chosen probabilities to sum to 1 (GShard); off: as is (OLMoE). k = 1 never does (Switch)
     ep_size: int = 1  # expert-parallel size: ranks that share one layer's experts (a divisor of N and of the world size)
-    activation: str = "gelu"  # expert MLP activation
+    activation: str = "gelu"  # expert MLP activation; swiglu: fc1 holds gate and up, down(silu(gate x) * up x) (OLMoE, Mixtral)
+    linear_bias: bool = True  # biases in the experts' and the dense FFN's linears (set by the model: --add-bias-linear)
     init_std: float = 0.02  # experts: N(0, init_std) weights, zero biases, drawn per *global* expert id (set by the model)
     output_init_std: Optional[float] = None  # std of the experts' output projection fc2 (the model sets init_std / sqrt(2 n_layer)); none: init_std
     dropout: float = 0.0  # dropout after the FFN / expert output
@@ -54,6 +57,7 @@ class MoEConfig:
     min_capacity: int = 4  # the smallest capacity of an expert
     drop_tokens: bool = True  # drop routes beyond capacity; --no-drop-tokens: dropless (capacity = the largest load)
     dispatcher: str = "sorted"  # "sorted": vqmoe-ds's dispatch; "deepspeed": stock MOELayer dispatch via the gate contract
+    expert_impl: str = "auto"  # local experts as one grouped GEMM per projection (grouped) or a loop over experts (loop); auto: grouped for bf16 on CUDA sm90+, else loop
     balance_loss_coef: float = 0.01  # weight of the Switch/GShard load-balancing loss
     load_balancing_type: str = "aux_loss"  # the balance loss over the micro-batch (aux_loss), each sequence (seq_aux_loss), the load of the global batch (global_aux_loss), or none
     z_loss_coef: float = 0.0  # weight of the router z-loss, mean logsumexp(logits)^2 (ST-MoE)
@@ -106,6 +110,7 @@ class MoEConfig:
         "min_capacity": ("--min-capacity", "--moe-min-capacity"),
         "drop_tokens": ("--drop-tokens", "--disable-moe-token-dropping=false"),
         "dispatcher": ("--moe-dispatcher",),
+        "expert_impl": ("--moe-expert-impl", "--moe-grouped-gemm=grouped"),
         "balance_loss_coef": ("--balance-loss-coef", "--moe-loss-coeff", "--moe-aux-loss-coeff"),
         "load_balancing_type": ("--moe-router-load-balancing-type",),
         "z_loss_coef": ("--moe-z-loss-coeff",),
@@ -120,7 +125,7 @@ class MoEConfig:
     }
     CHOICES: ClassVar[Dict[str, Tuple[str, ...]]] = {
         "router": ROUTERS, "vq_kind": VQ_KINDS, "vq_distance": VQ_DISTANCES, "vqmoe_mode": VQMOE_MODES,
-        "dispatcher": DISPATCHERS, "discrete_input": DISCRETE_INPUTS, "activation": ACTIVATIONS,
+        "dispatcher": DISPATCHERS, "expert_impl": EXPERT_IMPLS, "discrete_input": DISCRETE_INPUTS, "activation": ACTIVATIONS,
         "vq_scale": VQ_SCALES, "hash_table": HASH_TABLES, "cluster_distance": VQ_DISTANCES,
         "load_balancing_type": BALANCING_TYPES, "score_function": SCORE_FUNCTIONS,
         "shared_expert_mode": SHARED_EXPERT_MODES}
@@ -136,6 +141,10 @@ class MoEConfig:
 
         if self.router not in ROUTERS:
             bad(f"unknown router {self.router!r}: choose one of {', '.join(ROUTERS)}")
+        for f in dataclasses.fields(self):  # every number finite (a NaN passes every comparison below)
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                bad(f"{f.name}={v} is not a finite number: give a real value")
         if self.hidden_size < 1 or self.ffn_hidden_size < 1:
             bad(f"hidden_size={self.hidden_size}, ffn_hidden_size={self.ffn_hidden_size}: both must be >= 1")
         if not 0.0 <= self.dropout < 1.0:
@@ -160,6 +169,11 @@ class MoEConfig:
             bad(f"min_capacity={self.min_capacity} must be >= 0")
         if self.dispatcher not in DISPATCHERS:
             bad(f"unknown dispatcher {self.dispatcher!r}: choose one of {', '.join(DISPATCHERS)}")
+        if self.expert_impl not in EXPERT_IMPLS:
+            bad(f"unknown expert implementation {self.expert_impl!r}: choose one of {', '.join(EXPERT_IMPLS)}")
+        if self.expert_impl == "grouped" and self.dispatcher == "deepspeed":
+            bad("--moe-expert-impl grouped runs with the sorted dispatcher only (DeepSpeed's MOELayer loops over its "
+                "experts): use --moe-dispatcher sorted or --moe-expert-impl auto")
         if self.router_jitter < 0:
             bad(f"router_jitter={self.router_jitter} must be >= 0 (0: no jitter)")
         if self.balance_loss_coef < 0:
@@ -168,6 +182,10 @@ class MoEConfig:
         if self.router == "vqmoe":
             if self.codebook_size < 1:
                 bad(f"codebook_size={self.codebook_size}: the codebook needs K >= 1 codes (--codebook-size)")
+            if self.vqmoe_mode == "discrete_only" and self.codebook_size < self.num_experts:
+                bad(f"codebook_size={self.codebook_size} < num_experts={self.num_experts}: with routing by code only, "
+                    f"experts {self.codebook_size}..{self.num_experts - 1} could never be chosen; give at least as many "
+                    f"codes as experts (--codebook-size)")
             if self.codebook_dim is not None and self.codebook_dim < 1:
                 bad(f"codebook_dim={self.codebook_dim} must be >= 1, or None to quantize in the model dim")
             if self.vq_kind not in VQ_KINDS:

@@ -20,6 +20,7 @@ from typing import List, Optional
 
 import torch
 import torch.distributed as dist
+from ..kernels.counts import bincount
 
 
 @dataclass
@@ -33,6 +34,8 @@ class RouteGrid:
     experts_KS: torch.Tensor  # long
     weights_KS: torch.Tensor  # float, differentiable
     valid_KS: Optional[torch.Tensor] = None  # bool; None: all valid
+    unit_weights: bool = False  # every weight is a constant 1 (the discrete-only VQ router): no multiplication
+    valid_index: Optional[torch.Tensor] = None  # long: flat positions of the valid routes, known from shapes alone
 
     def flat(self):
         K, S = self.experts_KS.shape
@@ -40,6 +43,9 @@ class RouteGrid:
         experts, weights = self.experts_KS.reshape(-1), self.weights_KS.reshape(-1)
         if self.valid_KS is None:
             return rows, experts, weights
+        if self.valid_index is not None:  # no boolean indexing: no device-to-host sync
+            v = self.valid_index
+            return rows.index_select(0, v), experts.index_select(0, v), weights.index_select(0, v)
         v = self.valid_KS.reshape(-1)
         return rows[v], experts[v], weights[v]
 
@@ -58,12 +64,19 @@ class Plan:
     order_M: torch.Tensor  # long: kept route ids sorted by expert (stable: priority order within an expert)
     counts_E: torch.Tensor  # long: kept routes per expert
     capacity: Optional[int]  # None: dropless
+    keep_M: Optional[torch.Tensor] = None  # bool: with order_M over all routes, which survive (see plan_routes)
 
 
-def plan_routes(experts_R: torch.Tensor, num_experts: int, capacity: Optional[int]) -> Plan:
+def plan_routes(experts_R: torch.Tensor, num_experts: int, capacity: Optional[int], sync_free: bool = False) -> Plan:
+    """The dispatch order and capacity decisions of the routes ``experts_R`` (priority order).
+
+    ``sync_free``: under a capacity the dropped routes stay in ``order_M`` (with ``keep_M`` False) instead of
+    being removed, so no tensor's size depends on the data and nothing is read back to the host; the experts
+    then also compute the dropped rows (at most the dropped fraction more work) and ``combine`` gives them
+    weight 0.  For the grouped GEMM on one expert-parallel rank."""
     R = experts_R.numel()
     order_R = torch.argsort(experts_R, stable=True)
-    counts_E = torch.bincount(experts_R, minlength=num_experts)
+    counts_E = bincount(experts_R, num_experts)
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     sorted_e = experts_R[order_R]
     position_sorted = torch.arange(R, device=experts_R.device) - starts_E[sorted_e]
@@ -72,6 +85,8 @@ def plan_routes(experts_R: torch.Tensor, num_experts: int, capacity: Optional[in
         return Plan(torch.ones(R, dtype=torch.bool, device=experts_R.device), position_R, order_R, counts_E, None)
     keep_sorted = position_sorted < capacity
     keep_R = position_R < capacity
+    if sync_free:
+        return Plan(keep_R, position_R, order_R, counts_E, capacity, keep_M=keep_sorted)
     return Plan(keep_R, position_R, order_R[keep_sorted], counts_E.clamp(max=capacity), capacity)
 
 
@@ -103,11 +118,15 @@ class SortedDispatch:
         self.num_experts, self.ep_size, self.ep_group = num_experts, ep_size, ep_group
         self.num_local = num_experts // ep_size
 
-    def dispatch(self, X_ND: torch.Tensor, rows_R: torch.Tensor, experts_R: torch.Tensor, plan: Plan):
+    def dispatch(self, X_ND: torch.Tensor, rows_R: torch.Tensor, experts_R: torch.Tensor, plan: Plan,
+                 host_counts: bool = True):
+        """(x_MD, counts): the local experts' rows, sorted by local expert, and how many each has: a list
+        (``host_counts``, for the loop over experts) or a device tensor (for the grouped GEMM; with one rank
+        this avoids the host sync of the list)."""
         self.plan = plan
         x_MD = X_ND.index_select(0, rows_R.index_select(0, plan.order_M))
         if self.ep_size == 1:
-            return x_MD, plan.counts_E.tolist()
+            return x_MD, (plan.counts_E.tolist() if host_counts else plan.counts_E)
         P, L = self.ep_size, self.num_local
         send_counts = plan.counts_E.view(P, L)
         recv_counts = torch.empty_like(send_counts)
@@ -118,34 +137,41 @@ class SortedDispatch:
         # received rows are source-rank major; regroup them local-expert major for contiguous expert runs
         local_expert = torch.repeat_interleave(torch.arange(L, device=recv.device).repeat(P), recv_counts.reshape(-1))
         self.regroup = torch.argsort(local_expert, stable=True)
-        return recv.index_select(0, self.regroup), recv_counts.sum(0).tolist()
+        local_counts = recv_counts.sum(0)
+        return recv.index_select(0, self.regroup), (local_counts.tolist() if host_counts else local_counts)
 
     def combine(self, y_chunks: List[torch.Tensor], tokens_R: torch.Tensor, weights_R: torch.Tensor,
-                num_tokens: int):
-        """Expert outputs (one chunk per local expert, in dispatch order) -> weighted sum per token.
+                num_tokens: int, unit_weights: bool = False):
+        """Expert outputs (chunks in dispatch order: one per local expert, or one for all) -> weighted sum per
+        token.
 
         With one rank the chunks are added into the tokens one by one (no concatenated copy of all expert
-        outputs); routes whose weight is a constant 1 (the VQ router's) skip the multiplication."""
+        outputs); ``unit_weights`` (the routes' weights are a constant 1, the VQ router's) skips the
+        multiplication."""
         plan = self.plan
         tokens_M = tokens_R.index_select(0, plan.order_M)
         w_M = weights_R.index_select(0, plan.order_M)
-        unweighted = not w_M.requires_grad and bool((w_M == 1).all())
+        unweighted = unit_weights and not w_M.requires_grad and plan.keep_M is None
+        if plan.keep_M is not None:  # dropped routes computed but not combined
+            w_M = torch.where(plan.keep_M, w_M, torch.zeros((), dtype=w_M.dtype, device=w_M.device))
         if self.ep_size > 1:
             y_MD = torch.cat(y_chunks)
             back = torch.empty_like(self.regroup)
             back[self.regroup] = torch.arange(self.regroup.numel(), device=back.device)
             y_chunks = [_AllToAllV.apply(y_MD.index_select(0, back), self.in_splits, self.out_splits, self.ep_group)]
         d = y_chunks[0].shape[1]
-        out_TD = y_chunks[0].new_zeros(num_tokens, d)  # filled in place: no copy of a fresh zero tensor
+        # accumulated in fp32 whatever the experts' dtype (a bf16 sum of k weighted outputs would round each add),
+        # filled in place: no copy of a fresh zero tensor
+        out_TD = y_chunks[0].new_zeros(num_tokens, d, dtype=torch.float32)
         start = 0
         for y_nD in y_chunks:
             n = y_nD.shape[0]
             if n:
                 rows = tokens_M[start:start + n]
-                src = y_nD if unweighted else y_nD * w_M[start:start + n].to(y_nD.dtype).unsqueeze(1)
+                src = y_nD.float() if unweighted else y_nD.float() * w_M[start:start + n].float().unsqueeze(1)
                 out_TD.index_add_(0, rows, src)
             start += n
-        return out_TD
+        return out_TD.to(y_chunks[0].dtype)
 
 
 def agree_capacity(counts_E: torch.Tensor, ep_group) -> int:

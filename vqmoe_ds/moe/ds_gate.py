@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .dispatch import RouteGrid, agree_capacity, capacity_for, plan_routes
+from ..kernels.counts import bincount
 
 
 class DeepSpeedGate(nn.Module):
@@ -83,6 +84,6 @@ class DeepSpeedGate(nn.Module):
         locations[vflat] = plan.position_R.to(torch.int32)
         locations[~kept] = 0
         gates = gates.masked_scatter(kept, grid.weights_KS.reshape(-1)[kept].float())
-        exp_counts = torch.bincount(experts_R, minlength=self.num_experts).detach()
+        exp_counts = bincount(experts_R, self.num_experts).detach()
         return (aux, torch.tensor(capacity), self.num_experts, indices.view(K, S), locations.view(K, S),
                 gates.view(K, S), exp_counts)

@@ -27,17 +27,29 @@ from .config import MoEConfig
 from .dispatch import SortedDispatch, capacity_for, plan_routes
 from .dispatch import RouteGrid
 from .ds_gate import DeepSpeedGate
+from .grouped import grouped_experts, use_grouped
+from ..kernels.counts import bincount
 
-_ACT_FNS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+def _swiglu(h):
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+_ACT_FNS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "swiglu": _swiglu}
 
 
 class ExpertMLP(nn.Module):
-    """One expert (and the dense FFN): Linear -> activation -> dropout -> Linear."""
+    """One expert (and the dense FFN): Linear -> activation -> dropout -> Linear.
 
-    def __init__(self, hidden_size: int, ffn_hidden_size: int, activation: str = "gelu", dropout: float = 0.0):
+    SwiGLU (``activation="swiglu"``): ``fc1`` projects to 2F rows, the gate's F rows first and the up projection's
+    F rows after them (Megatron's fused layout, and transformers' fused ``gate_up_proj``); the activation is
+    silu(gate) * up and ``fc2`` is the down projection.  ``bias=False``: no biases (OLMoE, Mixtral)."""
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, activation: str = "gelu", dropout: float = 0.0,
+                 bias: bool = True):
         super().__init__()
-        self.fc1 = nn.Linear(hidden_size, ffn_hidden_size)
-        self.fc2 = nn.Linear(ffn_hidden_size, hidden_size)
+        self.fc1 = nn.Linear(hidden_size, ffn_hidden_size * (2 if activation == "swiglu" else 1), bias=bias)
+        self.fc2 = nn.Linear(ffn_hidden_size, hidden_size, bias=bias)
         self.act = _ACT_FNS[activation]
         self.drop = nn.Dropout(dropout)
 
@@ -49,7 +61,7 @@ class DenseFFN(nn.Module):
     def __init__(self, cfg: MoEConfig):
         super().__init__()
         self.cfg = cfg
-        self.mlp = ExpertMLP(cfg.hidden_size, cfg.ffn_hidden_size, cfg.activation, cfg.dropout)
+        self.mlp = ExpertMLP(cfg.hidden_size, cfg.ffn_hidden_size, cfg.activation, cfg.dropout, cfg.linear_bias)
 
     def forward(self, x, mask=None, ids=None):
         return self.mlp(x), x.new_zeros((), dtype=torch.float32)
@@ -65,7 +77,7 @@ class MoELayer(nn.Module):
 
         self.cfg = cfg
         E, D = cfg.num_experts, cfg.hidden_size
-        expert = ExpertMLP(D, cfg.ffn_hidden_size, cfg.activation, cfg.dropout)
+        expert = ExpertMLP(D, cfg.ffn_hidden_size, cfg.activation, cfg.dropout, cfg.linear_bias)
         self.moe = MoE(hidden_size=D, expert=expert, num_experts=E, ep_size=cfg.ep_size, k=1,
                        capacity_factor=cfg.capacity_factor, eval_capacity_factor=cfg.eval_capacity_factor,
                        min_capacity=cfg.min_capacity, drop_tokens=cfg.drop_tokens)
@@ -78,7 +90,7 @@ class MoELayer(nn.Module):
         self.vq_router: VQRouter = build_router(cfg, "vq") if self.discrete else None
         self.mix = nn.Linear(D, 2) if (self.discrete and self.continuous) else None  # W_g of eq. 5
         S = cfg.shared_expert_size  # a dense expert every token passes through (not an expert-parallel one)
-        self.shared = ExpertMLP(D, S, cfg.activation, cfg.dropout) if S else None
+        self.shared = ExpertMLP(D, S, cfg.activation, cfg.dropout, cfg.linear_bias) if S else None
         self.shared_gate = nn.Linear(D, 1 if cfg.shared_expert_mode == "gate" else 2) \
             if S and cfg.shared_expert_mode != "add" else None
         if self.shared is not None:
@@ -112,8 +124,12 @@ class MoELayer(nn.Module):
         T = x_TD.shape[0]
         stats, aux = {}, x_TD.new_zeros((), dtype=torch.float32)
         cont = disc = None
+        logits_TE = mix_T2 = None
+        if self.mix is not None and getattr(self.router, "fusable", False):
+            logits_TE, mix_T2 = self._fused_projections(x_TD)
         if self.continuous:
-            cont = self.router(x_TD, ids_T, seq_len)
+            cont = self.router(x_TD, ids_T, seq_len) if logits_TE is None else \
+                self.router(x_TD, ids_T, seq_len, logits_TE=logits_TE)
             aux = aux + cont.aux_loss
             stats.update(cont.stats)
         if self.discrete:
@@ -121,11 +137,11 @@ class MoELayer(nn.Module):
             aux = aux + disc.aux_loss
             stats.update(disc.stats)
         if disc is None:
-            return x_TD, RouteGrid(cont.experts_TK.t(), cont.weights_TK.t()), aux, stats
+            return x_TD, RouteGrid(cont.experts_TK.t(), cont.weights_TK.t(), unit_weights=cont.unit_weights), aux, stats
         d_in = disc.quantized_TD if self.cfg.discrete_input == "quantized" else x_TD
         if cont is None:  # discrete only (eq. 7): one route per token, weight 1
-            return d_in, RouteGrid(disc.experts_TK.t(), disc.weights_TK.t()), aux, stats
-        g_T2 = F.softmax(self.mix(x_TD).float(), dim=-1)
+            return d_in, RouteGrid(disc.experts_TK.t(), disc.weights_TK.t(), unit_weights=True), aux, stats
+        g_T2 = F.softmax(self.mix(x_TD).float() if mix_T2 is None else mix_T2, dim=-1)
         stats["discrete_gate"] = g_T2[:, 1].mean().detach()
         w_c, w_d = cont.weights_TK.t() * g_T2[:, 0], g_T2[:, 1].unsqueeze(0)
         k = cont.experts_TK.shape[1]
@@ -139,7 +155,18 @@ class MoELayer(nn.Module):
         experts[:, :T], experts[0, T:] = cont.experts_TK.t(), disc.experts_TK[:, 0]
         weights = torch.cat([w_c, torch.cat([w_d, w_c.new_zeros(k - 1, T)])], dim=1)
         valid[:, :T], valid[0, T:] = True, True
-        return torch.cat([x_TD, d_in]), RouteGrid(experts, weights, valid), aux, stats
+        flat_K2T = torch.arange(k * 2 * T, device=x_TD.device).view(k, 2 * T)
+        valid_index = torch.cat([flat_K2T[0], flat_K2T[1:, :T].reshape(-1)])  # the same routes, in flat order
+        return torch.cat([x_TD, d_in]), RouteGrid(experts, weights, valid, valid_index=valid_index), aux, stats
+
+    def _fused_projections(self, x_TD: torch.Tensor):
+        """The router's logits x W_e^T and the mixing gate's x W_g^T + b_g as one fp32 matmul over [W_e; W_g]: x is
+        read once, and the backward adds one [T, E+2] x [E+2, D] product into x's gradient instead of two.  (The
+        default codebook works in the model dimension: it has no in-projection to fuse.)"""
+        E = self.router.wg.weight.shape[0]
+        w = torch.cat([self.router.wg.weight, self.mix.weight]).float()
+        out_TJ = F.linear(x_TD.float(), w)
+        return out_TJ[:, :E], out_TJ[:, E:] + self.mix.bias.float()
 
     # ---- forward: route -> dispatch -> experts -> combine -------------------------------------------------
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, ids: Optional[torch.Tensor] = None):
@@ -178,6 +205,8 @@ class MoELayer(nn.Module):
                         seq_len: Optional[int] = None):
         T = x_TD.shape[0]
         X_SD, grid, aux, stats = self.route(x_TD, ids_T, seq_len)
+        if T == 0:  # a rank with only padding still takes part in the all-to-all; its losses are means over nothing
+            aux = torch.zeros_like(aux)
         if self.cfg.dispatcher == "deepspeed":
             # ranks may hold different numbers of real tokens: the equal-split all-to-all needs one capacity
             self.moe.deepspeed_moe.gate.agree = agree_capacity
@@ -196,8 +225,10 @@ class MoELayer(nn.Module):
     def _forward_sorted(self, X_SD, grid: RouteGrid, T: int, stats):
         E, P = self.cfg.num_experts, self.cfg.ep_size
         rows_R, experts_R, weights_R = grid.flat()
-        plan = plan_routes(experts_R, E, self._capacity(experts_R.numel()))
-        stats["expert_load"] = torch.bincount(experts_R, minlength=E).detach()
+        grouped = use_grouped(self.cfg.expert_impl, X_SD, self.cfg.hidden_size,
+                              self.experts[0].fc1.out_features)
+        plan = plan_routes(experts_R, E, self._capacity(experts_R.numel()), sync_free=grouped and P == 1)
+        stats["expert_load"] = bincount(experts_R, E).detach()
         stats["dropped_fraction"] = (1.0 - plan.keep_R.float().mean()).detach()
         # dispatch
         if P > 1 and self.ep_group is None:
@@ -205,12 +236,15 @@ class MoELayer(nn.Module):
                                f"engine (deepspeed.initialize) or call vqmoe_ds.parallel.setup_expert_parallel(model) "
                                f"before the first forward")
         dispatch = SortedDispatch(E, P, self.ep_group if P > 1 else None)
-        x_MD, counts = dispatch.dispatch(X_SD, rows_R, experts_R, plan)
-        # experts: each local expert on exactly its rows (split, not slicing: its backward is one cat instead
-        # of a full-size zero tensor per expert)
-        y_chunks = [expert(x_nD) for expert, x_nD in zip(self.experts, torch.split(x_MD, counts))]
+        x_MD, counts = dispatch.dispatch(X_SD, rows_R, experts_R, plan, host_counts=not grouped)
+        # experts: one grouped GEMM per projection over all local experts, or each local expert on exactly its
+        # rows (split, not slicing: its backward is one cat instead of a full-size zero tensor per expert)
+        if grouped:
+            y_chunks = [grouped_experts(self.experts, x_MD, counts)]
+        else:
+            y_chunks = [expert(x_nD) for expert, x_nD in zip(self.experts, torch.split(x_MD, counts))]
         # combine
-        return dispatch.combine(y_chunks, rows_R % T, weights_R, T)
+        return dispatch.combine(y_chunks, rows_R % T, weights_R, T, unit_weights=grid.unit_weights)
 
     def _forward_deepspeed(self, X_SD, grid: RouteGrid, T: int, stats):
         self.moe.deepspeed_moe.gate.pending = grid

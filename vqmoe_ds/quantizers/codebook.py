@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from ..kernels.counts import bincount
 
 GroupSpec = Union[str, None, "dist.ProcessGroup"]
 
@@ -125,22 +126,38 @@ class CodebookQuantizer(nn.Module):
         return self
 
     def codes_KC(self) -> torch.Tensor:
-        return F.normalize(self.codebook, dim=-1) if self.distance == "cosine" else self.codebook
+        cb = self.codebook.float()
+        return F.normalize(cb, dim=-1) if self.distance == "cosine" else cb
 
     def project(self, x_TD: torch.Tensor) -> torch.Tensor:
-        z = self.in_proj(x_TD)
-        return F.normalize(z, dim=-1) if self.distance == "cosine" else z
+        """z = in_proj(x) (normalised for cosine), in fp32 whatever the model's dtype: distances, the VQ loss and the
+        codes' statistics are all computed in fp32 (a bf16 model would round them)."""
+        x = x_TD.float()
+        if isinstance(self.in_proj, nn.Linear):
+            x = F.linear(x, self.in_proj.weight.float(), self.in_proj.bias.float())
+        return F.normalize(x, dim=-1) if self.distance == "cosine" else x
+
+    def _initted_now(self) -> bool:
+        """Whether the k-means init has run: a host flag once this process ran it (no device sync each forward),
+        else the buffer (a checkpoint may have set it)."""
+        if not getattr(self, "_initted_host", False):
+            self._initted_host = bool(self.initted)
+        return self._initted_host
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._initted_host = False  # the buffer is replaced: read it again
+        super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x_TD: torch.Tensor) -> QuantizerOutput:
         z_TC = self.project(x_TD)
         updating = self.training and not self.frozen
-        if updating and not bool(self.initted):
+        if updating and not self._initted_now():
             self._kmeans_init(z_TC.detach())
         codes_T = nearest_codes(z_TC, self.codes_KC(), self.distance, self.impl)
         v_TC = F.embedding(codes_T, self.codes_KC())
         loss = F.mse_loss(v_TC, z_TC.detach()) + self.beta * F.mse_loss(z_TC, v_TC.detach())
         z_q = z_TC + (v_TC - z_TC).detach()  # straight-through
-        counts_K = torch.bincount(codes_T, minlength=self.codebook_size).to(z_TC.dtype)
+        counts_K = bincount(codes_T, self.codebook_size).float()  # exact: counts never in bf16
         if updating:
             self._update_statistics(z_TC.detach(), codes_T, counts_K)
         used = (counts_K > 0).sum()
@@ -148,10 +165,11 @@ class CodebookQuantizer(nn.Module):
         perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
         stats = {"vq_loss": loss.detach(), "code_counts": counts_K.detach(), "codes_used": used.detach(),
                  "code_perplexity": perplexity.detach()}
-        out_TD = self.out_proj(z_q)
+        if isinstance(self.out_proj, nn.Linear):
+            z_q = F.linear(z_q, self.out_proj.weight.float(), self.out_proj.bias.float())
         if self.token_scale:  # unit code -> the code's direction at the token's norm
-            out_TD = out_TD * x_TD.norm(dim=-1, keepdim=True).to(out_TD.dtype)
-        return QuantizerOutput(out_TD, codes_T, loss, stats)
+            z_q = z_q * x_TD.float().norm(dim=-1, keepdim=True)
+        return QuantizerOutput(z_q.to(x_TD.dtype), codes_T, loss, stats)
 
     # ---- statistics (all reduced over the codebook's group) ---------------------------------------------
     @torch.no_grad()
@@ -185,21 +203,24 @@ class CodebookQuantizer(nn.Module):
             dead_f = dead.float()
             dist.all_reduce(dead_f, op=dist.ReduceOp.MAX, group=group)
             dead = dead_f > 0
-        n_dead = int(dead.sum())
-        if n_dead == 0:
+        # Decided on the device (no host sync): a candidate replacement is drawn for every code and only the dead
+        # ones take theirs.  Candidates are sampled on the group's first rank and broadcast, so every replica
+        # gets the same.
+        if z_TC.shape[0] == 0:
             return
-        # replacements are sampled on the group's first rank and broadcast, so every replica gets the same
-        pick = torch.randint(0, z_TC.shape[0], (n_dead,), device=z_TC.device)
+        pick = torch.randint(0, z_TC.shape[0], (self.codebook_size,), device=z_TC.device)
         new = z_TC[pick].float().clone()
         if group is not None:
             dist.broadcast(new, src=_group_src(group), group=group)
         if self.distance == "cosine":
             new = F.normalize(new, dim=-1)
-        self.codebook.data[dead] = new.to(self.codebook.dtype)
-        self.usage_K[dead] = self.dead_code_threshold + 1.0  # give restarted codes time to be used
+        dead_K1 = dead.unsqueeze(1)
+        self.codebook.data.copy_(torch.where(dead_K1, new.to(self.codebook.dtype), self.codebook.data))
+        self.usage_K.copy_(torch.where(dead, torch.full_like(self.usage_K, self.dead_code_threshold + 1.0),
+                                       self.usage_K))  # give restarted codes time to be used
         if self.ema:
-            self.cluster_size_K[dead] = 1.0
-            self.embed_sum_KC[dead] = new
+            self.cluster_size_K.copy_(torch.where(dead, torch.ones_like(self.cluster_size_K), self.cluster_size_K))
+            self.embed_sum_KC.copy_(torch.where(dead_K1, new, self.embed_sum_KC))
 
     @torch.no_grad()
     def _kmeans_init(self, z_TC):
@@ -229,3 +250,4 @@ class CodebookQuantizer(nn.Module):
             self.cluster_size_K.fill_(1.0)
             self.embed_sum_KC.copy_(centers)
         self.initted.fill_(True)
+        self._initted_host = True

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .codebook import QuantizerOutput
+from ..kernels.counts import bincount
 
 
 class LFQQuantizer(nn.Module):
@@ -30,6 +31,6 @@ class LFQQuantizer(nn.Module):
     def forward(self, x_TD: torch.Tensor) -> QuantizerOutput:
         quantized, codes, aux = self.lfq(x_TD.float().unsqueeze(0))
         codes_T = codes.reshape(-1).long()
-        counts_K = torch.bincount(codes_T, minlength=self.codebook_size).float()
+        counts_K = bincount(codes_T, self.codebook_size).float()
         stats = {"vq_loss": aux.detach(), "code_counts": counts_K, "codes_used": (counts_K > 0).sum()}
         return QuantizerOutput(quantized.squeeze(0).to(x_TD.dtype), codes_T, aux, stats)

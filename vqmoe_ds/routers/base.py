@@ -33,6 +33,8 @@ class Routing:
     # VQ routers: the straight-through quantized tokens (x~ of eq. 5) and the code of each token
     quantized_TD: Optional[torch.Tensor] = None
     codes_T: Optional[torch.Tensor] = None
+    # every weight is a constant 1 (VQ, hash, cluster): the combine skips the multiplication
+    unit_weights: bool = False
 
 
 class Router(nn.Module):
@@ -47,6 +49,17 @@ class Router(nn.Module):
 
     def set_step(self, step: int) -> None:
         self.step.fill_(int(step))
+        self._step_host = int(step)
+
+    @property
+    def step_now(self) -> int:
+        """The step as a Python int: the value last given to `set_step` (no device sync), else the buffer's."""
+        host = getattr(self, "_step_host", None)
+        return int(self.step) if host is None else host
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._step_host = None  # the buffer is replaced: read it again
+        super()._load_from_state_dict(*args, **kwargs)
 
 
 def balance_loss(probs_TE: torch.Tensor, experts_TK: torch.Tensor, num_experts: int) -> torch.Tensor:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from ..quantizers.codebook import nearest_codes, resolve_group
 from ..quantizers.kmeans import kmeans
 from .base import Router, Routing
+from ..kernels.counts import bincount
 
 
 class ClusterRouter(Router):
@@ -45,7 +46,15 @@ class ClusterRouter(Router):
 
     @property
     def fitted(self) -> bool:
-        return bool(self.state[1])
+        """Whether the centroids are fitted: a host flag once seen True (no device sync per forward after the
+        warm-up), else the buffer (a checkpoint or a restored step may have set it)."""
+        if not getattr(self, "_fitted_host", False):
+            self._fitted_host = bool(self.state[1])
+        return self._fitted_host
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._fitted_host = False  # the buffer is replaced: read it again
+        super()._load_from_state_dict(*args, **kwargs)
 
     def _prepare(self, x_TD: torch.Tensor) -> torch.Tensor:
         x = x_TD.detach().float()
@@ -87,11 +96,11 @@ class ClusterRouter(Router):
         z_TD = self._prepare(x_TD)
         if self.training and not self.fitted:
             self._warm_up(z_TD)
-            if int(self.step) >= self.warmup_steps:
+            if self.step_now >= self.warmup_steps:
                 self._fit()
         experts_T = nearest_codes(z_TD, self.centroids_ED, self.distance)
         experts_TK = experts_T.unsqueeze(1)
         weights_TK = torch.ones(experts_TK.shape, dtype=torch.float32, device=x_TD.device)
-        counts_E = torch.bincount(experts_T, minlength=self.num_experts).float()
+        counts_E = bincount(experts_T, self.num_experts).float()
         stats = {"clusters_used": (counts_E > 0).sum().detach(), "fitted": self.state[1].detach().float()}
-        return Routing(experts_TK, weights_TK, x_TD.new_zeros((), dtype=torch.float32), stats)
+        return Routing(experts_TK, weights_TK, x_TD.new_zeros((), dtype=torch.float32), stats, unit_weights=True)

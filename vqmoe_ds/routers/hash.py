@@ -64,7 +64,7 @@ class HashRouter(Router):
                              "(call the layer as layer(x, mask, ids))")
         experts_TK = self.table_V.index_select(0, ids_T.reshape(-1)).unsqueeze(1)
         weights_TK = torch.ones(experts_TK.shape, dtype=torch.float32, device=x_TD.device)
-        return Routing(experts_TK, weights_TK, x_TD.new_zeros((), dtype=torch.float32))
+        return Routing(experts_TK, weights_TK, x_TD.new_zeros((), dtype=torch.float32), unit_weights=True)
 
 
 def fit_hash_tables(model: nn.Module, counts_V: Sequence[int]) -> int:

@@ -21,7 +21,7 @@ class SMoEDropoutRouter(TopKRouter):
         self.wg.weight.requires_grad_(False)
 
     def current_k(self) -> int:
-        frac = min(int(self.step) / self.k_steps, 1.0)
+        frac = min(self.step_now / self.k_steps, 1.0)
         return self.k_start + int((self.k_end - self.k_start) * frac)
 
     def forward(self, x_TD: torch.Tensor, ids_T=None, seq_len=None) -> Routing:

@@ -32,7 +32,7 @@ class StableMoERouter(TopKRouter):
 
     @property
     def stage(self) -> int:
-        return 1 if int(self.step) < self.stage1_steps else 2
+        return 1 if self.step_now < self.stage1_steps else 2
 
     @torch.no_grad()
     def _frozen_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
@@ -40,13 +40,14 @@ class StableMoERouter(TopKRouter):
             self.frozen_down.copy_(self.distilled[0].weight)
             self.frozen_up.copy_(self.distilled[1].weight)
             self.frozen_taken.fill_(True)
-        return F.linear(F.linear(x_TD.float(), self.frozen_down), self.frozen_up)
+        return F.linear(F.linear(x_TD.float(), self.frozen_down.float()), self.frozen_up.float())
 
     def forward(self, x_TD: torch.Tensor, ids_T=None, seq_len=None) -> Routing:
         logits_TE = self.logits(x_TD)
         if self.stage == 1:
             routing = self.route(logits_TE, self.k, seq_len)
-            student_TE = self.distilled(x_TD.detach().float())
+            down, up = self.distilled[0].weight.float(), self.distilled[1].weight.float()  # fp32 in a bf16 model too
+            student_TE = F.linear(F.linear(x_TD.detach().float(), down), up)
             distill = F.cross_entropy(student_TE, logits_TE.detach().argmax(-1))
             routing.aux_loss = routing.aux_loss + self.distill_coef * distill
             routing.stats["distill_loss"] = distill.detach()

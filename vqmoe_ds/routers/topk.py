@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Router, Routing, balance_loss
+from ..kernels.counts import bincount
 
 
 @dataclass
@@ -109,8 +110,8 @@ class TopKRouter(Router):
             return (E * (f_SE * P_SE).sum(-1)).mean()
         if kind == "global_aux_loss":
             T, K = experts_TK.shape
-            counts_E = torch.bincount(experts_TK.reshape(-1), minlength=E).to(probs_TE.dtype)
-            total = torch.tensor([float(T * K)], dtype=probs_TE.dtype, device=probs_TE.device)
+            counts_E = bincount(experts_TK, E).to(probs_TE.dtype)
+            total = torch.full((1,), float(T * K), dtype=probs_TE.dtype, device=probs_TE.device)
             group = _group(self.options.process_group)
             if group is not None:
                 counts_E, total = counts_E.clone(), total.clone()
@@ -134,12 +135,21 @@ class TopKRouter(Router):
             stats["z_loss"] = z.detach()
         if self.options.expert_bias:
             if self.training:
-                self.load_E += torch.bincount(experts_TK.reshape(-1), minlength=self.num_experts).to(self.load_E.dtype)
+                self.load_E += bincount(experts_TK, self.num_experts).to(self.load_E.dtype)
             stats["expert_bias_range"] = (self.expert_bias_E.max() - self.expert_bias_E.min()).detach()
         return Routing(experts_TK, weights_TK, aux, stats)
 
-    def forward(self, x_TD: torch.Tensor, ids_T=None, seq_len: Optional[int] = None) -> Routing:
-        return self.route(self.logits(x_TD), self.k, seq_len)
+    def forward(self, x_TD: torch.Tensor, ids_T=None, seq_len: Optional[int] = None,
+                logits_TE: Optional[torch.Tensor] = None) -> Routing:
+        """``logits_TE``: the logits ``x W_e^T`` computed by the caller (the MoE layer fuses them with its other
+        projections of x into one matmul, see ``fusable``)."""
+        return self.route(self.logits(x_TD) if logits_TE is None else logits_TE, self.k, seq_len)
+
+    @property
+    def fusable(self) -> bool:
+        """Whether the logits are exactly ``x.float() @ wg.weight.float().T`` (no jitter), so that a caller may
+        compute them inside a larger matmul."""
+        return type(self) is TopKRouter and not (self.training and self.jitter > 0)
 
     @torch.no_grad()
     def update_expert_bias(self) -> None:

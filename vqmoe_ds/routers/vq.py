@@ -21,4 +21,5 @@ class VQRouter(Router):
         q = self.quantizer(x_TD)
         experts_TK = (q.codes_T % self.num_experts).unsqueeze(1)
         weights_TK = torch.ones(experts_TK.shape, dtype=torch.float32, device=x_TD.device)
-        return Routing(experts_TK, weights_TK, self.alpha * q.loss, dict(q.stats), q.quantized_TD, q.codes_T)
+        return Routing(experts_TK, weights_TK, self.alpha * q.loss, dict(q.stats), q.quantized_TD, q.codes_T,
+                       unit_weights=True)

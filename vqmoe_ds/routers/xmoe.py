@@ -28,6 +28,6 @@ class XMoERouter(TopKRouter):
         self.log_temperature = nn.Parameter(torch.full((1,), math.log(init_temperature)))
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        z_TC = F.normalize(self.proj(x_TD.float()), dim=-1)
+        z_TC = F.normalize(F.linear(x_TD.float(), self.proj.weight.float()), dim=-1)  # fp32 in a bf16 model too
         e_EC = F.normalize(self.expert_emb.float(), dim=-1)
         return (z_TC @ e_EC.t()) / self.log_temperature.exp()

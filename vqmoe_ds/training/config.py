@@ -68,6 +68,7 @@ class RunConfig:
     out_dir: str = "runs/latest"  # logs, TensorBoard, plots, the resolved config.json, results.json
     save: Optional[str] = None  # checkpoint folder; default OUT_DIR/checkpoints
     load: Optional[str] = None  # resume from the latest checkpoint in this folder (a --save folder)
+    overwrite: bool = False  # a fresh run in a folder that holds a run replaces it (its logs, results and checkpoints)
     save_interval: int = 0  # save every N steps (0: only best and final)
     keep_last: int = 0  # keep only the newest N regular checkpoints (0: all); best is always kept
     eval_interval: int = 0  # validate every N steps (0: only at the end)
@@ -96,6 +97,40 @@ class RunConfig:
     @property
     def save_dir(self) -> str:
         return self.save or os.path.join(self.out_dir, "checkpoints")
+
+    def previous_run(self) -> Optional[str]:
+        """What of an earlier run lies where this run writes (None: nothing)."""
+        if os.path.isfile(os.path.join(self.out_dir, "log.jsonl")):
+            return os.path.join(self.out_dir, "log.jsonl")
+        if os.path.isdir(self.save_dir) and any(
+                n == "latest" or n == "best" or n.startswith("step") for n in os.listdir(self.save_dir)):
+            return self.save_dir
+        return None
+
+    def check_fresh(self) -> None:
+        """A run without --load must not write over an earlier run unless --overwrite says so."""
+        found = None if self.load or self.overwrite else self.previous_run()
+        if found:
+            raise ArgError(f"{found} belongs to an earlier run: resume it with --load {self.save_dir}, choose another "
+                           f"--out-dir (and --save), or give --overwrite to replace it")
+
+    def clear_previous(self) -> None:
+        """--overwrite: remove the earlier run's logs, results, plots and checkpoints (rank 0, before any step)."""
+        import shutil
+
+        if not self.overwrite or self.load:
+            return
+        for name in ("log.jsonl", "results.json", "run_info.json", "tensorboard"):
+            path = os.path.join(self.out_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            elif os.path.exists(path):
+                os.remove(path)
+        if os.path.isdir(self.save_dir):
+            for n in os.listdir(self.save_dir):
+                if n in ("latest", "best") or n.startswith(("step", ".tmp_", ".old_")):
+                    full = os.path.join(self.save_dir, n)
+                    shutil.rmtree(full, ignore_errors=True) if os.path.isdir(full) else os.remove(full)
 
 
 @dataclass
@@ -132,9 +167,106 @@ def load_ds_config(path: Optional[str]) -> Dict[str, Any]:
         return {"zero_optimization": {"stage": 0}}
     try:
         with open(path) as f:
-            return json.load(f)
+            ds = json.load(f)
     except json.JSONDecodeError as e:
         raise ArgError(f"--deepspeed_config {path} is not valid JSON (line {e.lineno}: {e.msg}): fix the file") from None
+    except UnicodeDecodeError:
+        raise ArgError(f"--deepspeed_config {path} is not text: give a JSON file") from None
+    if not isinstance(ds, dict):
+        raise ArgError(f"--deepspeed_config {path} holds a {type(ds).__name__}, not a JSON object: write it as "
+                       f"{{\"zero_optimization\": {{...}}, ...}}")
+    return ds
+
+
+# optimizers DeepSpeed builds itself (deepspeed.runtime.config's names, lower case); others must be torch.optim's
+DS_OPTIMIZERS = ("adagrad", "adam", "adamw", "lamb", "muadam", "muadamw", "musgd", "lion", "muon", "onebitadam",
+                 "zerooneadam", "onebitlamb")
+GPU_ONLY_OPTIMIZERS = ("lamb", "onebitadam", "zerooneadam", "onebitlamb")  # CUDA kernels or NCCL compression
+
+
+def _number(value, where: str, src: str, low: float = None, low_open: bool = False, integer: bool = False):
+    kind = "an integer" if integer else "a finite number"
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok or (not integer and not math.isfinite(value)):
+        raise ArgError(f"{where} = {value!r} in {src} is not {kind}: write it as {kind}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise ArgError(f"{where} = {value!r} in {src} must be {'>' if low_open else '>='} {low}: fix the ds_config")
+    return value
+
+
+def check_ds_shapes(ds: Dict[str, Any], src: str, on_cpu: bool) -> None:
+    """The parts of a ds_config this driver reads, checked for type and range (one line each)."""
+    for key in ("zero_optimization", "optimizer", "scheduler", "bf16", "fp16"):
+        if key in ds and not isinstance(ds[key], dict):
+            raise ArgError(f"{key} in {src} is a {type(ds[key]).__name__}, not an object: write it as "
+                           f"\"{key}\": {{...}}")
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+        if key in ds:
+            _number(ds[key], key, src, low=1, integer=True)
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if isinstance(stage, bool) or not isinstance(stage, int):
+        raise ArgError(f"zero_optimization.stage = {stage!r} in {src} is not a stage number: use 0, 1 or 2")
+    if "gradient_clipping" in ds:
+        _number(ds["gradient_clipping"], "gradient_clipping", src, low=0)
+    opt = ds.get("optimizer")
+    if opt is not None:
+        kind = opt.get("type")
+        if not isinstance(kind, str) or not kind:
+            raise ArgError(f"the optimizer block in {src} has no \"type\": name one, e.g. \"type\": \"AdamW\"")
+        import torch
+
+        if kind.lower() not in DS_OPTIMIZERS and not hasattr(torch.optim, kind):
+            raise ArgError(f"optimizer type {kind!r} in {src} is neither DeepSpeed's ({', '.join(DS_OPTIMIZERS)}) "
+                           f"nor a torch.optim class: fix its name")
+        if on_cpu and kind.lower() in GPU_ONLY_OPTIMIZERS:
+            raise ArgError(f"optimizer {kind} in {src} needs a GPU (CUDA kernels): use Adam or AdamW on the CPU")
+        params = opt.get("params", {})
+        if not isinstance(params, dict):
+            raise ArgError(f"optimizer.params in {src} is a {type(params).__name__}, not an object: fix the ds_config")
+        if "lr" in params:
+            _number(params["lr"], "optimizer.params.lr", src, low=0, low_open=True)
+        if "weight_decay" in params:
+            _number(params["weight_decay"], "optimizer.params.weight_decay", src, low=0)
+        if "eps" in params:
+            _number(params["eps"], "optimizer.params.eps", src, low=0, low_open=True)
+        if "betas" in params:
+            b = params["betas"]
+            if not (isinstance(b, list) and len(b) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                                 and 0 <= v < 1 for v in b)):
+                raise ArgError(f"optimizer.params.betas = {b!r} in {src} must be two numbers in [0, 1), e.g. "
+                               f"[0.9, 0.999]: fix the ds_config")
+    sched = ds.get("scheduler")
+    if sched is not None:
+        from deepspeed.runtime.lr_schedules import VALID_LR_SCHEDULES
+
+        if sched.get("type") not in VALID_LR_SCHEDULES:
+            raise ArgError(f"scheduler type {sched.get('type')!r} in {src} is not one of DeepSpeed's "
+                           f"({', '.join(VALID_LR_SCHEDULES)}): fix its name")
+        if not isinstance(sched.get("params", {}), dict):
+            raise ArgError(f"scheduler.params in {src} is not an object: fix the ds_config")
+
+
+def check_with_deepspeed(ds: Dict[str, Any], src: str) -> None:
+    """DeepSpeed's own parsing of the resolved config (its pydantic models and batch checks), each failure as one
+    line naming the key, the value and the file."""
+    import torch.distributed as dist
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    probe = copy.deepcopy(ds)  # DeepSpeed checks the batch against the world it sees (1 before the group exists);
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1  # ours was checked above
+    probe["train_batch_size"] = probe["train_micro_batch_size_per_gpu"] * probe["gradient_accumulation_steps"] * world
+    try:
+        DeepSpeedConfig(probe)
+    except Exception as e:  # noqa: BLE001 -- translated into one line; DeepSpeed raises several kinds
+        errors = getattr(e, "errors", None)
+        if callable(errors):
+            first = errors()[0]
+            block = {"DeepSpeedZeroConfig": "zero_optimization.", "DeepSpeedBF16Config": "bf16.",
+                     "DeepSpeedFP16Config": "fp16."}.get(getattr(e, "title", ""), "")
+            key = block + ".".join(str(p) for p in first.get("loc", ()))
+            raise ArgError(f"{key} = {first.get('input')!r} in {src}: {first.get('msg')}: fix the ds_config") from None
+        line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArgError(f"DeepSpeed refuses {src}: {line[:200]}: fix the ds_config") from None
 
 
 def resolve_ds_config(optim: OptimConfig, parallel: ParallelConfig, world_size: int, on_cpu: bool,
@@ -142,6 +274,7 @@ def resolve_ds_config(optim: OptimConfig, parallel: ParallelConfig, world_size: 
     """The DeepSpeed config the engine gets: the file's settings, completed from the flags (see module doc)."""
     ds = copy.deepcopy(load_ds_config(parallel.deepspeed_config))
     src = parallel.deepspeed_config or "the default ds_config"
+    check_ds_shapes(ds, src, on_cpu)
 
     def conflict(flag, flag_value, key, cfg_value):
         raise ArgError(f"{flag} {flag_value} contradicts {key}={cfg_value} in {src}: remove one of them")
@@ -200,6 +333,7 @@ def resolve_ds_config(optim: OptimConfig, parallel: ParallelConfig, world_size: 
         raise ArgError(f"{src} offloads the optimizer, which needs a GPU: use ds_configs/cpu_fp32.json on CPU")
     ds.setdefault("steps_per_print", 10 ** 9)  # the driver logs; keep DeepSpeed's own step prints quiet
     ds.setdefault("wall_clock_breakdown", False)
+    check_with_deepspeed(ds, src)
     return ds
 
 

@@ -1,11 +1,13 @@
 """Language modelling as a task of the training loop, and the command line of ``pretrain_vqmoe.py``.
 
 Batches come from ``training.data`` (GPT: shuffled windows; Transformer-XL: ordered segments whose memory
-carries over); the metric is the validation NLL (reported also as BPC and perplexity); every checkpoint records
+carries over); the metric is the validation NLL per token, reported also per byte, per character and as token and
+word perplexity (``training.metrics``), over the whole split; every checkpoint records
 the tokenizer, so tools decode its output away from the data folder.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -13,6 +15,7 @@ import torch
 
 from ..cli import CommandLine, Parsed, Section, Shorthand
 from ..models import NAMED, ModelConfig, build_model, count_params, flops_per_token, named_config, param_report
+from ..models.configs import MOE_SET_BY_MODEL
 from ..moe.config import ConfigError, MoEConfig
 from ..routers import fit_hash_tables
 from .config import OptimConfig, ParallelConfig, RunConfig
@@ -27,6 +30,7 @@ class LMDataConfig:
     data_file: Optional[str] = None  # a text file read as bytes (vocab 256), split 90/5/5 in order
     corpus_bytes: int = 2_000_000  # size of the default synthetic corpus, used when neither of the above is given
     eval_seq_length: Optional[int] = None  # evaluation window (TXL: tgt_len); default: --seq-length
+    upcycle_from: Optional[str] = None  # a dense model's checkpoint: every expert starts as its layer's FFN (Megatron-core's --moe-use-upcycling); not read when resuming with --load
 
     def __post_init__(self):
         if self.data_path and self.data_file:
@@ -35,9 +39,12 @@ class LMDataConfig:
             raise ConfigError(f"corpus_bytes={self.corpus_bytes} must be >= 1")
         if self.eval_seq_length is not None and self.eval_seq_length < 1:
             raise ConfigError(f"eval_seq_length={self.eval_seq_length} must be >= 1")
+        if self.upcycle_from is not None and not os.path.isdir(self.upcycle_from):
+            raise ConfigError(f"upcycle_from={self.upcycle_from} is not a folder: give the --out-dir or checkpoint "
+                              f"folder of a dense run")
 
 
-MOE_DERIVED = ("hidden_size", "ffn_hidden_size", "init_std", "output_init_std", "vocab_size")  # MoEConfig fields the model config sets
+MOE_DERIVED = MOE_SET_BY_MODEL  # MoEConfig fields the model config sets
 
 
 def command_line() -> CommandLine:
@@ -52,6 +59,17 @@ def command_line() -> CommandLine:
         presets=NAMED, default_preset="tiny",
         shorthands=[Shorthand("--dropout", float, ("model.dropout", "model.attn_dropout", "moe.dropout"),
                               "sets --hidden-dropout, --attention-dropout and --ffn-dropout")])
+
+
+def resolved_config_for(cfg: ModelConfig, out_dir: str) -> Dict[str, Any]:
+    """The resolved configuration this driver writes, for a model made elsewhere (an imported checkpoint): the model
+    and MoE sections of ``cfg``, the others at the driver's defaults, ``run.out_dir`` = ``out_dir``;
+    ``--config-file`` reads it back to exactly ``cfg``."""
+    cmd = command_line()
+    parsed = cmd.parse(["--config", "olmoe-1b-7b", "--out-dir", out_dir])
+    sections = {"optim": parsed.build("optim", OptimConfig), "data": parsed.build("data", LMDataConfig),
+                "run": parsed.build("run", RunConfig), "parallel": parsed.build("parallel", ParallelConfig)}
+    return cmd.resolved(parsed.preset, {"model": cfg, "moe": dict(cfg.moe), **sections})
 
 
 def model_config(parsed: Parsed, vocab_size: Optional[int] = None) -> ModelConfig:
@@ -75,6 +93,7 @@ class LanguageModelling(Task):
         super().__init__(*args)
         self.model_config = model_config(self.parsed)  # every model setting checked before any data is read
         self.mems = self._mems_before = None
+        self.upcycle_source = self.upcycled = None
 
     def load(self) -> None:
         d = self.data
@@ -84,6 +103,10 @@ class LanguageModelling(Task):
         self.eval_len = d.eval_seq_length or cfg.seq_len
         if cfg.model == "gpt" and self.eval_len > cfg.seq_len:
             raise ConfigError(f"--eval-seq-length {self.eval_len} exceeds the GPT context {cfg.seq_len}: lower it")
+        if d.upcycle_from and not self.run.load:  # checked before the process group; copied in build_model
+            from ..checkpoint.upcycle import check_upcycle
+
+            self.upcycle_source = check_upcycle(cfg, d.upcycle_from)
 
     def shard(self, micro_batch: int, eval_batch: int) -> None:
         cfg = self.model_config
@@ -91,10 +114,15 @@ class LanguageModelling(Task):
         self.batches = TrainBatches(self.corpus.streams["train"], cfg.model, micro_batch, cfg.seq_len, self.rank,
                                     self.world, self.optim.seed)
         for split in ("valid", "test"):
-            eval_sizes_ok(self.corpus.streams[split], cfg.model, eval_batch, self.eval_len, self.world)
+            if split in self.corpus.streams:
+                eval_sizes_ok(self.corpus.streams[split], cfg.model, eval_batch, self.eval_len, self.world, split)
 
     def build_model(self) -> torch.nn.Module:
         self.model = build_model(self.model_config)
+        if self.upcycle_source is not None:
+            from ..checkpoint.upcycle import upcycle
+
+            self.upcycled = upcycle(self.model, self.upcycle_source)
         if self.model_config.moe.get("hash_table") == "balanced":  # hash routing balanced by the data's ids
             fit_hash_tables(self.model, self.corpus.token_counts("train"))
         return self.model
@@ -117,17 +145,22 @@ class LanguageModelling(Task):
         return {"flops_per_s": sums["tokens"] / sums["seconds"] * flops_per_token(self.model_config)}
 
     # ---- evaluation --------------------------------------------------------------------------------------
+    def has_split(self, split: str) -> bool:
+        return split in self.corpus.streams
+
     def evaluate(self, engine, split: str, max_batches: int) -> Dict[str, Any]:
+        """Every token of the split once (``max_batches`` 0), padding masked out of the model and the sums;
+        the metrics of ``training.metrics.lm_metrics`` with the split's text counts."""
         meter, mems = NLLMeter(), None
-        for x, y in eval_batches(self.corpus.streams[split], self.model_config.model, self.eval_bs, self.eval_len,
-                                 self.rank, self.world, max_batches):
-            logits, _, _, mems = engine(x.to(self.device), None, mems)
-            meter.add(logits, y.to(self.device))
-        return meter.all_reduce().summary()
+        for x, y, mask in eval_batches(self.corpus.streams[split], self.model_config.model, self.eval_bs,
+                                       self.eval_len, self.rank, self.world, max_batches):
+            mask = mask.to(self.device)
+            logits, _, _, mems = engine(x.to(self.device), None, mems, mask)
+            meter.add(logits, y.to(self.device), mask)
+        return meter.all_reduce().summary(self.corpus.split_counts(split))
 
     def describe_eval(self, split: str, res: Dict[str, Any]) -> str:
-        return (f"loss {res['loss']:.4f}, bpc {res['bpc']:.4f}, ppl {res['ppl']:.3f}"
-                + (f" over {res['tokens']} tokens" if split == "test" else ""))
+        return describe_lm_metrics(res)
 
     # ---- state ---------------------------------------------------------------------------------------------
     def rank_state(self) -> Optional[Dict[str, Any]]:
@@ -148,11 +181,56 @@ class LanguageModelling(Task):
 
     def describe(self) -> str:
         cfg = self.model_config
-        return (f"model {cfg.model} (--config {self.parsed.preset} with the given settings), "
-                f"{param_report(self.model, cfg)}; data: {self.corpus.source}")
+        absent = "".join(f"; no {s} split ({why}): {SPLIT_ABSENT[s]}" for s, why in self.corpus.missing.items())
+        uncounted = [s for s in ("valid", "test") if s in self.corpus.streams and self.corpus.split_counts(s) is None]
+        if uncounted:
+            absent += (f"; the tokenizer.json records no text counts of {'/'.join(uncounted)}: bits per byte/char "
+                       f"and word perplexity are not reported (re-run tools/preprocess_data.py to record them)")
+        upcycled = "" if self.upcycled is None else (f"; upcycled from {self.upcycled['source']} (every expert its "
+                                                     f"layer's dense FFN)")
+        return f"{describe_shape(cfg)}; {param_report(self.model, cfg)}; data: {self.corpus.source}{absent}{upcycled}"
 
     def run_info(self) -> Dict[str, Any]:
         return {"params": count_params(self.model_config), "data": self.corpus.source}
+
+
+SPLIT_ABSENT = {"valid": "no validation, no best checkpoint; the test runs on the final weights",
+                "test": "the run ends without a test"}
+
+
+def describe_shape(cfg: ModelConfig) -> str:
+    """The effective shape of a model config in one phrase (what the start-up banner prints)."""
+    m = cfg.moe_config(cfg.moe_layer_ids()[0]) if cfg.is_moe else None
+    ctx = f"context {cfg.seq_len}" if cfg.model == "gpt" else f"segment {cfg.seq_len}, memory {cfg.mem_len}"
+    out = (f"model {cfg.model}: {cfg.n_layer} layers, d {cfg.d_model}, {cfg.n_head} heads, FFN {cfg.d_inner}, "
+           f"vocab {cfg.vocab_size}, {ctx}")
+    if m is None:
+        return out + ", dense"
+    layers = "" if len(cfg.moe_layer_ids()) == cfg.n_layer else f" in layers {cfg.moe_layers}"
+    out += (f", {m.router} MoE{layers}: {m.num_experts} experts of FFN {m.ffn_hidden_size}, top-{m.top_k}"
+            f", ep {m.ep_size}")
+    if m.router in ("vqmoe", "vq"):
+        out += f", codebook {m.codebook_size}"
+    return out
+
+
+def describe_lm_metrics(res: Dict[str, Any]) -> str:
+    """One log line of ``lm_metrics``, every value named by its unit."""
+    def ppl(v: float) -> str:
+        return f"{v:.3f}" if v < 1e5 else f"{v:.4g}"
+
+    out = (f"loss {res['loss']:.4f} nats/token, {res['bits_per_token']:.4f} bits/token, "
+           f"token ppl {ppl(res['token_ppl'])}")
+    if "bits_per_byte" in res:
+        out += (f", {res['bits_per_byte']:.4f} bits/byte, {res['bits_per_char']:.4f} bits/char, "
+                f"word ppl {ppl(res['word_ppl'])}")
+    out += f" over {res['tokens']} tokens"
+    frac = res.get("evaluated_fraction")
+    if frac is not None and frac < 1:
+        out += f" ({100 * frac:.1f}% of the split: the per-byte/char/word values are estimates)"
+    elif frac is not None:
+        out += " (the whole split)"
+    return out
 
 
 make_task = LanguageModelling.from_parsed
@@ -162,4 +240,5 @@ def main(argv: Optional[List[str]] = None) -> int:
     return run(command_line(), make_task, argv)
 
 
-__all__ = ["LMDataConfig", "LanguageModelling", "command_line", "model_config", "make_task", "main"]
+__all__ = ["LMDataConfig", "LanguageModelling", "command_line", "model_config", "make_task", "main",
+           "resolved_config_for"]

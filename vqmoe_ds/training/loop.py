@@ -32,7 +32,8 @@ from .. import checkpoint as ckpt
 from ..cli import ArgError, CommandLine, Parsed
 from ..data import DataError
 from ..moe.config import ConfigError
-from ..parallel import init_distributed, shutdown
+from ..parallel import barrier, init_distributed, reduce_values, shutdown
+from ..quiet import engine_start
 from ..routers import set_step, update_expert_biases
 from .config import OptimConfig, ParallelConfig, RunConfig, check_save_dir, check_world, resolve_ds_config
 from .lr_schedule import start_lr_schedule
@@ -184,6 +185,7 @@ class Trainer:
         self.task, self.cmd = task, cmd
         optim, run, par = task.optim, task.run, task.parallel
         self.optim, self.run = optim, run
+        run.check_fresh()  # never write over an earlier run by accident
         task.load()  # data and the model config: errors need no ranks
         init_distributed(auto_mpi_discovery=True, distributed_port=par.distributed_port,
                          timeout=datetime.timedelta(minutes=par.dist_timeout_minutes))
@@ -199,12 +201,23 @@ class Trainer:
         self.accum = self.ds_config["gradient_accumulation_steps"]
         task.shard(self.micro, run.eval_batch_size or self.micro)
         self.save_dir = run.save_dir
+        if self.rank == 0:
+            run.clear_previous()  # --overwrite
+        barrier()
         check_save_dir(self.save_dir, self.rank)
         self.resume_tag = None
         if run.load:  # the checkpoint is complete and fits this run, checked before the model exists
             self.resume_tag = ckpt.resolve_tag(run.load)
-            marker = ckpt.verify(run.load, self.resume_tag)
+            marker = ckpt.verify(run.load, self.resume_tag, checksums=False)
             where = f"checkpoint {os.path.join(run.load, self.resume_tag)}"
+            damaged = None
+            try:  # each rank reads its share of the files for their checksums
+                ckpt.verify_checksums(run.load, self.resume_tag, marker, (self.rank, self.world))
+            except ckpt.CheckpointError as e:
+                damaged = e
+            if any_rank(damaged is not None, self.world):
+                raise damaged or ckpt.CheckpointError(f"{where}: a file failed its checksum on another rank (that "
+                                                      f"rank names it): load the last good checkpoint")
             if marker.get("world_size", self.world) != self.world:
                 raise ArgError(f"{where} was made with {marker['world_size']} ranks, this run has {self.world}: "
                                f"resume with the same number of ranks (or tools/reshard_checkpoint.py)")
@@ -221,13 +234,16 @@ class Trainer:
                            f"send (engine._broadcast_model views it as bytes): give it shape [1] in its module")
         groups = split_params_into_different_moe_groups_for_optimizer(
             {"params": [p for p in model.parameters() if p.requires_grad], "name": "parameters"})
-        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=self.ds_config)
+        with engine_start():  # DeepSpeed's known set-up messages stay out of the run's output (vqmoe_ds/quiet.py)
+            self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=self.ds_config)
         self.model = model
         task.after_engine(self.engine, model, resuming=bool(run.load))
         torch.manual_seed(optim.seed + 1 + self.rank)  # dropout, jitter, augmentation: different per rank
         start_lr_schedule(self.engine)  # step 1 at the schedule's first lr, not 0 (see lr_schedule.py)
         self.step, self.skipped_total, self.skipped_in_row = 0, 0, 0
+        self.doing = "starting"  # what the loop is doing, for messages: "training step 7", "saving step 6", ...
         self.best = -math.inf if task.higher_is_better else math.inf
+        self.best_valid: Optional[Dict[str, Any]] = None  # the validation results of the best step
         self.stop = StopRequest()
         if run.load:
             self._resume(run.load)
@@ -250,7 +266,7 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------------------------------------
     def _client_state(self) -> Dict[str, Any]:
-        return {"step": self.step, "data": self.task.state_dict(), "best_valid": self.best, "metric": self.task.metric,
+        return {"step": self.step, "data": self.task.state_dict(), "best_valid": self.best, "best_valid_results": self.best_valid, "metric": self.task.metric,
                 "world_size": self.world, "model_config": self.task.model_config.to_dict(),
                 "skipped_total": self.skipped_total, **self.task.client_state()}
 
@@ -259,11 +275,14 @@ class Trainer:
                                        model_config=self.task.model_config.to_dict())
         self.step = int(client["step"])
         self.best = float(client.get("best_valid", self.best))
+        self.best_valid = client.get("best_valid_results")
         self.skipped_total = int(client.get("skipped_total", 0))
-        self.task.load_state_dict(client.get("data") or {})
+        if client.get("data") is not None:  # an imported checkpoint has no data position: the data starts fresh
+            self.task.load_state_dict(client["data"])
         self.task.load_rank_state(task_state)
 
     def save(self, tag: str, latest: bool = True) -> str:
+        self.doing = f"saving step {self.step}"
         return ckpt.save(self.engine, self.save_dir, tag, self._client_state(), self.task.rank_state(), latest=latest,
                          keep_last=self.run.keep_last, model=self.model, step=self.step, config=self.resolved_config())
 
@@ -279,6 +298,7 @@ class Trainer:
     def validate(self) -> Optional[Dict[str, Any]]:
         if not self.task.has_split("valid"):
             return None
+        self.doing = f"validating after step {self.step}"
         res = self.evaluate("valid", self.run.eval_iters)
         self.log.write({"kind": "valid", "step": self.step, **res})
         self.log.info(f"step {self.step}: valid {self.task.describe_eval('valid', res)}")
@@ -286,21 +306,27 @@ class Trainer:
         better = value > self.best if self.task.higher_is_better else value < self.best
         if math.isfinite(value) and better:  # never a NaN model as best
             self.best = value
+            self.best_valid = {**res, "step": self.step}  # every metric at the best step, for results.json
             self.save(ckpt.BEST, latest=False)
         return res
 
-    def test(self) -> Dict[str, Any]:
+    def test(self) -> Optional[Dict[str, Any]]:
+        self.doing = "testing"
         on_best = os.path.isdir(os.path.join(self.save_dir, ckpt.BEST))
         if on_best:
             ckpt.load(self.engine, self.save_dir, tag=ckpt.BEST, resume=False)
-        res = self.evaluate("test", self.run.test_iters)
-        res["checkpoint"] = "best" if on_best else "final"
-        self.log.write({"kind": "test", "step": self.step, **res})
-        self.log.info(f"test ({'best-validation' if on_best else 'final'} checkpoint): "
-                      f"{self.task.describe_eval('test', res)}")
+        res = None
+        if self.task.has_split("test"):
+            res = self.evaluate("test", self.run.test_iters)
+            res["checkpoint"] = "best" if on_best else "final"
+            self.log.write({"kind": "test", "step": self.step, **res})
+            self.log.info(f"test ({'best-validation' if on_best else 'final'} checkpoint): "
+                          f"{self.task.describe_eval('test', res)}")
+        else:
+            self.log.info("no test split: results.json has no test results")
         if self.rank == 0:
-            out = {"test": res, "best_valid": {self.task.metric: self.best}, "steps": self.step,
-                   **self.task.results()}
+            out = {"test": res, "best_valid": {self.task.metric: self.best, **(self.best_valid or {})},
+                   "steps": self.step, **self.task.results()}
             with open(os.path.join(self.run.out_dir, "results.json"), "w") as f:
                 json.dump(out, f, indent=1, default=str)
         return res
@@ -312,8 +338,10 @@ class Trainer:
         or scheduler step, gradients cleared); at ZeRO 0 ``_skip_step_zero0`` does the same by hand.
         Buffers the forward passes changed (router step, VQ EMA) and the task's own state are put back.
         Returns (mean loss, mean aux, extras summed over the micro-batches, skipped)."""
+        self.doing = f"training step {self.step + 1}"
         set_step(self.model, self.task.router_step(self.step))
-        buffers = ckpt.module_buffers(self.model)
+        # device copies: put back if the step is skipped (a host copy would sync the device every step)
+        buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
         self.task.begin_step()
         losses, auxes, extras, bad = [], [], {}, False
         for i in range(self.accum):
@@ -337,7 +365,11 @@ class Trainer:
                                       "overflow checks): set bf16.check_grad_overflow true in the ds_config")
             with torch.no_grad():
                 for name, b in self.model.named_buffers():
-                    b.copy_(buffers[name].to(b.device))
+                    b.copy_(buffers[name])
+                for m in self.model.modules():  # host copies of buffer values (router step, VQ init flag) are stale
+                    m.__dict__.pop("_step_host", None)
+                    m.__dict__.pop("_initted_host", None)
+                    m.__dict__.pop("_fitted_host", None)
             self.task.undo_step()
         else:
             update_expert_biases(self.model)  # aux-loss-free balancing: after the optimizer step (collective)
@@ -369,10 +401,7 @@ class Trainer:
         self.engine.skipped_steps += 1
 
     def _sum(self, values: List[float]) -> List[float]:
-        t = torch.tensor(values, dtype=torch.float64)
-        if self.world > 1:
-            dist.all_reduce(t)
-        return t.tolist()
+        return reduce_values(values)
 
     def _log_window(self, window: Dict[str, Any]) -> None:
         keys = sorted(window["extras"])
@@ -500,9 +529,8 @@ def run(cmd: CommandLine, make_task, argv: Optional[List[str]] = None) -> int:
         parsed = cmd.parse(argv)
         task = make_task(parsed)
         trainer = Trainer(task, cmd)
-    except INPUT_ERRORS as e:
-        if _rank_from_env() == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+    except INPUT_ERRORS as e:  # every rank that finds it says it: the launcher may kill rank 0 first
+        print(f"error: {e}", file=sys.stderr, flush=True)
         shutdown(clean=False)
         return 2
     trainer.stop.install()
@@ -510,11 +538,10 @@ def run(cmd: CommandLine, make_task, argv: Optional[List[str]] = None) -> int:
         finished = trainer.train()
         if finished:
             trainer.test()
-    except TrainingStopped as e:
-        if trainer.rank == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+    except (TrainingStopped, ckpt.CheckpointError) as e:  # the run cannot go on (e.g. a save failed): every rank
+        print(f"error: {e}", file=sys.stderr, flush=True)  # stops here together
         trainer.log.close()
-        shutdown(clean=True)
+        shutdown(clean=False)
         return 3
     except Exception as e:  # noqa: BLE001 -- only the backend's own errors are turned into a message
         if not _collective_failure(e):
@@ -524,8 +551,8 @@ def run(cmd: CommandLine, make_task, argv: Optional[List[str]] = None) -> int:
                "rank 0 or the launcher (it holds the rendezvous store) stopped" if dead is None else
                "a collective failed")
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        print(f"error: rank {trainer.rank}: {who} responding during step {trainer.step + 1} ({first}): see that "
-              f"rank's log, then resume with --load {trainer.save_dir}", file=sys.stderr, flush=True)
+        print(f"error: rank {trainer.rank}: {who} responding while {trainer.doing} ({first}): see that rank's log, "
+              f"then resume with --load {trainer.save_dir}", file=sys.stderr, flush=True)
         os._exit(4)  # the process group is broken: destroying it could hang
     trainer.finish()
     shutdown(clean=True)

@@ -10,17 +10,13 @@ from __future__ import annotations
 import signal
 from typing import Optional
 
-import torch
-import torch.distributed as dist
 
 
 def any_rank(flag: bool, world: int) -> bool:
-    """True on every rank when ``flag`` is true on any rank (one all-reduce when world > 1)."""
-    if world == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    """True on every rank when ``flag`` is true on any rank (``vqmoe_ds.parallel.any_rank``)."""
+    from ..parallel import any_rank as agree
+
+    return flag if world == 1 else agree(flag)
 
 
 class StopRequest:

@@ -1,5 +1,6 @@
-"""What a run writes while it trains: a tqdm bar (rank 0), TensorBoard scalars and one JSON line per log
-step in ``OUT_DIR/log.jsonl`` (rank 0), and the MoE statistics summed over all ranks."""
+"""What a run writes while it trains: its progress (rank 0: a tqdm bar on a terminal, else a plain line every
+5% of the steps), TensorBoard scalars and one JSON line per log step in ``OUT_DIR/log.jsonl`` (rank 0), and the
+MoE statistics summed over all ranks."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from ..models import moe_stats
+from ..parallel import all_reduce_sum
 
 
 def load_metrics(load: List[float]) -> Dict[str, float]:
@@ -59,9 +61,7 @@ def gather_moe_stats(model, layers: Optional[List[Any]] = None) -> List[Dict[str
     for st in stats:
         row: Dict[str, Any] = {}
         for key in sorted(st):
-            t = st[key].detach().to(torch.float64).reshape(-1).clone()
-            if world > 1:
-                dist.all_reduce(t)
+            t = all_reduce_sum(st[key].detach().to(torch.float64).reshape(-1).clone())
             counts = key in ("expert_load", "code_counts")
             if not counts:
                 t = t / world
@@ -72,11 +72,33 @@ def gather_moe_stats(model, layers: Optional[List[Any]] = None) -> List[Dict[str
     return out
 
 
+def interactive() -> bool:
+    """Whether stdout and stderr (where tqdm draws) are both terminals: then a bar, else plain lines."""
+    import sys
+
+    return all(getattr(f, "isatty", lambda: False)() for f in (sys.stdout, sys.stderr))
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def plain_progress(step: int, total: int, done: int, seconds: float, values: Dict[str, Any]) -> str:
+    """``train: step 40/400 (10%), 0:00:41 elapsed, ETA 0:06:09, loss=1.234, tokens/s=2100``: ``done`` steps
+    took ``seconds`` in this process (a resumed run counts from its start step)."""
+    eta = f", ETA {_hms(seconds / done * (total - step))}" if done and step < total else ""
+    more = "".join(f", {k}={v}" for k, v in values.items())
+    return f"train: step {step}/{total} ({100 * step // max(total, 1)}%), {_hms(seconds)} elapsed{eta}{more}"
+
+
 class RunLog:
     def __init__(self, out_dir: str, rank: int, total_steps: int, start_step: int = 0, progress: bool = True,
                  tensorboard: bool = True, per_layer: bool = False):
         self.rank, self.out_dir, self.per_layer = rank, out_dir, per_layer
         self.bar = self.tb = self.jsonl = None
+        self.plain = None  # progress as plain lines: [every, start step, start time] (no terminal to redraw a bar on)
+        self.step, self.total = start_step, total_steps
         if rank != 0:
             return
         os.makedirs(out_dir, exist_ok=True)
@@ -85,10 +107,12 @@ class RunLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
-        if progress:
+        if progress and interactive():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        elif progress:
+            self.plain = [max(1, -(-total_steps // 20)), start_step, time.time()]
 
     def write(self, record: Dict[str, Any]) -> None:
         if self.rank != 0:
@@ -113,10 +137,14 @@ class RunLog:
                         self.tb.add_scalar(f"moe_layer{i}/{k}_used", used, step)
 
     def progress(self, steps: int, **postfix) -> None:
+        self.step += steps
+        values = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()}
         if self.bar is not None:
             self.bar.update(steps)
-            self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
-                                 refresh=False)
+            self.bar.set_postfix(values, refresh=False)
+        elif self.plain is not None and (self.step % self.plain[0] == 0 or self.step == self.total):
+            print(plain_progress(self.step, self.total, self.step - self.plain[1], time.time() - self.plain[2],
+                                 values), flush=True)
 
     def info(self, msg: str) -> None:
         if self.rank == 0:

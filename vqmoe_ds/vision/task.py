@@ -22,6 +22,7 @@ from ..cli import CommandLine, Parsed, Section, Shorthand
 from ..data.errors import DataError
 from ..moe.config import ROUTERS, ConfigError, MoEConfig
 from ..training.config import OptimConfig, ParallelConfig, RunConfig
+from ..parallel import all_reduce_sum
 from ..training.loop import Task, run
 from .augment import AUGMENTS, channel_stats, normalize, random_crop_flip, to_tensor
 from .datasets import DATASETS, ImageSet, load_dataset
@@ -62,7 +63,7 @@ class VisionDataConfig:
             self.augment = "crop" if self.dataset == "synthetic" else "standard"
 
 
-MOE_DERIVED = ("hidden_size", "ffn_hidden_size", "init_std", "output_init_std", "vocab_size")
+MOE_DERIVED = ("hidden_size", "ffn_hidden_size", "init_std", "output_init_std", "vocab_size", "linear_bias")
 
 
 def command_line() -> CommandLine:
@@ -220,8 +221,7 @@ class ImageClassification(Task):
             y = y.cpu()
             sums += torch.stack([(nll * bw).sum(), ((top[:, 0] == y).double() * bw).sum(),
                                  ((top == y[:, None]).any(1).double() * bw).sum(), bw.sum()])
-        if self.world > 1:
-            torch.distributed.all_reduce(sums)
+        sums = all_reduce_sum(sums)
         n = sums[3].item()
         res = {"loss": sums[0].item() / n, "acc": sums[1].item() / n, "images": int(round(n))}
         if data.num_classes > 10:

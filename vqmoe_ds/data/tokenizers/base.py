@@ -59,6 +59,9 @@ class Tokenizer(ABC):
         if meta.kind == "word":
             from .word import WordTokenizer
             return WordTokenizer.load(meta.vocab_file, min_count=meta.min_count or 1)
+        if meta.kind == "hf":
+            from .hf import HFTokenizer
+            return HFTokenizer(meta.vocab_file)
         from .sentencepiece import SentencePieceTokenizer
         return SentencePieceTokenizer(meta.vocab_file)
 

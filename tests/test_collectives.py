@@ -1,0 +1,61 @@
+"""Every collective of a real 2-rank training run (language model and vision, ep 2, with validation, logging,
+checkpoints and the final test) is issued either by DeepSpeed, by a data-path module on tensors of the data's
+device (the dispatch's all-to-all, the codebook's and routers' statistics, the checkpoint's object gathers), or
+through the small-collective helpers of `vqmoe_ds.parallel`, which put their tensors on the accelerator's current
+device.  Under NCCL a collective on a CPU tensor fails, so a metric or flag summed with an ad-hoc CPU tensor
+anywhere else would crash the first GPU run; the audit wraps torch.distributed and names every caller."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vqmoe_ds.parallel import comm_device
+from vqmoe_ds.training.launch import DRIVER, ROOT, env_for_ranks, free_port, remove_new_shm, shm_files
+
+AUDIT = os.path.join(ROOT, "tests", "workers", "comm_audit.py")
+CPU_CFG = os.path.join(ROOT, "ds_configs", "cpu_fp32.json")
+ALLOWED = ("vqmoe_ds.parallel", "vqmoe_ds.moe.dispatch", "vqmoe_ds.quantizers.codebook", "vqmoe_ds.routers.topk",
+           "vqmoe_ds.routers.cluster", "vqmoe_ds.checkpoint.store", "deepspeed")
+COMMON = ["--deepspeed_config", CPU_CFG, "--moe-expert-parallel-size", "2", "--train-iters", "4", "--log-interval",
+          "2", "--eval-interval", "2", "--save-interval", "2", "--no-progress", "--no-plots"]
+RUNS = {
+    "language model": (DRIVER, ["--corpus-bytes", "100000", "--eval-iters", "2", "--test-iters", "2",
+                                "--moe-router-enable-expert-bias", "--moe-router-load-balancing-type",
+                                "global_aux_loss"]),
+    "vision": (os.path.join(ROOT, "train_vision.py"), ["--synthetic-train-size", "256", "--valid-size", "32",
+                                                       "--synthetic-test-size", "32", "--micro-batch-size", "16"]),
+}
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_every_collective_goes_through_the_helpers_or_the_data_path(tmp_path, name):
+    script, args = RUNS[name]
+    port, prefix = str(free_port()), str(tmp_path / "audit")
+    before, procs = shm_files(), []
+    try:
+        for rank in range(2):
+            env = env_for_ranks(str(tmp_path))
+            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port, VQMOE_AUDIT=prefix)
+            procs.append(subprocess.Popen([sys.executable, AUDIT, script, *COMMON, *args, "--out-dir",
+                                           str(tmp_path / "run")], env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True, cwd=ROOT))
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        remove_new_shm(before)
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:]
+    device = comm_device().type
+    for rank in range(2):
+        calls = [json.loads(line) for line in open(f"{prefix}.{rank}")]
+        callers = {c["caller"] for c in calls}
+        assert "vqmoe_ds.parallel" in callers and "vqmoe_ds.moe.dispatch" in callers  # both kinds were seen
+        stray = sorted({c["caller"] for c in calls if not c["caller"].startswith(ALLOWED)})
+        assert not stray, f"collectives issued outside the helpers and the data path: {stray}"
+        for c in calls:
+            if c["caller"] == "vqmoe_ds.parallel":
+                assert c["devices"] in ([], [device]), c
