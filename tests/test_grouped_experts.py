@@ -152,3 +152,33 @@ def test_grouped_layer_forward_and_backward_have_no_host_sync(kw):
         y, aux = layer(x)
         (y.sum() + aux).backward()
     assert dict(spy.hits) == {}
+
+
+def test_driver_at_ep2_grouped_then_resumed_with_the_loop(tmp_path):
+    """2 ranks, ep 2, the VQMoE GPT trained with grouped-GEMM experts and checkpointed at step 4; resumed from there
+    with the expert loop (the checkpoint format is the same; the choice may change on resume): steps 5-8 give the
+    losses of the uninterrupted grouped run (the two paths differ only in the order of fp32 sums)."""
+    import subprocess
+
+    from test_launchers import records, tiny_args
+
+    from vqmoe_ds.training.launch import ROOT, env_for_ranks, free_port, remove_new_shm, shm_files, torchrun_cmd
+
+    def run(out, *extra):
+        before = shm_files()
+        try:
+            r = subprocess.run(torchrun_cmd(2, tiny_args(out, "--save-interval", "4", "--eval-iters", "1",
+                                                         "--test-iters", "1", "--seq-length", "32", *extra, steps=8),
+                                            free_port()), env=env_for_ranks(str(tmp_path)), capture_output=True,
+                               text=True, timeout=240, cwd=ROOT)
+        finally:
+            remove_new_shm(before)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        return {rec["step"]: rec["loss"] for rec in records(out, "train")}
+
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    a = run(full, "--moe-expert-impl", "grouped")
+    (full / "checkpoints" / "latest").write_text("step4")
+    b = run(resumed, "--moe-expert-impl", "loop", "--load", str(full / "checkpoints"), "--save", str(tmp_path / "ck"))
+    assert sorted(b) == [5, 6, 7, 8] and a[8] < a[1] - 0.3
+    assert max(abs(a[s] - b[s]) for s in b) < 1e-4, (a, b)
