@@ -165,11 +165,13 @@ class SortedDispatch:
         out_TD = y_chunks[0].new_zeros(num_tokens, d, dtype=torch.float32)
         start = 0
         for y_nD in y_chunks:
+            # an expert without rows is added too (0 rows): its parameters stay in the graph and get a zero
+            # gradient.  Skipped, they would get none on this rank only, and ZeRO's gradient buckets (which hold
+            # the parameters that have gradients) would differ between the ranks that replicate the expert.
             n = y_nD.shape[0]
-            if n:
-                rows = tokens_M[start:start + n]
-                src = y_nD.float() if unweighted else y_nD.float() * w_M[start:start + n].float().unsqueeze(1)
-                out_TD.index_add_(0, rows, src)
+            rows = tokens_M[start:start + n]
+            src = y_nD.float() if unweighted else y_nD.float() * w_M[start:start + n].float().unsqueeze(1)
+            out_TD.index_add_(0, rows, src)
             start += n
         return out_TD.to(y_chunks[0].dtype)
 
