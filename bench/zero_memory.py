@@ -11,10 +11,9 @@ cross-check ``getrusage(RUSAGE_CHILDREN).ru_maxrss`` of the wrapper (the largest
 of ``--config tiny`` measures what a rank holds with a negligible model (Python, torch, DeepSpeed, the data, the
 communication buffers): the estimate's ``--framework-gib`` term.  Writes bench/results/zero_memory.json.
 
-Measured 2026-11-29 (large, 214.9M parameters, ep 2, micro-batch 2 x 512, fp32; framework 0.414 GiB):
-ZeRO 1 peak 4.468 / 4.475 GiB per rank, estimate 4.305 GiB (0.96 of the peak); ZeRO 2 peak 4.177 / 4.205 GiB,
-estimate 4.305 GiB (1.02).  At ep 1 the large shape does not train on 2 ranks here (a gloo size mismatch in the
-first step's gradient reduction, see docs/training.md), so the experts' ZeRO partitioning is not measured.
+Measured 2026-11-29 (large, 214.9M parameters, micro-batch 2 x 512, fp32; framework 0.414 GiB), peak per rank
+against the estimate: ep 2 ZeRO 1 4.468 / 4.475 GiB vs 4.354 (0.97), ZeRO 2 4.177 / 4.205 vs 4.305 (1.02); ep 1
+ZeRO 1 5.728 / 5.958 vs 5.856 (0.98), ZeRO 2 4.822 / 5.239 vs 5.056 (0.97).
 """
 import argparse
 import json

@@ -15,7 +15,8 @@ with the FFN part scaled by the routes per token and the capacity factor): see `
 
 ``--dtype fp32`` (this project's CPU runs, ds_configs/cpu_fp32.json): 4 B activations and what DeepSpeed's fp32
 ZeRO allocates per parameter of a group split over dp ranks: stage 0: 4 params + 4 grads + 8 Adam = 16;
-stage 1: 4 params + 4 grads (full, per parameter) + 4/dp fp32 partition + 4/dp its gradient + 8/dp Adam;
+stage 1: 4 params + 4 grads (full, per parameter) + 4 the flattened copy they are averaged in (when dp > 1, up to
+the bucket) + 4/dp fp32 partition + 4/dp its gradient + 8/dp Adam;
 stage 2: 4 params + 4 reduction bucket (the pages touched of the 5e8-element bucket, up to the group's size) +
 4/dp partition + 4/dp its gradient + 8/dp Adam; plus the Adam step's temporaries (torch Adam on the flat
 partition: 8/dp).  ``--framework-gib``: what a rank holds before any model (Python, torch, DeepSpeed, data,
@@ -47,6 +48,8 @@ def model_state_bytes(params: float, stage: int, dp: int, dtype: str = "bf16", b
         if stage == 0:
             return 16 * params + 8 * params
         grads = 4 * params if stage == 1 else 4 * min(params, bucket)
+        if stage == 1 and dp > 1:  # the flattened copy of the gradients that are averaged over the group
+            grads += 4 * min(params, bucket)
         return 4 * params + grads + (4 + 4 + 8 + 8) * params / dp
     if stage == 0:
         return 16 * params
