@@ -115,3 +115,42 @@ def test_help_keeps_line_continuations_and_shows_defaults(capsys):
         for text in expected:  # a continuation as written in the description; a flag's text in its wrapped help
             assert text in (raw if "\\\n" in text else flat), (name, text)
         assert "(default: None)" not in flat and "(default: False)" not in flat
+
+
+def test_preprocess_with_a_hugging_face_tokenizer(tmp_path):
+    """--tokenizer hf: the .bin holds exactly the ids the `tokenizers` library gives for each block (one block per
+    line group here: blocks of 64 bytes cut at line ends), the metadata records the kind and the text counts, and
+    a missing --hf-tokenizer is one line."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran"]
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    (tmp_path / "tok").mkdir()
+    tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+    lines = ["the cat sat on a mat", "a dog ran", "the unknown cat", "on the mat the dog sat"] * 6
+    text = "\n".join(lines) + "\n"
+    (tmp_path / "train.txt").write_text(text)
+    rc = _tool("preprocess_data").main(["--train", str(tmp_path / "train.txt"), "--tokenizer", "hf",
+                                        "--hf-tokenizer", str(tmp_path / "tok"), "--output-prefix",
+                                        str(tmp_path / "hf"), "--block-bytes", "64", "--workers", "1",
+                                        "--no-progress"])
+    assert rc == 0
+    s = IndexedTokenStream(str(tmp_path / "hf.train"))
+    got = [int(t) for t in s.read(0, len(s))]
+    # the reference: the library itself on the same line-aligned blocks, concatenated
+    blocks, cur = [], ""
+    for line in text.splitlines(keepends=True):
+        if cur and len((cur + line).encode()) > 64:
+            blocks.append(cur)
+            cur = ""
+        cur += line
+    blocks.append(cur)
+    want = [i for b in blocks for i in tok.encode(b).ids]
+    assert len(want) == sum(len(ln.split()) for ln in lines) and got == want
+    assert 0 in got  # "unknown" is [UNK]
+    meta = json.load(open(tmp_path / "hf.tokenizer.json"))
+    assert meta["kind"] == "hf" and meta["vocab_size"] == 9
+    with pytest.raises(DataError) as e:
+        PreprocessConfig(tokenizer="hf")
+    assert "--hf-tokenizer" in str(e.value) and "\n" not in str(e.value)

@@ -9,6 +9,9 @@ r"""Tokenize train/valid/test text into megatron-core indexed datasets (.bin/.id
     # sentencepiece (lm1b, any corpus): train the model first with tools/train_tokenizer.py
     python tools/preprocess_data.py --input data/lm1b --tokenizer sentencepiece --sp-model data/lm1b/sp32k.model \
         --output-prefix data/lm1b/sp32k --workers 8
+    # a Hugging Face model's tokenizer (e.g. an OLMoE imported with tools/convert_hf.py --out-dir runs/olmoe)
+    python tools/preprocess_data.py --input data/wikitext-103 --tokenizer hf --hf-tokenizer runs/olmoe/tokenizer \
+        --output-prefix data/wikitext-103/olmoe
 
 --input DIR takes DIR/train.txt, valid.txt, test.txt (those present; train is needed for char/word);
 --train/--valid/--test name files directly.  The output prefix is the --data-path of training.
@@ -33,9 +36,11 @@ def parse_args(argv=None):
     for s in SPLITS:
         p.add_argument(f"--{s}", default=None, help=f"the {s} text file (instead of --input's)")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.<split>.bin/.idx and PREFIX.tokenizer.json")
-    p.add_argument("--tokenizer", required=True, choices=("byte", "char", "word", "sentencepiece"),
+    p.add_argument("--tokenizer", required=True, choices=("byte", "char", "word", "sentencepiece", "hf"),
                    help="what a token is (docs/data.md)")
     p.add_argument("--sp-model", default=None, help="sentencepiece: the .model of tools/train_tokenizer.py")
+    p.add_argument("--hf-tokenizer", default=None,
+                   help="hf: a Hugging Face tokenizer.json or its folder (an imported model's OUT/tokenizer)")
     p.add_argument("--min-count", type=int, default=1, help="word: train words seen fewer times become <unk>")
     p.add_argument("--dtype", default=None, help="token dtype of the .bin (None: the smallest that fits)")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
@@ -57,7 +62,8 @@ def main(argv=None) -> int:
         if args.input and not os.path.isdir(args.input):
             raise DataError(f"--input {args.input} is not a folder: give the folder get_data.py wrote, or --train FILE")
         cfg = PreprocessConfig(tokenizer=args.tokenizer, workers=args.workers, block_bytes=args.block_bytes,
-                               min_count=args.min_count, sp_model=args.sp_model, dtype=args.dtype,
+                               min_count=args.min_count, sp_model=args.sp_model, hf_tokenizer=args.hf_tokenizer,
+                               dtype=args.dtype,
                                progress=not args.no_progress and sys.stderr.isatty())  # a bar on a terminal only
         t0 = time.time()
         meta = preprocess_corpus(splits, args.output_prefix, cfg)

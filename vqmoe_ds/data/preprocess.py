@@ -38,17 +38,18 @@ SPLITS = ("train", "valid", "test")
 
 @dataclass
 class PreprocessConfig:
-    tokenizer: str = "byte"  # byte | char | word | sentencepiece
+    tokenizer: str = "byte"  # byte | char | word | sentencepiece | hf
     workers: int = 1
     block_bytes: int = 1 << 20
     min_count: int = 1  # word: rarer train words become <unk>
     sp_model: Optional[str] = None  # sentencepiece: the .model from tools/train_tokenizer.py
+    hf_tokenizer: Optional[str] = None  # hf: a Hugging Face tokenizer.json, or the folder holding it
     dtype: Optional[str] = None  # token dtype of the .bin; None: the smallest that holds the vocabulary
     progress: bool = True
 
     def __post_init__(self):
-        if self.tokenizer not in ("byte", "char", "word", "sentencepiece"):
-            raise DataError(f"unknown --tokenizer {self.tokenizer!r}: choose byte, char, word or sentencepiece")
+        if self.tokenizer not in ("byte", "char", "word", "sentencepiece", "hf"):
+            raise DataError(f"unknown --tokenizer {self.tokenizer!r}: choose byte, char, word, sentencepiece or hf")
         if self.workers < 1:
             raise DataError(f"--workers {self.workers} must be >= 1")
         if self.block_bytes < 16:
@@ -57,6 +58,9 @@ class PreprocessConfig:
             raise DataError(f"--dtype {self.dtype} is not supported: choose one of {', '.join(TOKEN_DTYPES)}")
         if self.tokenizer == "sentencepiece" and not self.sp_model:
             raise DataError("--tokenizer sentencepiece needs --sp-model (train one with tools/train_tokenizer.py)")
+        if self.tokenizer == "hf" and not self.hf_tokenizer:
+            raise DataError("--tokenizer hf needs --hf-tokenizer (a tokenizer.json, e.g. OUT/tokenizer of "
+                            "tools/convert_hf.py)")
 
 
 def iter_blocks(path: str, block_bytes: int, cut: str) -> Iterator[Tuple[int, bytes]]:
@@ -176,6 +180,9 @@ def build_tokenizer(cfg: PreprocessConfig, train_path: Optional[str]) -> Tokeniz
     if cfg.tokenizer == "sentencepiece":
         from .tokenizers.sentencepiece import SentencePieceTokenizer
         return SentencePieceTokenizer(cfg.sp_model)
+    if cfg.tokenizer == "hf":
+        from .tokenizers.hf import HFTokenizer
+        return HFTokenizer(cfg.hf_tokenizer)
     if train_path is None:
         raise DataError(f"--tokenizer {cfg.tokenizer} builds its vocabulary on the train split, but no train "
                         f"file was given: pass --input DIR with train.txt or --train FILE")
