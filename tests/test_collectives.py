@@ -59,3 +59,34 @@ def test_every_collective_goes_through_the_helpers_or_the_data_path(tmp_path, na
         for c in calls:
             if c["caller"] == "vqmoe_ds.parallel":
                 assert c["devices"] in ([], [device]), c
+
+
+def test_each_rank_makes_its_local_device_current(monkeypatch):
+    """On an accelerator, init_distributed makes LOCAL_RANK's device current (else every rank of a node would put
+    its small collectives on device 0: NCCL refuses two ranks on one GPU); on the CPU it does nothing."""
+    import deepspeed.accelerator
+
+    from vqmoe_ds import parallel
+
+    calls = []
+
+    class FakeCuda:
+        def device_name(self, index=None):
+            return "cuda"
+
+        def set_device(self, index):
+            calls.append(index)
+
+    monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: FakeCuda())
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: None)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    parallel.init_distributed()
+    assert calls == [3]
+
+    class FakeCpu(FakeCuda):
+        def device_name(self, index=None):
+            return "cpu"
+
+    monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: FakeCpu())
+    parallel.bind_local_device()
+    assert calls == [3]

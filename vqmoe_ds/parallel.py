@@ -177,6 +177,23 @@ def init_distributed(**kwargs) -> None:
     clear_stale_extension_locks()
     with stdout_without(SHM_BUILT):  # DeepSpeed prints it on every rank when its CPU comm op loads (quiet.py)
         deepspeed.init_distributed(**kwargs)
+    bind_local_device()
+
+
+def bind_local_device() -> None:
+    """On an accelerator, make this rank's device (``LOCAL_RANK``, which the launcher or DeepSpeed's MPI discovery
+    sets) the current one, as Megatron does right after start-up.  NCCL needs one device per rank, and the small
+    collectives (``comm_device``) put their tensors on the current device: left at device 0, every rank of a node
+    would use GPU 0 from its first collective until the DeepSpeed engine sets the device.  Nothing on the CPU."""
+    import os
+
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    local = os.environ.get("LOCAL_RANK")
+    if acc.device_name() == "cpu" or local is None:
+        return
+    acc.set_device(int(local))
 
 
 # --- process end ------------------------------------------------------------------------------------------

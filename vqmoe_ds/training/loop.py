@@ -191,7 +191,7 @@ class Trainer:
                          timeout=datetime.timedelta(minutes=par.dist_timeout_minutes))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         _announce(self.rank)
-        self.device = torch.device(get_accelerator().device_name(par.local_rank))
+        self.device = torch.device(get_accelerator().current_device_name())  # LOCAL_RANK's (bind_local_device)
         on_cpu = get_accelerator().device_name() == "cpu"
         task.rank, task.world, task.device = self.rank, self.world, self.device
         # ---- checks, all before the model exists -------------------------------------------------------
