@@ -15,15 +15,9 @@ def _end_group_and_restore(saved):
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-        from deepspeed.utils import groups  # its cached groups belong to the group just destroyed
+        from dist_helper import clear_deepspeed_groups
 
-        for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_DATA_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS",
-                     "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):
-            if isinstance(getattr(groups, name, None), dict):
-                getattr(groups, name).clear()
-        for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP"):
-            if hasattr(groups, name):
-                setattr(groups, name, None)
+        clear_deepspeed_groups()  # its cached groups belong to the group just destroyed
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)

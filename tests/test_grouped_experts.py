@@ -5,11 +5,14 @@ backward of the shipped layers.
 The references take the experts' weights as raw tensors and apply ``x W1^T + b1 -> act -> W2^T + b2`` token by
 token; nothing here calls ``grouped_experts`` or the dispatch to compute an expected value."""
 import collections
+import dataclasses
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from layer_harness import make_layer
 
 from vqmoe_ds.moe import MoEConfig
 from vqmoe_ds.moe.grouped import grouped_experts, use_grouped
@@ -26,16 +29,11 @@ def _expert_ref(x_D, w1, b1, w2, b2, activation):
 
 
 def _layer(**kw):
-    base = dict(hidden_size=16, ffn_hidden_size=24, num_experts=4, top_k=2, dispatcher="sorted")
-    base.update(kw)
-    torch.manual_seed(0)
-    layer = MoEConfig(**base).build()
-    with torch.no_grad():
-        for e in layer.experts:
-            if e.fc1.bias is not None:
-                e.fc1.bias.normal_(0, 0.1)
-                e.fc2.bias.normal_(0, 0.1)
-    return layer
+    """The harness's small layer (non-zero expert biases) with MoEConfig's own capacity settings: the shipped
+    defaults drop routes beyond capacity."""
+    shipped = {f.name: f.default for f in dataclasses.fields(MoEConfig)
+               if f.name in ("drop_tokens", "min_capacity", "capacity_factor", "dispatcher")}
+    return make_layer(**{**shipped, **kw})
 
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
