@@ -108,7 +108,7 @@ def main():
             print(f"| {tok} | {cells} | {times[0] / times[-1]:.2f}x |", flush=True)
         ds_s, read_s, mm_s = random_access(last_prefix)
         print(f"\nrandom access ({a.tokenizers[0]} tokens, windows of 513):")
-        print(f"| reader | samples/s | ÷ memmap slice |\n|---|---|---|")
+        print("| reader | samples/s | ÷ memmap slice |\n|---|---|---|")
         print(f"| LMDataset[j] (shuffled GPT windows) | {ds_s:,.0f} | {ds_s / mm_s:.2f} |")
         print(f"| IndexedTokenStream.read | {read_s:,.0f} | {read_s / mm_s:.2f} |")
         print(f"| np.memmap slice (floor) | {mm_s:,.0f} | 1.00 |")

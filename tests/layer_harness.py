@@ -22,12 +22,15 @@ def make_layer(seed=0, **kw):
     return layer
 
 
-def run_both(layer, reference, T=24, seed=1):
-    """reference(layer, x) -> (y_TD, aux).  Returns dict of max abs differences."""
+def run_both(layer, reference, T=24, seed=1, shape=None, ids=None):
+    """reference(layer, x) -> (y, aux), against ``layer(x, None, ids)`` on the same random x of ``shape`` (default
+    [T, D]).  Returns (dict of max abs differences of the output, aux loss, x's and every parameter's gradient;
+    a gradient missing on one side counts as zeros), the layer's output)."""
     g = torch.Generator().manual_seed(seed)
     D = layer.cfg.hidden_size
-    x0 = torch.randn(T, D, generator=g)
-    R = torch.randn(T, D, generator=g)
+    shape = shape or (T, D)
+    x0 = torch.randn(*shape, generator=g)
+    R = torch.randn(*shape, generator=g)
     params = [p for p in layer.parameters() if p.requires_grad]
 
     def go(fn):
@@ -36,12 +39,12 @@ def run_both(layer, reference, T=24, seed=1):
             p.grad = None
         y, aux = fn(x)
         ((y * R).sum() + aux).backward()
-        return y.detach(), aux.detach(), x.grad.clone(), [None if p.grad is None else p.grad.clone() for p in params]
+        return y.detach(), torch.as_tensor(aux).detach(), x.grad.clone(), [None if p.grad is None else p.grad.clone() for p in params]
 
     state = {k: v.clone() for k, v in layer.state_dict().items()}
     y_ref, aux_ref, gx_ref, gp_ref = go(lambda x: reference(layer, x))
     layer.load_state_dict(state)  # the forward may update buffers (EMA, usage): start both from the same state
-    y, aux, gx, gp = go(lambda x: layer(x))
+    y, aux, gx, gp = go(lambda x: layer(x, None, ids))
     names = [n for n, p in layer.named_parameters() if p.requires_grad]
     diffs = {"y": (y - y_ref).abs().max().item(), "aux": abs(aux.item() - float(aux_ref)), "grad_x": (gx - gx_ref).abs().max().item()}
     for n, a, b in zip(names, gp, gp_ref):

@@ -3,7 +3,6 @@ status 2 and exactly one ``error:`` line naming the problem, before any training
 The classes: flags, numbers that are not numbers, config files, ds_configs, data against the model, checkpoints
 (missing, incomplete, truncated, changed content, another architecture, world or ep size), a run folder that
 already holds a run, output paths of the wrong kind, and the tools' own arguments."""
-import importlib.util
 import json
 import os
 import shutil
@@ -11,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from tool_loader import load_tool
 
 from vqmoe_ds.training.launch import DRIVER, ROOT, env_for_ranks, free_port, remove_new_shm, shm_files
 
@@ -19,12 +19,7 @@ BASE = ["--corpus-bytes", "100000", "--train-iters", "2", "--eval-iters", "1", "
         "--no-plots"]
 
 
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+_tool = load_tool
 
 
 @pytest.fixture(scope="module")

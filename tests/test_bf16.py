@@ -11,7 +11,7 @@ import torch
 
 from layer_harness import make_layer
 
-from vqmoe_ds.training.launch import DRIVER, ROOT, env_for_ranks, free_port, remove_new_shm, shm_files, torchrun_cmd
+from vqmoe_ds.training.launch import ROOT, env_for_ranks, free_port, remove_new_shm, shm_files, torchrun_cmd
 
 # bf16 keeps 8 bits of mantissa (relative rounding 2^-9 = 0.002 per value); an expert MLP's two products and the
 # combine of 3 routes stay within a few of those.  Measured: the worst relative error over these cases is 0.0028.

@@ -1,6 +1,5 @@
 """tools/get_data.py end to end against a loopback HTTP server serving small archives in the real layouts."""
 import hashlib
-import importlib.util
 import io
 import os
 import subprocess
@@ -11,18 +10,12 @@ import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from tool_loader import load_tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-get_data = _load_tool("get_data")
+get_data = load_tool("get_data")
 
 
 class _Server:

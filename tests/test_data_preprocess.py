@@ -1,11 +1,10 @@
 """Tokenizers and tools/preprocess_data.py: round trips, hand-counted vocabularies, .bin/.idx read back, bad input."""
-import importlib.util
 import json
-import os
 import shutil
 
 import numpy as np
 import pytest
+from tool_loader import load_tool
 
 from vqmoe_ds.data import DataError, TokenizerMeta, check_vocab, choose_dtype
 from vqmoe_ds.data.loading import load_split
@@ -13,14 +12,8 @@ from vqmoe_ds.data.preprocess import PreprocessConfig, iter_blocks, preprocess_c
 from vqmoe_ds.data.token_stream import IndexedTokenStream
 from vqmoe_ds.data.tokenizers import ByteTokenizer, CharTokenizer, Tokenizer, WordTokenizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+_tool = load_tool
 
 
 preprocess_tool = _tool("preprocess_data")

@@ -1,26 +1,20 @@
 """The data tools a newcomer meets first: char level writes no stray one-token document; sentencepiece takes
 user-defined symbols (WikiText's literal <unk> as one piece); a local corpus may have no valid or test part, and
 the driver says which split is missing; --help keeps the examples' line continuations and shows defaults."""
-import importlib.util
 import json
 import math
 import os
 import types
 
 import pytest
+from tool_loader import load_tool
 
 from vqmoe_ds.data import DataError, PreprocessConfig, preprocess_corpus
 from vqmoe_ds.data.corpora import parse_ratios, prepare_local
 from vqmoe_ds.data.token_stream import IndexedTokenStream
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+_tool = load_tool
 
 
 @pytest.mark.parametrize("text", ["abcdefgh" * 8, "éàü" * 30 + "\n"])

@@ -3,17 +3,15 @@ installed transformers is imported (per-expert and fused 3-D expert layouts, one
 compared with transformers' own forward at ep=1 here and at ep=2 on 2 gloo ranks, exported back and reloaded by
 transformers with the same logits; then the training-free VQMoE conversion and the embedding evaluation run on
 the imported model, and its bad inputs fail in one line before anything is written."""
-import importlib.util
 import json
 import os
 import shutil
-import sys
 
 import pytest
+from tool_loader import load_tool
 import torch
 
 from dist_helper import clear_deepspeed_groups, run_ranks
-from vqmoe_ds.training.launch import ROOT
 
 transformers = pytest.importorskip("transformers")
 
@@ -30,10 +28,7 @@ class _tool:
     after it, so that the next tool (or test) starts clean."""
 
     def __init__(self, name):
-        spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
-        self.mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = self.mod
-        spec.loader.exec_module(self.mod)
+        self.mod = load_tool(name)
 
     def main(self, argv):
         try:

@@ -1,6 +1,5 @@
 """Codebook quantizer (L2 / cosine / low-dim), EMA, k-means init, dead-code restart, residual VQ, LFQ."""
 import torch
-import torch.nn.functional as F
 
 from vqmoe_ds.quantizers import CodebookQuantizer, LFQQuantizer, ResidualQuantizer
 

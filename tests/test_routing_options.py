@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from layer_harness import make_layer
+from layer_harness import make_layer, run_both
 from reference import capacity_ref, expert_ref, moe_ref
 
 from vqmoe_ds.routers import update_expert_biases
@@ -87,27 +87,9 @@ def options_ref(layer, x_BSD):
 
 
 def compare(layer, B=3, S=8, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    D = layer.cfg.hidden_size
-    x0, R = torch.randn(B, S, D, generator=g), torch.randn(B, S, D, generator=g)
-    params = [p for p in layer.parameters() if p.requires_grad]
-    state = {k: v.clone() for k, v in layer.state_dict().items()}
-    out = []
-    for fn in (lambda x: options_ref(layer, x), layer):
-        layer.load_state_dict(state)
-        x = x0.clone().requires_grad_(True)
-        for p in params:
-            p.grad = None
-        y, aux = fn(x)
-        ((y * R).sum() + aux).backward()
-        out.append((y.detach(), float(aux), x.grad.clone(), [p.grad for p in params]))
-    (y_ref, a_ref, gx_ref, gp_ref), (y, a, gx, gp) = out
-    assert (y - y_ref).abs().max() <= TOL, (y - y_ref).abs().max()
-    assert abs(a - a_ref) <= TOL, (a, a_ref)
-    assert (gx - gx_ref).abs().max() <= TOL
-    for p, p1, p2 in zip(params, gp_ref, gp):
-        z = torch.zeros_like(p)
-        assert ((z if p1 is None else p1) - (z if p2 is None else p2)).abs().max() <= TOL
+    """The layer on a [B, S, D] batch against ``options_ref``: output, aux loss and every gradient within TOL."""
+    diffs, _ = run_both(layer, options_ref, shape=(B, S, layer.cfg.hidden_size), seed=seed)
+    assert max(diffs.values()) <= TOL, diffs
     return layer
 
 

@@ -59,10 +59,10 @@ def train(inputs, model_prefix, vocab_size, model_type="bpe", character_coverage
             shuffle_input_sentence=True, byte_fallback=byte_fallback, num_threads=threads,
             seed_sentencepiece_size=seed_sentencepiece_size, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
             user_defined_symbols=symbols, unk_piece=unk_piece, logstream=log)
-    except RuntimeError as e:
+    except RuntimeError as e:  # sentencepiece's trainer reports every failure as a RuntimeError; its text is kept
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise DataError(f"sentencepiece could not train on {','.join(inputs)} ({msg}): lower --vocab-size or give "
-                        f"more text") from None
+        fix = "lower --vocab-size or give more text" if "vocab" in msg.lower() else "see sentencepiece's reason"
+        raise DataError(f"sentencepiece could not train on {','.join(inputs)} ({msg}): {fix}") from None
     finally:
         log.close()
     return model_prefix + ".model"

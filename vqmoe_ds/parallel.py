@@ -109,10 +109,20 @@ def any_rank(flag: bool, group=None) -> bool:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=comm_device())
+        return flag  # no collective, no device round trip
+    return bool(max_over_ranks(torch.tensor([1.0 if flag else 0.0], device=comm_device()), group).item())
+
+
+def max_over_ranks(t, group=None):
+    """``t`` maxed element-wise over the ranks of ``group``, as a tensor on ``comm_device()``: nothing is read
+    back to the host, so a caller can fetch it together with other values in one transfer."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return t
+    t = t.to(comm_device(), copy=True)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return bool(t.item())
+    return t
 
 
 def comm_device():

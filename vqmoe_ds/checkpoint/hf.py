@@ -134,7 +134,7 @@ class HFWeights:
     """The tensors of a folder's safetensors files (sharded or not), read lazily: names, shapes, values."""
 
     def __init__(self, hf_dir: str):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         index = os.path.join(hf_dir, "model.safetensors.index.json")
         if os.path.isfile(index):
@@ -155,7 +155,7 @@ class HFWeights:
         for name in files:
             try:
                 h = safe_open(os.path.join(hf_dir, name), "pt")
-            except Exception as e:  # noqa: BLE001 -- safetensors raises its own error types
+            except (OSError, SafetensorError) as e:
                 raise CheckpointError(f"{os.path.join(hf_dir, name)} is not a safetensors file "
                                       f"({str(e).splitlines()[0][:100]}): download it again") from None
             self.handles[name] = h

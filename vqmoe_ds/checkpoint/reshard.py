@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 
 import torch
@@ -58,8 +59,9 @@ def check_expert_file(path, layer, expert, prefix, names):
     name = os.path.basename(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 -- any unreadable file gets the same one-line answer
-        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}): restore it from the run's save folder")
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:  # missing, truncated, not a torch zip
+        reason = str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} cannot be read ({reason}): restore it from the run's save folder") from None
     if not isinstance(state, dict) or not state:
         raise CheckpointError(f"{path} holds no expert weights: restore it from the run's save folder")
     found = []

@@ -35,7 +35,7 @@ def setup_kwargs(repo_root: str) -> dict:
     """``ext_modules``/``cmdclass`` for setup(); empty when torch is not importable at build time."""
     try:
         from torch.utils import cpp_extension
-    except Exception as e:  # isolated build without torch: install the pure-Python package
+    except ImportError as e:  # isolated build without torch: install the pure-Python package
         print(f"vqmoe_ds: torch not importable ({e}); skipping the nearest_code extension", file=sys.stderr)
         return {}
     rel = os.path.relpath(CSRC, repo_root)

@@ -15,6 +15,7 @@ the progress bar, JSONL/TensorBoard logs, the test on the best checkpoint, ``res
 """
 from __future__ import annotations
 
+import abc
 import datetime
 import json
 import math
@@ -32,12 +33,12 @@ from .. import checkpoint as ckpt
 from ..cli import ArgError, CommandLine, Parsed
 from ..data import DataError
 from ..moe.config import ConfigError
-from ..parallel import barrier, init_distributed, reduce_values, shutdown
+from ..parallel import any_rank, barrier, init_distributed, max_over_ranks, reduce_values, shutdown
 from ..quiet import engine_start
 from ..routers import set_step, update_expert_biases
 from .config import OptimConfig, ParallelConfig, RunConfig, check_save_dir, check_world, resolve_ds_config
 from .lr_schedule import start_lr_schedule
-from .preemption import StopRequest, any_rank
+from .preemption import StopRequest
 from .run_log import RunLog, gather_moe_stats, moe_summary
 
 # Bad input of any kind: one line, exit status 2, before any training step.
@@ -48,7 +49,7 @@ class TrainingStopped(RuntimeError):
     """The run cannot go on (e.g. too many non-finite steps in a row); one line naming problem and fix."""
 
 
-class Task:
+class Task(abc.ABC):
     """What differs between drivers.  The loop calls, in this order: ``load`` (before the process group: read
     data, build and check ``model_config``), ``shard`` (this rank's batches), ``build_model``, ``after_engine``
     (e.g. load pretrained weights), then ``micro_step`` per micro-batch and ``evaluate`` per evaluation."""
@@ -73,8 +74,9 @@ class Task:
                    parsed.build("parallel", ParallelConfig), parsed.build(name, config_cls))
 
     # ---- set-up --------------------------------------------------------------------------------------------
+    @abc.abstractmethod
     def load(self) -> None:
-        raise NotImplementedError
+        """Read the data (or its metadata) and set ``model_config``: errors need no ranks."""
 
     @property
     def ep_size(self) -> int:
@@ -84,12 +86,13 @@ class Task:
     def is_moe(self) -> bool:
         return bool(self.model_config.is_moe)
 
+    @abc.abstractmethod
     def shard(self, micro_batch: int, eval_batch: int) -> None:
         """This rank's training batches (``self.rank``, ``self.world``, ``self.device`` are set)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def build_model(self) -> torch.nn.Module:
-        raise NotImplementedError
+        """The model (``deepspeed.initialize`` moves it to the device)."""
 
     def after_engine(self, engine, model, resuming: bool) -> None:
         """After ``deepspeed.initialize`` and before any step (and before a resume loads its checkpoint)."""
@@ -98,10 +101,10 @@ class Task:
         """Refuse (one-line ``CheckpointError``) a checkpoint to resume whose task settings differ from this run's."""
 
     # ---- training ------------------------------------------------------------------------------------------
+    @abc.abstractmethod
     def micro_step(self, engine) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, float]]:
         """One micro-batch forward: (task loss, weighted auxiliary loss, extras summed into the log window; one of
         them counts ``unit``)."""
-        raise NotImplementedError
 
     def router_step(self, step: int) -> int:
         """The step scheduled routers (SMoE-Dropout's k, StableMoE's stage) see for the loop's ``step``."""
@@ -121,9 +124,9 @@ class Task:
     def has_split(self, split: str) -> bool:
         return True
 
+    @abc.abstractmethod
     def evaluate(self, engine, split: str, max_batches: int) -> Dict[str, Any]:
         """Collective: every rank calls it; the result is the same everywhere and holds ``self.metric``."""
-        raise NotImplementedError
 
     def describe_eval(self, split: str, res: Dict[str, Any]) -> str:
         return f"{self.metric} {res[self.metric]:.4f}"
@@ -148,10 +151,10 @@ class Task:
         return {}
 
     # ---- reports -------------------------------------------------------------------------------------------
+    @abc.abstractmethod
     def config_objects(self) -> Dict[str, Any]:
         """The resolved object (or dict) of every command-line section, written to ``OUT_DIR/config.json`` and
         into every checkpoint's marker."""
-        raise NotImplementedError
 
     def describe(self) -> str:
         return ""
@@ -215,7 +218,7 @@ class Trainer:
                 ckpt.verify_checksums(run.load, self.resume_tag, marker, (self.rank, self.world))
             except ckpt.CheckpointError as e:
                 damaged = e
-            if any_rank(damaged is not None, self.world):
+            if any_rank(damaged is not None):
                 raise damaged or ckpt.CheckpointError(f"{where}: a file failed its checksum on another rank (that "
                                                       f"rank names it): load the last good checkpoint")
             if marker.get("world_size", self.world) != self.world:
@@ -347,7 +350,13 @@ class Trainer:
         for i in range(self.accum):
             loss, aux, more = self.task.micro_step(self.engine)
             total = loss + aux
-            bad = any_rank(bad or not bool(torch.isfinite(total.detach()).all()), self.world)
+            # one transfer to the host per micro-batch: the loss, the aux loss and the non-finite flag agreed by
+            # all ranks (an all-reduce on the device)
+            flag = (~torch.isfinite(total.detach())).float().reshape(1)
+            flag = max_over_ranks(torch.clamp(flag, min=float(bad)))
+            loss_v, aux_v, flag_v = torch.cat([loss.detach().float().reshape(1), aux.detach().float().reshape(1),
+                                               flag.to(loss.device)]).tolist()
+            bad = flag_v > 0
             if bad:
                 total = total * float("nan")  # NaN gradients on every rank: the whole step is dropped
             self.engine.backward(total)
@@ -355,8 +364,8 @@ class Trainer:
                 self._skip_step_zero0()
             else:
                 self.engine.step()
-            losses.append(loss.item())
-            auxes.append(aux.item())
+            losses.append(loss_v)
+            auxes.append(aux_v)
             for k, v in more.items():
                 extras[k] = extras.get(k, 0.0) + float(v)
         if bad:
@@ -400,12 +409,9 @@ class Trainer:
             g["lr"] = lr
         self.engine.skipped_steps += 1
 
-    def _sum(self, values: List[float]) -> List[float]:
-        return reduce_values(values)
-
     def _log_window(self, window: Dict[str, Any]) -> None:
         keys = sorted(window["extras"])
-        sums = self._sum([window["loss"], window["aux"], window["steps"]] + [window["extras"][k] for k in keys])
+        sums = reduce_values([window["loss"], window["aux"], window["steps"]] + [window["extras"][k] for k in keys])
         n = sums[2]
         extras = dict(zip(keys, sums[3:]))
         gn = self.engine.get_global_grad_norm()
@@ -440,7 +446,7 @@ class Trainer:
                         f"{self.skipped_in_row} steps in a row (up to step {self.step}) had a non-finite loss, "
                         f"--max-skipped-steps {run.max_skipped_steps}: lower --lr or check the data, then resume "
                         f"from the last checkpoint in {self.save_dir}")
-                if self.stop.agreed(self.world):
+                if self.stop.agreed():
                     return self._stop_on_signal()
                 continue
             self.skipped_in_row = 0
@@ -459,7 +465,7 @@ class Trainer:
                 self.validate()
             if run.save_interval and self.step % run.save_interval == 0 and not last:
                 self.save(ckpt.step_tag(self.step))
-            if not last and self.stop.agreed(self.world):
+            if not last and self.stop.agreed():
                 return self._stop_on_signal()
         self.save(ckpt.step_tag(self.step))
         return True

@@ -12,13 +12,6 @@ from typing import Optional
 
 
 
-def any_rank(flag: bool, world: int) -> bool:
-    """True on every rank when ``flag`` is true on any rank (``vqmoe_ds.parallel.any_rank``)."""
-    from ..parallel import any_rank as agree
-
-    return flag if world == 1 else agree(flag)
-
-
 class StopRequest:
     def __init__(self):
         self.signal_name: Optional[str] = None
@@ -31,9 +24,11 @@ class StopRequest:
             signal.signal(sig, handler)
         return self
 
-    def agreed(self, world: int) -> bool:
+    def agreed(self) -> bool:
         """Whether any rank got a stop signal: the same answer on every rank."""
-        return any_rank(self.signal_name is not None, world)
+        from ..parallel import any_rank
+
+        return any_rank(self.signal_name is not None)
 
     def describe(self) -> str:
         return self.signal_name or "a signal on another rank"

@@ -28,7 +28,8 @@ class HFTokenizer(Tokenizer):
         self.path = os.path.abspath(path)
         try:
             self.tok = _Tokenizer.from_file(self.path)
-        except Exception as e:  # noqa: BLE001 -- the library raises its own exception types
+        except Exception as e:  # noqa: BLE001 -- `tokenizers` raises a bare Exception for a malformed file; its
+            # message is kept in the one line
             raise DataError(f"{path} is not a Hugging Face tokenizer.json ({str(e).splitlines()[0][:120]}): give the "
                             f"tokenizer.json that save_pretrained wrote") from None
 
