@@ -358,3 +358,17 @@ def test_cuda_source_compiles_with_nvcc(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=280)
     assert r.returncode == 0, r.stderr[-4000:]
     assert (tmp_path / "k.o").stat().st_size > 0
+
+
+def test_cuda_kernel_is_opt_in(monkeypatch):
+    """On CUDA, impl="auto" takes the compiled kernel only with VQMOE_DS_CUDA_KERNEL=1 (it has not passed its tests
+    on a GPU yet), even where it is built; the CPU kernel stays automatic; impl="cuda" asks for it explicitly."""
+    nc = importlib.import_module("vqmoe_ds.kernels.nearest_code")  # the module (the package exports the function)
+
+    monkeypatch.setattr(nc, "kernel_available", lambda dev: True)
+    monkeypatch.delenv("VQMOE_DS_CUDA_KERNEL", raising=False)
+    assert nc._use_kernel("cuda", "auto") is False
+    assert nc._use_kernel("cpu", "auto") is True
+    assert nc._use_kernel("cuda", "cuda") is True
+    monkeypatch.setenv("VQMOE_DS_CUDA_KERNEL", "1")
+    assert nc._use_kernel("cuda", "auto") is True
