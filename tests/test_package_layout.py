@@ -79,3 +79,32 @@ def test_no_fault_hooks_in_the_library():
     for path, _, _ in modules():
         text = open(path).read()
         assert "VQMOE_FAULT" not in text and "def fault(" not in text, path
+
+
+def test_checkpoint_files_are_read_in_one_place():
+    """Only vqmoe_ds/checkpoint/states.py calls ``torch.load`` in the library, drivers, tools, scripts and benchmarks,
+    and nothing passes ``weights_only=False`` (a pickle can run code)."""
+    top = os.path.dirname(ROOT)
+    bad = []
+    for folder in ("vqmoe_ds", "tools", "scripts", "bench", "."):
+        base = os.path.join(top, folder)
+        for dirpath, dirs, files in os.walk(base):
+            if folder == ".":
+                dirs[:] = []  # the drivers at the top level only
+            for name in files:
+                if not name.endswith(".py"):
+                    continue
+                path = os.path.join(dirpath, name)
+                rel = os.path.relpath(path, top)
+                for node in ast.walk(ast.parse(open(path).read(), path)):
+                    if isinstance(node, ast.Call):
+                        f = node.func
+                        if isinstance(f, ast.Attribute) and f.attr == "load" and \
+                                isinstance(f.value, ast.Name) and f.value.id == "torch" and \
+                                rel != os.path.join("vqmoe_ds", "checkpoint", "states.py"):
+                            bad.append(f"{rel}:{node.lineno} calls torch.load")
+                        for kw in node.keywords:
+                            if kw.arg == "weights_only" and isinstance(kw.value, ast.Constant) and \
+                                    kw.value.value is False:
+                                bad.append(f"{rel}:{node.lineno} passes weights_only=False")
+    assert not bad, bad

@@ -5,9 +5,11 @@ from .layout import (BEST, LATEST, MARKER, MODEL_FILE, CheckpointError, expert_f
                      resolve_tag, step_tag, step_tags, verify, verify_checksums)
 from .read import (PretrainedRun, StrictRemap, load_exported, load_for_inference, load_into, load_lm,
                    minimal_ds_config, read_run, resolve, tokenizer_for)
+from .states import check_files, read_states, use_safe_loading
 from .store import check_architecture, check_expert_files, load, module_buffers, prune, save
 
 __all__ = ["BEST", "LATEST", "MARKER", "MODEL_FILE", "CheckpointError", "expert_file", "rank_file", "read_latest",
            "resolve_tag", "step_tag", "step_tags", "verify", "verify_checksums", "PretrainedRun", "StrictRemap", "load_exported",
            "load_for_inference", "load_into", "load_lm", "minimal_ds_config", "read_run", "resolve", "tokenizer_for",
-           "check_architecture", "check_expert_files", "load", "module_buffers", "prune", "save"]
+           "check_architecture", "check_expert_files", "load", "module_buffers", "prune", "save", "check_files",
+           "read_states", "use_safe_loading"]

@@ -183,6 +183,9 @@ def verify(load_dir: str, tag: str, checksums: bool = True) -> Dict[str, Any]:
             marker = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"checkpoint {path}: unreadable {MARKER} ({e}): load another tag") from None
+    if not isinstance(marker, dict) or not isinstance(marker.get("files"), dict):
+        raise CheckpointError(f"checkpoint {path}: {MARKER} lists no files (no 'files' record: it was not written "
+                              f"by vqmoe-ds or was edited): load another tag or re-save it")
     for name, size in sorted(marker["files"].items()):
         full = os.path.join(path, name)
         if not os.path.isfile(full):

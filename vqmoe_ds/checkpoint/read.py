@@ -22,6 +22,7 @@ from torch import nn
 
 from ..models import ModelConfig
 from .layout import MODEL_FILE, CheckpointError, resolve_tag, verify
+from .states import check_files, read_states, use_safe_loading
 from .store import check_expert_files
 
 
@@ -69,7 +70,8 @@ def read_run(path: str, tag: Optional[str] = None, run_config: Optional[str] = N
     default --save is OUT_DIR/checkpoints); the checkpoint's own copy is used when there is none."""
     save_dir, tag = resolve(path, tag)
     marker = verify(save_dir, tag)
-    state = torch.load(os.path.join(save_dir, tag, MODEL_FILE), map_location="cpu", weights_only=False, mmap=True)
+    check_files(save_dir, tag, marker)
+    state = read_states(os.path.join(save_dir, tag, MODEL_FILE), mmap=True)
     if "model_config" not in state:
         raise CheckpointError(f"{os.path.join(save_dir, tag)} has no model_config in its client state: it was not "
                               f"written by a vqmoe-ds driver or tool")
@@ -153,6 +155,7 @@ class StrictRemap:
 
 def load_into(engine, run: PretrainedRun, remap: StrictRemap) -> Dict[str, List[str]]:
     """Load the run's weights (module only: no optimizer, scheduler or step) into the engine's model."""
+    use_safe_loading(engine)
     path, _ = engine.load_checkpoint(run.save_dir, tag=run.tag, load_module_strict=False,
                                      load_optimizer_states=False, load_lr_scheduler_states=False,
                                      load_module_only=True, custom_load_fn=remap)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 
 import torch
@@ -31,6 +30,7 @@ from ..models import ModelConfig
 from ..parallel import init_single_process
 from .layout import (EXPERT_FILE, EXPERT_KEY, MARKER, MODEL_FILE, TMP_PREFIX, CheckpointError, digests, expert_file,
                      fsync_dir, fsync_file, list_files, rank_file, resolve_tag, verify, write_atomic)
+from .states import check_files, read_states, save_states
 
 NOTICE = ("notice: the optimizer state (Adam moments, ZeRO partitions) is not converted: the driver resumes this "
           "checkpoint with a freshly initialised optimizer (model weights, step, lr schedule and data position are "
@@ -57,11 +57,7 @@ def moe_prefixes(cfg):
 def check_expert_file(path, layer, expert, prefix, names):
     """The file ``layer_{layer}_expert_{expert}`` must hold exactly expert ``expert`` of MoE layer ``prefix``."""
     name = os.path.basename(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:  # missing, truncated, not a torch zip
-        reason = str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} cannot be read ({reason}): restore it from the run's save folder") from None
+    state = read_states(path)
     if not isinstance(state, dict) or not state:
         raise CheckpointError(f"{path} holds no expert weights: restore it from the run's save folder")
     found = []
@@ -87,8 +83,9 @@ def reshard(load_dir, tag, out_dir, out_tag, world, ep):
         raise CheckpointError(f"--world-size {world} and --ep-size {ep} must both be >= 1")
     tag = resolve_tag(load_dir, tag)
     marker = verify(load_dir, tag)
+    check_files(load_dir, tag, marker)
     src = os.path.join(load_dir, tag)
-    model_state = torch.load(os.path.join(src, MODEL_FILE), map_location="cpu", weights_only=False)
+    model_state = read_states(os.path.join(src, MODEL_FILE))
     cfg_dict = dict(marker.get("model_config") or model_state["model_config"])
     moe = dict(cfg_dict.get("moe") or {})
     n_exp = int(moe.get("num_experts") or 0)
@@ -146,15 +143,14 @@ def reshard(load_dir, tag, out_dir, out_tag, world, ep):
     tmp = os.path.join(out_dir, TMP_PREFIX + out_tag)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    torch.save(model_state, os.path.join(tmp, MODEL_FILE))
+    save_states(model_state, os.path.join(tmp, MODEL_FILE))
     for name in sorted(expected):
         shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
     for r in range(world):
         s = r % src_world
         path = os.path.join(src, rank_file(s))
-        state = torch.load(path, weights_only=False) if os.path.isfile(path) else {"rng": None, "task": None,
-                                                                                  "buffers": None}
-        torch.save({"rng": state.get("rng") if r < src_world else None,
+        state = read_states(path) if os.path.isfile(path) else {"rng": None, "task": None, "buffers": None}
+        save_states({"rng": state.get("rng") if r < src_world else None,
                     "task": state.get("task") if world == src_world else None,
                     "buffers": state.get("buffers")}, os.path.join(tmp, rank_file(r)))
     files = list_files(tmp)

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from .layout import (BEST, MARKER, OLD_PREFIX, TMP_PREFIX, CheckpointError, digests, expert_file, fsync_dir,
                      fsync_file, list_files, rank_file, read_latest, resolve_tag, step_tags, verify, write_atomic)
+from .states import read_states, save_states, use_safe_loading
 
 # Fields of a model config that may change between a checkpoint and the run that resumes it: they shape neither
 # the weights nor the buffers (regularisation, capacity, loss weights, the dispatch implementation).  Every
@@ -41,12 +42,24 @@ MOE_MAY_CHANGE_ON_RESUME = {"dropout", "capacity_factor", "eval_capacity_factor"
 
 
 def rng_state() -> Dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The host RNG states as tensors, numbers and tuples (readable with ``weights_only=True``)."""
+    np_state = np.random.get_state(legacy=False)
+    numpy_state = {"bit_generator": np_state["bit_generator"], "has_gauss": int(np_state["has_gauss"]),
+                   "gauss": float(np_state["gauss"]),
+                   "state": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                             "pos": int(np_state["state"]["pos"])}}
+    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore `rng_state`'s states (also the earlier format, which kept numpy's own state tuple)."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np_state = state["numpy"]
+    if isinstance(np_state, dict):
+        key = np_state["state"]["key"]
+        np_state = {**np_state, "state": {"key": np.asarray(key.numpy() if torch.is_tensor(key) else key,
+                                                            dtype=np.uint32), "pos": np_state["state"]["pos"]}}
+    np.random.set_state(np_state)
     torch.set_rng_state(state["torch"])
 
 
@@ -66,7 +79,7 @@ def module_buffers(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def write_rank_state(folder: str, rank: int, state: Dict[str, Any]) -> None:
-    torch.save(state, os.path.join(folder, rank_file(rank)))
+    save_states(state, os.path.join(folder, rank_file(rank)))
 
 
 def save(engine, save_dir: str, tag: str, client_state: Dict[str, Any], task_state: Optional[Dict[str, Any]] = None,
@@ -244,6 +257,7 @@ def load(engine, load_dir: str, tag: Optional[str] = None, resume: bool = True,
     ``load_dir`` (``tag`` None: latest).  Returns (client_state, this rank's task state or None)."""
     tag = resolve_tag(load_dir, tag)
     marker = verify(load_dir, tag, checksums=False)  # sizes; the loop verifies the checksums, split over the ranks
+    use_safe_loading(engine)  # DeepSpeed's files are read without unpickling code (states.py)
     if model_config is not None:
         check_architecture(marker.get("model_config"), model_config, f"checkpoint {os.path.join(load_dir, tag)}")
     if model is not None:
@@ -269,7 +283,7 @@ def load(engine, load_dir: str, tag: Optional[str] = None, resume: bool = True,
     task_state = None
     extra = os.path.join(load_dir, tag, rank_file(_rank()))
     if resume and os.path.isfile(extra):
-        state = torch.load(extra, weights_only=False)
+        state = read_states(extra)
         if state.get("rng") is not None:  # a resharded checkpoint's extra ranks keep the driver's seeding
             set_rng_state(state["rng"])
         task_state = state.get("task")

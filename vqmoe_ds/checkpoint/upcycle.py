@@ -19,6 +19,7 @@ import torch
 from ..models import ModelConfig
 from .layout import EXPERT_KEY, MODEL_FILE, CheckpointError
 from .read import PretrainedRun, read_run
+from .states import read_states
 
 SAME_SHAPE_FIELDS = ("model", "vocab_size", "n_layer", "n_head", "d_model", "seq_len", "mem_len", "tie_embeddings",
                      "normalization", "norm_epsilon", "swiglu", "position_embedding_type", "rotary_base", "qk_norm",
@@ -55,7 +56,7 @@ def check_upcycle(cfg: ModelConfig, path: str, tag: Optional[str] = None) -> Pre
 def upcycle(model: torch.nn.Module, run: PretrainedRun) -> Dict[str, Any]:
     """Copy the dense run's weights into ``model`` (this rank's experts, any ep size); returns what was copied and
     what kept its initialisation."""
-    state = torch.load(os.path.join(run.path, MODEL_FILE), map_location="cpu", weights_only=False)
+    state = read_states(os.path.join(run.path, MODEL_FILE))
     src = state.get("module") or {}
     dst = model.state_dict()
     used, experts, kept, new = set(), 0, [], {}

@@ -216,10 +216,11 @@ class Trainer:
             damaged = None
             try:  # each rank reads its share of the files for their checksums
                 ckpt.verify_checksums(run.load, self.resume_tag, marker, (self.rank, self.world))
+                ckpt.check_files(run.load, self.resume_tag, marker, (self.rank, self.world))  # no code in them
             except ckpt.CheckpointError as e:
                 damaged = e
             if any_rank(damaged is not None):
-                raise damaged or ckpt.CheckpointError(f"{where}: a file failed its checksum on another rank (that "
+                raise damaged or ckpt.CheckpointError(f"{where}: a file failed its checks on another rank (that "
                                                       f"rank names it): load the last good checkpoint")
             if marker.get("world_size", self.world) != self.world:
                 raise ArgError(f"{where} was made with {marker['world_size']} ranks, this run has {self.world}: "
