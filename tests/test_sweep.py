@@ -112,10 +112,11 @@ def test_robustness_sizes(flags):
         if run.router == "topk":
             nominal = float(run.group[:-1]) * 1e6
             assert 0.75 * nominal <= total <= 1.25 * nominal, (run.name, total)
-            smoe_width = cfg.d_model
-        else:  # VQMoE right after SMoE of the same size, at half its hidden size
-            assert cfg.d_model * 2 == smoe_width, run.name
-            assert total < 0.6 * float(run.group[:-1]) * 1e6
+            smoe = cfg
+        else:  # VQMoE right after SMoE of the same size: the same model, its experts' hidden size halved
+            assert (cfg.d_model, cfg.n_layer, cfg.d_inner) == (smoe.d_model, smoe.n_layer, smoe.d_inner), run.name
+            assert cfg.expert_ffn * 2 == smoe.d_inner, run.name
+            assert total < 0.7 * count_params(smoe)["total"]
 
 
 def test_every_preset_value_can_be_replaced(flags):

@@ -106,11 +106,12 @@ class Group:
 @dataclass(frozen=True)
 class Preset:
     description: str
-    routers: Tuple[str, ...]
+    routers: Tuple[str, ...]  # the arms: names of --router, or of entries of ``arms``
     seeds: Tuple[int, ...]
     flags: Mapping[str, Any]  # every run
     groups: Tuple[Group, ...] = (Group(""),)
-    router_flags: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # per router, every group
+    router_flags: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # per arm, every group
+    arms: Mapping[str, Tuple[str, Mapping[str, Any]]] = field(default_factory=dict)  # name -> (--router, its flags)
 
 
 # A CPU-sized run of the tiny shape (2 layers, d 64, 4 heads, 4 experts, top-2, codebook 8, context 64), 300 steps
@@ -124,19 +125,57 @@ TINY_CPU = {
 SCHEDULES = {"stablemoe": {"stablemoe-stage1-steps": Scaled("train-iters", 0.5)},
              "smoe_dropout": {"smoe-dropout-k-steps": Scaled("train-iters", 1.0, minimum=1)}}
 # Figure 3: (name, --num-layers, --hidden-size, --ffn-hidden-size) of SMoE (top-2, 4 experts) at about 1M-16M
-# parameters in all (count_params, byte vocabulary); VQMoE runs at half the hidden size
+# parameters in all (count_params, byte vocabulary); VQMoE runs with its experts' hidden size halved
 ROBUSTNESS_SIZES = (("1M", 3, 128, 256), ("2M", 4, 160, 320), ("4M", 4, 224, 448), ("8M", 6, 256, 512),
                     ("16M", 8, 320, 640))
+ROBUSTNESS_CPU = {**TINY_CPU, "train-iters": 1500, "eval-interval": 100, "eval-iters": 0, "log-interval": 50,
+                  "save-interval": 500}
+# The authors' Transformer-XL scripts (script/table1/transformer_xl/*/enwik8_*.sh) at a CPU size: their 4 layers,
+# expert FFN 2 x d, 16 experts, codebook 16, dropout 0.1 (none on attention), ReLU experts, dropless dispatch
+# (FastMoE), Adam at lr 3.5e-4 without warm-up on a cosine to 0, clipping 0.25, balance loss 0.01, VQ loss weight
+# 0.08 and commitment 0.25; d 128 with 4 heads, segments of 64 bytes with 64 of memory, 16 segments a step.  No
+# ds_config file: the driver's default (fp32, torch Adam on the CPU), whose clipping the flag sets.
+PAPER_CPU = {
+    "config": "tiny", "model": "txl", "num-layers": 4, "hidden-size": 128,
+    "num-attention-heads": 4, "ffn-hidden-size": 256, "num-experts": 16, "codebook-size": 16, "seq-length": 64,
+    "mem-len": 64, "micro-batch-size": 16, "hidden-dropout": 0.1, "ffn-dropout": 0.1, "attention-dropout": 0.0,
+    "moe-activation": "relu", "drop-tokens": False, "lr": 3.5e-4, "min-lr": 0.0, "lr-warmup-iters": 0,
+    "clip-grad": 0.25, "balance-loss-coef": 0.01, "vq-alpha": 0.08, "vq-beta": 0.25, "train-iters": 1500,
+    "eval-interval": 100, "eval-iters": 0, "test-iters": 0, "log-interval": 50, "save-interval": 500,
+    "keep-last": 1,
+}
+# their VQMoE runs top-1 plus the discrete route (2 expert routes per token); their SMoE baseline is top-2
+PAPER_ARMS = {"vqmoe-k1": ("vqmoe", {"top-k": 1}), "topk-k2": ("topk", {"top-k": 2}), "topk-k1": ("topk", {"top-k": 1})}
+# the authors' choices that differ from ours, one at a time on VQMoE top-1, then all together: their balance loss is
+# never applied (its gate's flag is never set), their codebook is L2, and their discrete expert reads
+# LayerNorm(0.95 x + 0.05 (q - x).detach()), i.e. nearly the token itself
+PAPER_DIFF_ARMS = {
+    "vqmoe-k1": PAPER_ARMS["vqmoe-k1"],
+    "vqmoe-k1-nobal": ("vqmoe", {"top-k": 1, "balance-loss-coef": 0.0}),
+    "vqmoe-k1-l2": ("vqmoe", {"top-k": 1, "vq-distance": "l2"}),
+    "vqmoe-k1-xin": ("vqmoe", {"top-k": 1, "discrete-input": "token"}),
+    "vqmoe-k1-authors": ("vqmoe", {"top-k": 1, "balance-loss-coef": 0.0, "vq-distance": "l2",
+                                   "discrete-input": "token"}),
+    "topk-k2-nobal": ("topk", {"top-k": 2, "balance-loss-coef": 0.0}),
+}
 
 PRESETS: Dict[str, Preset] = {
     "table1": Preset(
         "Table 1: every router at the same shape (dense, top-k SMoE, XMoE, StableMoE, SMoE-Dropout, VQMoE, ...)",
         tuple(r for r in ROUTERS if r != "vq"), (1, 2, 3), TINY_CPU, router_flags=SCHEDULES),
     "robustness": Preset(
-        "Figure 3: SMoE (top-2) at about 1M, 2M, 4M, 8M, 16M parameters, VQMoE at half its hidden size",
-        ("topk", "vqmoe"), (1, 2, 3), TINY_CPU,
+        "Figure 3: SMoE (top-2) at about 1M, 2M, 4M, 8M, 16M parameters, VQMoE with its experts' hidden size halved",
+        ("topk", "vqmoe"), (1, 2, 3), ROBUSTNESS_CPU,
         groups=tuple(Group(name, {"num-layers": n, "hidden-size": d, "ffn-hidden-size": f},
-                           {"vqmoe": {"hidden-size": d // 2}}) for name, n, d, f in ROBUSTNESS_SIZES)),
+                           {"vqmoe": {"expert-ffn-hidden-size": f // 2}}) for name, n, d, f in ROBUSTNESS_SIZES)),
+    "paper": Preset(
+        "the authors' Transformer-XL settings at a CPU size: VQMoE top-1 (+ the discrete route) against top-2 SMoE "
+        "(the same 2 routes per token) and top-1 SMoE",
+        tuple(PAPER_ARMS), (1, 2, 3), PAPER_CPU, arms=PAPER_ARMS),
+    "paper_diffs": Preset(
+        "the paper preset's VQMoE with the authors' choices where ours differ (no balance loss, L2 codebook, the "
+        "token as the discrete expert's input), and top-2 SMoE without the balance loss",
+        tuple(PAPER_DIFF_ARMS), (1, 2, 3), PAPER_CPU, arms=PAPER_DIFF_ARMS),
     "discrete_only": Preset(
         "Table 4: discrete-only VQMoE (one expert per token by its code) against top-2 SMoE, codebook K = experts "
         "N = 8, 16, 32",
@@ -320,8 +359,8 @@ def build_grid(preset: str, routers: Optional[Sequence[str]] = None, seeds: Opti
     flags = flags or DriverFlags()
     routers = list(routers) if routers else list(p.routers)
     for r in routers:
-        if r not in ROUTERS:
-            raise SweepError(f"unknown router {r!r}: choose among {', '.join(ROUTERS)}")
+        if r not in ROUTERS and r not in p.arms:
+            raise SweepError(f"unknown router {r!r}: choose among {', '.join([*p.arms, *ROUTERS])}")
     if len(set(routers)) != len(routers):
         raise SweepError(f"--routers {' '.join(routers)} names a router twice: give each once")
     seeds = list(seeds) if seeds else list(p.seeds)
@@ -339,8 +378,8 @@ def build_grid(preset: str, routers: Optional[Sequence[str]] = None, seeds: Opti
     for seed in seeds:
         for g in groups:
             for router in routers:
-                merged = {**p.flags, **g.flags, **p.router_flags.get(router, {}), **g.router_flags.get(router, {}),
-                          **user}
+                merged = {**p.flags, **g.flags, **p.arms.get(router, (router, {}))[1],
+                          **p.router_flags.get(router, {}), **g.router_flags.get(router, {}), **user}
                 resolved = {k: v.resolve(merged) if isinstance(v, Scaled) else v for k, v in merged.items()}
                 interval = resolved.get("save-interval")
                 try:
@@ -360,7 +399,8 @@ def build_grid(preset: str, routers: Optional[Sequence[str]] = None, seeds: Opti
     for seed, g, router, shown, resolved in resolved_runs:
         name = "_".join(x for x in (_safe(router), g.name, f"s{seed}") if x)
         runs.append(RunSpec(name, router, seed, g.name, {k: v for k, v in shown.items() if k not in common},
-                            ["--router", router, "--seed", str(seed), *flags.argv(resolved)]))
+                            ["--router", p.arms.get(router, (router, {}))[0], "--seed", str(seed),
+                             *flags.argv(resolved)]))
     return Grid(preset, routers, seeds, [g.name for g in groups], common_argv, runs, nproc)
 
 
