@@ -155,6 +155,7 @@ BAD = {
     "unknown launcher": (["--preset", "seeds", "--launcher", "slurm"], "--launcher slurm"),
     "baseline not swept": (["--preset", "seeds", "--baseline", "xmoe"], "--baseline xmoe"),
     "no save interval": (["--preset", "seeds", "--set", "save-interval=0"], "--save-interval 0"),
+    "unknown override set": (["--preset", "robustness", "--groups", "3M"], "--groups 3M: no such override set"),
 }
 
 

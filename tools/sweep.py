@@ -350,7 +350,7 @@ def _vary_groups(vary: Sequence[str], flags: DriverFlags) -> Tuple[Group, ...]:
 
 def build_grid(preset: str, routers: Optional[Sequence[str]] = None, seeds: Optional[Sequence[int]] = None,
                sets: Sequence[str] = (), vary: Sequence[str] = (), extra: Sequence[str] = (), nproc: int = 1,
-               flags: Optional[DriverFlags] = None) -> Grid:
+               flags: Optional[DriverFlags] = None, only_groups: Sequence[str] = ()) -> Grid:
     """The runs of ``preset`` with the command line's replacements, in order seed, override set, router (so that
     a sweep stopped early has complete seeds)."""
     if preset not in PRESETS:
@@ -372,6 +372,12 @@ def build_grid(preset: str, routers: Optional[Sequence[str]] = None, seeds: Opti
         user[key] = value
     user.update(flags.fold(extra))
     groups = _vary_groups(vary, flags) if vary else p.groups
+    if only_groups:
+        names = [g.name for g in groups]
+        unknown = [n for n in only_groups if n not in names]
+        if unknown:
+            raise SweepError(f"--groups {' '.join(unknown)}: no such override set: choose among {', '.join(names)}")
+        groups = tuple(g for g in groups if g.name in only_groups)
     if len({g.name for g in groups}) != len(groups):
         raise SweepError("two override sets have the same name: give distinct values to --vary")
     resolved_runs = []
@@ -907,6 +913,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="a driver flag for every run, over the preset's value")
     p.add_argument("--vary", nargs="+", action="extend", default=[], metavar="FLAG=V1,V2",
                    help="replace the preset's override sets by the product of these values")
+    p.add_argument("--groups", nargs="+", help="run only these override sets of the preset (or of --vary)")
     p.add_argument("--launcher", default="torchrun", help=f"one of {', '.join(LAUNCHERS)} (default torchrun)")
     p.add_argument("--nproc", type=int, default=1, help="ranks per run (default 1)")
     p.add_argument("--parallel", type=int, default=1, help="runs at once (default 1)")
@@ -928,7 +935,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def sweep(args: argparse.Namespace) -> int:
     out = os.path.abspath(args.out)
     flags = DriverFlags()
-    grid = build_grid(args.preset, args.routers, args.seeds, args.sets, args.vary, args.extra, args.nproc, flags)
+    grid = build_grid(args.preset, args.routers, args.seeds, args.sets, args.vary, args.extra, args.nproc, flags,
+                      args.groups or ())
     baseline = args.baseline or ("topk" if "topk" in grid.routers else grid.routers[0])
     if baseline not in grid.routers:
         raise SweepError(f"--baseline {baseline} is not among the routers ({', '.join(grid.routers)}): choose one "
