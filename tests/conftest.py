@@ -15,9 +15,9 @@ def _end_group_and_restore(saved):
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-        from dist_helper import clear_deepspeed_groups
+    from dist_helper import clear_deepspeed_groups
 
-        clear_deepspeed_groups()  # its cached groups belong to the group just destroyed
+    clear_deepspeed_groups()  # its cached groups belong to a destroyed group (here, or by the entry point itself)
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)

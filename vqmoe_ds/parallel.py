@@ -113,6 +113,16 @@ def any_rank(flag: bool, group=None) -> bool:
     return bool(max_over_ranks(torch.tensor([1.0 if flag else 0.0], device=comm_device()), group).item())
 
 
+def max_value(value: float, group=None) -> float:
+    """The largest of one number over the ranks of ``group`` (the number itself without a process group)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return value
+    return float(max_over_ranks(torch.tensor([float(value)], dtype=torch.float64, device=comm_device()), group).item())
+
+
 def max_over_ranks(t, group=None):
     """``t`` maxed element-wise over the ranks of ``group``, as a tensor on ``comm_device()``: nothing is read
     back to the host, so a caller can fetch it together with other values in one transfer."""

@@ -90,8 +90,6 @@ def save(engine, save_dir: str, tag: str, client_state: Dict[str, Any], task_sta
     Transformer-XL memory); ``config``: the run's resolved configuration, kept in the marker; ``marker_extra``:
     more marker fields (``imported``: weights without optimizer, scheduler or data position, see `load`).
     Returns the checkpoint folder (complete when this returns)."""
-    from ..parallel import any_rank
-
     rank = _rank()
     world = dist.get_world_size() if dist.is_initialized() else 1
     tmp_tag = TMP_PREFIX + tag
@@ -105,50 +103,111 @@ def save(engine, save_dir: str, tag: str, client_state: Dict[str, Any], task_sta
         engine.save_checkpoint(save_dir, tag=tmp_tag, client_state=client_state, save_latest=False)
         write_rank_state(tmp, rank, {"rng": rng_state(), "task": _to_cpu(task_state),
                                      "buffers": module_buffers(model) if model is not None else None})
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        if not isinstance(e, OSError) and "writ" not in str(e).lower():
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        if not isinstance(e, OSError) and not _failed_write(e, save_dir):
             raise
         error = e
-    if any_rank(error is not None):  # every rank stops here, with the same one-line reason where it can
-        reason = (f"{type(error).__name__}: {str(error).strip().splitlines()[0][:160]}" if error is not None
-                  else "a write failed on another rank")
-        raise CheckpointError(f"saving step {step} to {tmp} failed ({reason}): free space or give --save a folder "
-                              f"you can write to; the last complete checkpoint is {_last_complete(save_dir)}")
+    _agree_on_write(error, step, tmp, save_dir)
     _barrier()
-    files = list_files(tmp)  # every rank hashes (and syncs) its share of the files: the reading is split
-    mine = digests(tmp, list(files), (rank, world))
-    for name in mine:
-        fsync_file(os.path.join(tmp, name))
+    files, mine, error = {}, {}, None
+    try:
+        files = list_files(tmp)  # every rank hashes (and syncs) its share of the files: the reading is split
+        mine = digests(tmp, list(files), (rank, world))
+        for name in mine:
+            fsync_file(os.path.join(tmp, name))
+    except OSError as e:
+        error = e
+    _agree_on_write(error, step, tmp, save_dir)
     shares = [None] * world
     if world > 1:
         dist.all_gather_object(shares, mine)
     else:
         shares = [mine]
-    if rank == 0:
-        missing = [rank_file(r) for r in range(world) if rank_file(r) not in files]
-        if missing:
-            raise CheckpointError(f"save of {tag} in {save_dir} lacks {missing[0]}: the folder is not shared by all "
-                                  f"ranks; give --save a folder on a file system every node sees")
-        sha = {name: d for share in shares for name, d in share.items()}
-        marker = {"tag": tag, "step": step, "world_size": world, "files": files, "sha256": sha,
-                  "model_config": client_state.get("model_config"), "config": config, **(marker_extra or {})}
-        write_atomic(os.path.join(tmp, MARKER), json.dumps(marker, indent=1, default=str))
-        fsync_dir(tmp)
-        final = os.path.join(save_dir, tag)
-        if os.path.exists(final):
-            old = os.path.join(save_dir, OLD_PREFIX + tag)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        fsync_dir(save_dir)
-        if latest:
-            write_atomic(os.path.join(save_dir, "latest"), tag)
+    error = None
+    try:
+        if rank == 0:
+            _finish_save(save_dir, tag, tmp, files, shares, world, step, client_state, config, marker_extra, latest)
+    except (OSError, CheckpointError) as e:
+        error = e
+    _agree_on_write(error, step, tmp, save_dir)
     _barrier()
     if rank == 0 and keep_last > 0:
         prune(save_dir, keep_last)
     return os.path.join(save_dir, tag)
+
+
+# what torch.save's C++ writer says when a write fails (measured on a full tmpfs: "basic_ios::clear: iostream
+# error", then "unexpected pos N vs M" from the zip writer's end-of-file)
+_WRITE_FAILURES = ("writ", "iostream error", "unexpected pos", "no space left", "disk quota")
+
+
+def _failed_write(e: RuntimeError, folder: str) -> bool:
+    """Whether torch.save's RuntimeError is a failed write (its words, or a file system with no room left)."""
+    text = " ".join(str(x) for x in (e, e.__context__) if x is not None).lower()
+    if any(w in text for w in _WRITE_FAILURES):
+        return True
+    try:
+        st = os.statvfs(folder)
+        return st.f_bavail * st.f_frsize < (1 << 20)
+    except OSError:
+        return False
+
+
+def _reason(error: BaseException, folder: str) -> str:
+    """The cause of a failed write in a few words: the OSError's, or for torch.save's RuntimeError the state of the
+    file system (a full one is named as such) and torch's first line."""
+    first = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
+    if isinstance(error, OSError):
+        return f"{type(error).__name__}: {first}"
+    try:
+        st = os.statvfs(folder)
+        free = st.f_bavail * st.f_frsize
+    except OSError:
+        free = None
+    if free is not None and free < (1 << 20):
+        return f"No space left on device: {free // 1024} KiB free; torch.save: {first}"
+    return f"torch.save: {first}"
+
+
+def _agree_on_write(error: Optional[BaseException], step, tmp: str, save_dir: str) -> None:
+    """Collective: if a write failed on any rank, every rank raises one `CheckpointError` (the failing rank with
+    its own reason), so that no rank goes on into a collective its peers left."""
+    from ..parallel import any_rank
+
+    if not any_rank(error is not None):
+        return
+    reason = (_reason(error, save_dir) if error is not None and not isinstance(error, CheckpointError)
+              else "a write failed on another rank")
+    if _rank() == 0:  # the partial save goes: a full disk gets its space back, the last complete save stays
+        shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(error, CheckpointError):
+        raise error
+    raise CheckpointError(f"saving step {step} to {tmp} failed ({reason}): free space or give --save a folder you "
+                          f"can write to; the last complete checkpoint is {_last_complete(save_dir)}")
+
+
+def _finish_save(save_dir, tag, tmp, files, shares, world, step, client_state, config, marker_extra, latest) -> None:
+    """Rank 0: the marker, the rename into place and ``latest`` (see the module's protocol, steps 2 and 3)."""
+    missing = [rank_file(r) for r in range(world) if rank_file(r) not in files]
+    if missing:
+        raise CheckpointError(f"save of {tag} in {save_dir} lacks {missing[0]}: the folder is not shared by all "
+                              f"ranks; give --save a folder on a file system every node sees")
+    sha = {name: d for share in shares for name, d in share.items()}
+    marker = {"tag": tag, "step": step, "world_size": world, "files": files, "sha256": sha,
+              "model_config": client_state.get("model_config"), "config": config, **(marker_extra or {})}
+    write_atomic(os.path.join(tmp, MARKER), json.dumps(marker, indent=1, default=str))
+    fsync_dir(tmp)
+    final = os.path.join(save_dir, tag)
+    if os.path.exists(final):
+        old = os.path.join(save_dir, OLD_PREFIX + tag)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(save_dir)
+    if latest:
+        write_atomic(os.path.join(save_dir, "latest"), tag)
 
 
 def clear_leftovers(save_dir: str) -> None:

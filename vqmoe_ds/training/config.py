@@ -9,6 +9,7 @@ optimizer's lr, the scheduler (a ``"scheduler"`` block in the config replaces th
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import math
 import os
@@ -346,5 +347,7 @@ def check_save_dir(path: str, rank: int = 0) -> None:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):  # not a bad input: the run cannot go on (exit 3)
+            raise
         raise ArgError(f"checkpoint folder {path} is not writable ({e.strerror}): give --save a folder you can "
                        f"write to") from None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import datetime
+import errno
 import json
 import math
 import os
@@ -33,12 +34,13 @@ from .. import checkpoint as ckpt
 from ..cli import ArgError, CommandLine, Parsed
 from ..data import DataError
 from ..moe.config import ConfigError
-from ..parallel import any_rank, barrier, init_distributed, max_over_ranks, reduce_values, shutdown
+from ..parallel import any_rank, barrier, init_distributed, max_over_ranks, max_value, reduce_values, shutdown
 from ..quiet import engine_start
 from ..routers import set_step, update_expert_biases
 from .config import OptimConfig, ParallelConfig, RunConfig, check_save_dir, check_world, resolve_ds_config
 from .lr_schedule import start_lr_schedule
 from .preemption import StopRequest
+from .run_lock import RunLock, RunLockError
 from .run_log import RunLog, gather_moe_stats, moe_summary
 
 # Bad input of any kind: one line, exit status 2, before any training step.
@@ -47,6 +49,14 @@ INPUT_ERRORS = (ArgError, ConfigError, DataError, FileNotFoundError, ckpt.Checkp
 
 class TrainingStopped(RuntimeError):
     """The run cannot go on (e.g. too many non-finite steps in a row); one line naming problem and fix."""
+
+
+class WriteFailed(TrainingStopped):
+    """A file of the run could not be written on some rank (a full disk, no permission); every rank raises it."""
+
+    def __init__(self, error: OSError):
+        super().__init__(str(error))
+        self.error = error
 
 
 class Task(abc.ABC):
@@ -177,13 +187,34 @@ class Task(abc.ABC):
         return make_plots(out_dir)
 
 
+def agreed_io(fn) -> Any:
+    """Run ``fn`` (file writes, on some ranks) on every rank; an ``OSError`` on any rank (a full disk, no
+    permission) is raised on every rank -- the rank's own, or one with the same errno naming the other rank -- so
+    that no rank goes on into a collective its peers left."""
+    code, error, out = 0, None, None
+    try:
+        out = fn()
+    except OSError as e:
+        code, error = e.errno or errno.EIO, e
+    code = int(max_value(code))
+    if code:
+        raise WriteFailed(error or OSError(code, f"{os.strerror(code)} (on another rank, which names the file)"))
+    return out
+
+
+def out_of_space(e: BaseException) -> bool:
+    """A write failed because the disk (or the user's quota) is full: OSError ENOSPC/EDQUOT, or torch.save's
+    RuntimeError around one."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(e, RuntimeError) and ("No space left" in str(e) or "file write failed" in str(e))
+
+
 class Trainer:
     """The loop around one `Task`."""
 
     def __init__(self, task: Task, cmd: CommandLine):
-        import deepspeed
         from deepspeed.accelerator import get_accelerator
-        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
         self.task, self.cmd = task, cmd
         optim, run, par = task.optim, task.run, task.parallel
@@ -197,6 +228,45 @@ class Trainer:
         self.device = torch.device(get_accelerator().current_device_name())  # LOCAL_RANK's (bind_local_device)
         on_cpu = get_accelerator().device_name() == "cpu"
         task.rank, task.world, task.device = self.rank, self.world, self.device
+        self.lock = self._take_lock(run.out_dir)  # one run per --out-dir, before anything in it is written
+        try:
+            self._build(on_cpu)
+        except BaseException:
+            self.release_lock()
+            raise
+
+    def _take_lock(self, out_dir: str) -> Optional[RunLock]:
+        """Rank 0 holds ``OUT_DIR/.lock`` for the run's life; every rank learns whether it got it."""
+        refused = []
+
+        def take():
+            if self.rank == 0:
+                try:
+                    return RunLock(out_dir).acquire()
+                except RunLockError as e:
+                    refused.append(e)
+            return None
+
+        lock = agreed_io(take)  # a folder that cannot be written: every rank stops
+        error = refused[0] if refused else None
+        if any_rank(error is not None):
+            raise error or RunLockError(f"{out_dir} is in use by another run (rank 0 names it): wait for it to end "
+                                        f"or give another --out-dir")
+        if lock is not None and lock.taken_over:
+            print(f"notice: {lock.path} was left by a run that is no longer running ({lock.taken_over}): this run "
+                  f"takes it over", flush=True)
+        return lock
+
+    def release_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+    def _build(self, on_cpu: bool) -> None:
+        """Checks, data shards, model, engine and resume (everything after the lock)."""
+        import deepspeed
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        task, optim, run, par = self.task, self.optim, self.run, self.task.parallel
         # ---- checks, all before the model exists -------------------------------------------------------
         check_world(task.ep_size, task.is_moe, self.world)
         self.ds_config = resolve_ds_config(optim, par, self.world, on_cpu, task.default_micro_batch)
@@ -207,7 +277,7 @@ class Trainer:
         if self.rank == 0:
             run.clear_previous()  # --overwrite
         barrier()
-        check_save_dir(self.save_dir, self.rank)
+        agreed_io(lambda: check_save_dir(self.save_dir, self.rank))
         self.resume_tag = None
         if run.load:  # the checkpoint is complete and fits this run, checked before the model exists
             self.resume_tag = ckpt.resolve_tag(run.load)
@@ -251,19 +321,23 @@ class Trainer:
         self.stop = StopRequest()
         if run.load:
             self._resume(run.load)
-        self.log = RunLog(run.out_dir, self.rank, optim.train_iters, self.step, progress=run.progress,
-                          tensorboard=run.tensorboard, per_layer=run.moe_per_layer_logging)
-        self.log.info(f"{task.describe()}; {self.world} rank(s), ep {task.ep_size}, "
-                      f"ZeRO {self.ds_config.get('zero_optimization', {}).get('stage', 0)}, "
-                      f"batch {self.micro} x {self.accum} x {self.world}")
-        if self.rank == 0:
-            os.makedirs(run.out_dir, exist_ok=True)
-            with open(os.path.join(run.out_dir, "config.json"), "w") as f:
-                json.dump(self.resolved_config(), f, indent=1, default=str)
-            with open(os.path.join(run.out_dir, "ds_config.json"), "w") as f:
-                json.dump(self.ds_config, f, indent=1)
-            with open(os.path.join(run.out_dir, "run_info.json"), "w") as f:
-                json.dump({"world_size": self.world, **task.run_info()}, f, indent=1, default=str)
+
+        def open_run_files():  # rank 0 writes them; every rank learns whether that worked (a full disk: exit 3)
+            self.log = RunLog(run.out_dir, self.rank, optim.train_iters, self.step, progress=run.progress,
+                              tensorboard=run.tensorboard, per_layer=run.moe_per_layer_logging)
+            self.log.info(f"{task.describe()}; {self.world} rank(s), ep {task.ep_size}, "
+                          f"ZeRO {self.ds_config.get('zero_optimization', {}).get('stage', 0)}, "
+                          f"batch {self.micro} x {self.accum} x {self.world}")
+            if self.rank == 0:
+                os.makedirs(run.out_dir, exist_ok=True)
+                with open(os.path.join(run.out_dir, "config.json"), "w") as f:
+                    json.dump(self.resolved_config(), f, indent=1, default=str)
+                with open(os.path.join(run.out_dir, "ds_config.json"), "w") as f:
+                    json.dump(self.ds_config, f, indent=1)
+                with open(os.path.join(run.out_dir, "run_info.json"), "w") as f:
+                    json.dump({"world_size": self.world, **task.run_info()}, f, indent=1, default=str)
+
+        agreed_io(open_run_files)
 
     def resolved_config(self) -> Dict[str, Any]:
         return self.cmd.resolved(self.task.parsed.preset, self.task.config_objects())
@@ -328,11 +402,14 @@ class Trainer:
                           f"{self.task.describe_eval('test', res)}")
         else:
             self.log.info("no test split: results.json has no test results")
-        if self.rank == 0:
-            out = {"test": res, "best_valid": {self.task.metric: self.best, **(self.best_valid or {})},
-                   "steps": self.step, **self.task.results()}
-            with open(os.path.join(self.run.out_dir, "results.json"), "w") as f:
-                json.dump(out, f, indent=1, default=str)
+        def write_results():
+            if self.rank == 0:
+                out = {"test": res, "best_valid": {self.task.metric: self.best, **(self.best_valid or {})},
+                       "steps": self.step, **self.task.results()}
+                with open(os.path.join(self.run.out_dir, "results.json"), "w") as f:
+                    json.dump(out, f, indent=1, default=str)
+
+        agreed_io(write_results)
         return res
 
     # ---- training ---------------------------------------------------------------------------------------
@@ -447,7 +524,7 @@ class Trainer:
                         f"{self.skipped_in_row} steps in a row (up to step {self.step}) had a non-finite loss, "
                         f"--max-skipped-steps {run.max_skipped_steps}: lower --lr or check the data, then resume "
                         f"from the last checkpoint in {self.save_dir}")
-                if self.stop.agreed():
+                if self.stop.agreed(self.log.failed is not None):
                     return self._stop_on_signal()
                 continue
             self.skipped_in_row = 0
@@ -466,20 +543,27 @@ class Trainer:
                 self.validate()
             if run.save_interval and self.step % run.save_interval == 0 and not last:
                 self.save(ckpt.step_tag(self.step))
-            if not last and self.stop.agreed():
+            if not last and self.stop.agreed(self.log.failed is not None):
                 return self._stop_on_signal()
         self.save(ckpt.step_tag(self.step))
         return True
 
     def _stop_on_signal(self) -> bool:
-        """SIGTERM/SIGINT on any rank: the current step is done; save it and stop (exit 0)."""
+        """SIGTERM/SIGINT on any rank: the current step is done; save it and stop (exit 0).  A failed log write
+        on any rank (a full disk) stops every rank instead, without a save (the disk has no room for one)."""
+        agreed_io(self._raise_log_failure)
         path = self.save(ckpt.step_tag(self.step))
         self.log.info(f"stopped by {self.stop.describe()} after step {self.step}; "
                       f"saved {path}: resume with --load {self.save_dir}")
         return False
 
+    def _raise_log_failure(self) -> None:
+        if self.log.failed is not None:
+            raise self.log.failed
+
     def finish(self) -> None:
-        self.log.finish(self.save_dir, self.task.plots if self.run.plots else None)
+        agreed_io(lambda: self.log.finish(self.save_dir, self.task.plots if self.run.plots else None))
+        self.release_lock()
 
 
 def _empty_window() -> Dict[str, Any]:
@@ -532,6 +616,7 @@ def run(cmd: CommandLine, make_task, argv: Optional[List[str]] = None) -> int:
     """A driver's ``main``: parse ``argv`` with ``cmd``, ``make_task(parsed)`` builds the task (its configs
     checked), then train, test and finish.  Exit status: 0 done (or stopped by a signal after saving), 2 bad
     input, 3 training could not go on, 4 a peer rank died or hung."""
+    trainer = None
     try:
         parsed = cmd.parse(argv)
         task = make_task(parsed)
@@ -540,14 +625,22 @@ def run(cmd: CommandLine, make_task, argv: Optional[List[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         shutdown(clean=False)
         return 2
+    except WriteFailed as e:  # the run's folders cannot be written (a full disk): every rank stops here together
+        print(f"error: {_write_failed(e.error, None)}", file=sys.stderr, flush=True)
+        shutdown(clean=False)
+        return 3
     trainer.stop.install()
     try:
         finished = trainer.train()
         if finished:
             trainer.test()
-    except (TrainingStopped, ckpt.CheckpointError) as e:  # the run cannot go on (e.g. a save failed): every rank
-        print(f"error: {e}", file=sys.stderr, flush=True)  # stops here together
+        trainer.finish()
+    except (TrainingStopped, ckpt.CheckpointError) as e:  # the run cannot go on (e.g. a save or a log write
+        # failed): every rank stops here together
+        print(f"error: {_write_failed(e.error, trainer) if isinstance(e, WriteFailed) else e}", file=sys.stderr,
+              flush=True)
         trainer.log.close()
+        trainer.release_lock()
         shutdown(clean=False)
         return 3
     except Exception as e:  # noqa: BLE001 -- only the backend's own errors are turned into a message
@@ -561,6 +654,18 @@ def run(cmd: CommandLine, make_task, argv: Optional[List[str]] = None) -> int:
         print(f"error: rank {trainer.rank}: {who} responding while {trainer.doing} ({first}): see that rank's log, "
               f"then resume with --load {trainer.save_dir}", file=sys.stderr, flush=True)
         os._exit(4)  # the process group is broken: destroying it could hang
-    trainer.finish()
     shutdown(clean=True)
     return 0
+
+
+def _write_failed(e: OSError, trainer: Optional[Trainer]) -> str:
+    """The one line for a run whose files could not be written."""
+    what = f"writing {e.filename}" if e.filename else "writing the run's files"
+    fix = ("free space or give --out-dir (and --save) a folder on a disk with room" if out_of_space(e) else
+           "give --out-dir (and --save) a folder you can write to")
+    if trainer is None:
+        return f"{what} failed ({e.strerror or e}): {fix}; nothing was trained"
+    latest = ckpt.read_latest(trainer.save_dir)
+    last = os.path.join(trainer.save_dir, latest) if latest else "none yet"
+    return (f"{what} failed at step {trainer.step} ({e.strerror or e}): {fix}, then resume with --load "
+            f"{trainer.save_dir}; the last complete checkpoint is {last}")

@@ -24,11 +24,12 @@ class StopRequest:
             signal.signal(sig, handler)
         return self
 
-    def agreed(self) -> bool:
-        """Whether any rank got a stop signal: the same answer on every rank."""
+    def agreed(self, other_reason: bool = False) -> bool:
+        """Whether any rank got a stop signal (or has ``other_reason`` to stop, e.g. a failed log write): the same
+        answer on every rank."""
         from ..parallel import any_rank
 
-        return any_rank(self.signal_name is not None)
+        return any_rank(self.signal_name is not None or other_reason)
 
     def describe(self) -> str:
         return self.signal_name or "a signal on another rank"

@@ -97,6 +97,7 @@ class RunLog:
                  tensorboard: bool = True, per_layer: bool = False):
         self.rank, self.out_dir, self.per_layer = rank, out_dir, per_layer
         self.bar = self.tb = self.jsonl = None
+        self.failed: Optional[OSError] = None  # the first write to log.jsonl that failed
         self.plain = None  # progress as plain lines: [every, start step, start time] (no terminal to redraw a bar on)
         self.step, self.total = start_step, total_steps
         if rank != 0:
@@ -118,8 +119,14 @@ class RunLog:
         if self.rank != 0:
             return
         record = {"time": time.time(), **record}
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
+        if self.failed is not None:
+            return
+        try:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+        except OSError as e:  # a full disk: the loop stops all ranks at its next agreement (``failed``)
+            self.failed = e
+            return
         if self.tb is not None:
             step, kind = record.get("step", 0), record.get("kind", "train")
             for k, v in record.items():
@@ -171,4 +178,8 @@ class RunLog:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
-        self.jsonl.close()
+        try:
+            self.jsonl.close()
+        except OSError:  # what could not be written after a failed write (already reported)
+            if self.failed is None:
+                raise
