@@ -4,7 +4,8 @@
     python tools/convert_hf.py --hf-dir OLMoE-1B-7B-0924 --out-dir runs/olmoe [--ep-size N] [--tokenizer DIR]
 
 Reads the folder save_pretrained wrote (config.json, model.safetensors or its shards; per-expert or fused 3-D
-expert tensors) and writes OUT/checkpoints/imported, OUT/config.json (the resolved configuration the drivers
+expert tensors; OLMoE, or a VQMoE exported by tools/export_checkpoint.py --format hf, whose remote code is not run:
+its weights and settings are read as data, after every file is checked against its vqmoe_manifest.json) and writes OUT/checkpoints/imported, OUT/config.json (the resolved configuration the drivers
 read with --config-file) and OUT/tokenizer/.  pretrain_vqmoe.py --load OUT/checkpoints (on N ranks with
 --config-file OUT/config.json), finetune_vqmoe.py --load OUT, tools/convert_to_vqmoe.py --load OUT,
 tools/analyze_routing.py --load OUT and tools/embed.py --load OUT read it.  Every input is checked before
@@ -29,14 +30,20 @@ def parse(argv=None):
     return ap.parse_args(argv)
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.3f}M"
+
+
 def convert(args):
     from vqmoe_ds.checkpoint.hf import import_hf
     from vqmoe_ds.training.lm import resolved_config_for
 
     out = import_hf(args.hf_dir, args.out_dir, args.ep_size, args.tokenizer, run_config=resolved_config_for)
-    print(f"imported {out['architecture']} ({out['expert_layout']} experts, {out['parameters'] / 1e9:.3f}B "
-          f"parameters, {out['active'] / 1e9:.3f}B active) -> {out['checkpoint']} for {args.ep_size} rank(s)",
-          flush=True)
+    if out["verified"]:
+        print(f"{args.hf_dir}: every file matches its SHA-256 in vqmoe_manifest.json (an export of vqmoe-ds)", flush=True)
+    print(f"imported {out['architecture']} ({out['router']} router, {out['expert_layout']} experts, "
+          f"{_count(out['parameters'])} parameters, {_count(out['active'])} active) -> {out['checkpoint']} for "
+          f"{args.ep_size} rank(s)", flush=True)
     if out["tokenizer"]:
         print(f"tokenizer: {out['tokenizer']}", flush=True)
     else:

@@ -118,7 +118,9 @@ def run(args):
 def main(argv=None):
     from vqmoe_ds.training.launch import run_tool
 
-    return run_tool(run, parse(argv), (CheckpointError, DataError, FileNotFoundError))
+    from vqmoe_ds.moe.config import ConfigError
+
+    return run_tool(run, parse(argv), (CheckpointError, ConfigError, DataError, FileNotFoundError))
 
 
 if __name__ == "__main__":

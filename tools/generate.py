@@ -1,15 +1,17 @@
 #!/usr/bin/env python
-"""Sample text from a checkpoint of pretrain_vqmoe.py (one process, CPU or one GPU).
+"""Sample text from a checkpoint of pretrain_vqmoe.py (one process, on the CPU).
 
     python tools/generate.py --load runs/demo/checkpoints [--tag best] --prompt "12 + 7 = " --tokens 200
 
-The checkpoint is verified (every file against its recorded size and checksum), and the model rebuilt from its
+Without --tag the ``best`` checkpoint is used, or ``latest`` (with a notice) when the run saved no best.  The
+checkpoint is verified (every file against its recorded size and checksum), and the model rebuilt from its
 stored config with expert parallelism 1; DeepSpeed's ``load_checkpoint`` gathers all experts into it (its expert
 files are named by global expert id, so a checkpoint written at ep_size 2 loads at 1).  The prompt is encoded and
 the sample decoded with the tokenizer the checkpoint recorded (bytes, characters, words or sentencepiece; or
 ``--tokenizer-meta PREFIX.tokenizer.json``).  Transformer-XL samples with its memory: the prompt once, then one
-token at a time.  ``--weights FILE.safetensors`` samples from an exported model instead (byte tokenizer unless
-``--tokenizer-meta`` is given).
+token at a time.  Tokens are sampled among the tokenizer's ids only (a model's vocabulary can be padded beyond
+them).  ``--weights FILE.safetensors`` samples from an exported model instead, after checking it against its
+``FILE.sha256.json`` (the tokenizer its ``FILE.json`` records when that is bytes, else ``--tokenizer-meta``).
 """
 import argparse
 import os
@@ -31,7 +33,7 @@ def parse(argv=None):
     p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", help="the --save folder of a run (or a run's --out-dir)")
     p.add_argument("--weights", help="instead of --load: FILE.safetensors written by tools/export_checkpoint.py")
-    p.add_argument("--tag", default="best", help="checkpoint tag: best (default), step<N>, or latest")
+    p.add_argument("--tag", help="checkpoint tag: best, step<N>, or latest (default: best, else latest with a notice)")
     p.add_argument("--tokenizer-meta", help="PREFIX.tokenizer.json of the data (default: the checkpoint's tokenizer)")
     p.add_argument("--prompt", default="\n", help="text the sample continues (default: a newline)")
     p.add_argument("--tokens", type=int, default=200, help="tokens to sample (default 200)")
@@ -58,11 +60,26 @@ def load(args):
     from vqmoe_ds.data.tokenizers import ByteTokenizer, Tokenizer
 
     if args.weights:
-        model, cfg = load_exported(args.weights)
-        tok = Tokenizer.from_metadata(TokenizerMeta.load(args.tokenizer_meta)) if args.tokenizer_meta \
-            else ByteTokenizer()
-        return model, cfg, tok
-    run = read_run(args.load, args.tag)  # verifies the checkpoint first
+        import json
+
+        from vqmoe_ds.checkpoint import CheckpointError
+
+        model, cfg = load_exported(args.weights)  # verifies the export against its manifest first
+        if args.tokenizer_meta:
+            return model, cfg, Tokenizer.from_metadata(TokenizerMeta.load(args.tokenizer_meta))
+        with open(os.path.splitext(args.weights)[0] + ".json") as f:
+            recorded = json.load(f).get("tokenizer") or {}
+        if recorded.get("kind", "byte") != "byte" or cfg.vocab_size != 256:
+            raise CheckpointError(f"{args.weights} holds a model of {cfg.vocab_size} tokens, tokenized as "
+                                  f"{recorded.get('kind', 'unknown')}: pass --tokenizer-meta PREFIX.tokenizer.json of "
+                                  f"its data")
+        return model, cfg, ByteTokenizer()
+    from vqmoe_ds.checkpoint.export import pick_tag
+
+    tag, notice = pick_tag(args.load, args.tag)
+    if notice:
+        print(notice, file=sys.stderr, flush=True)
+    run = read_run(args.load, tag)  # verifies the checkpoint first
     tok = tokenizer_for(run, args.tokenizer_meta)
     model, cfg, _ = load_for_inference(run.save_dir, run.tag)
     return model, cfg, tok
@@ -83,7 +100,7 @@ def sample(model, cfg, tok, args) -> str:
                 logits = model(torch.tensor([out[-cfg.seq_len:]]))[0]
             else:
                 logits, _, _, mems = model(x, mems=mems)
-            logits = logits[0, -1].float() / args.temperature
+            logits = logits[0, -1, :tok.vocab_size].float() / args.temperature  # ids the tokenizer can decode
             if args.top_k:
                 kth = torch.topk(logits, min(args.top_k, logits.numel())).values[-1]
                 logits[logits < kth] = float("-inf")

@@ -359,7 +359,11 @@ class CommandLine:
                            f"{{section: {{setting: value}}}} with sections {', '.join(values)}")
         preset = None
         for sec, body in data.items():
+            if sec in RECORD_KEYS:  # what a run wrote about its origin and resumes: not settings
+                continue
             if sec == "config" and self.presets:
+                if body is None:  # a resolved file that spells every setting out (e.g. an imported model's)
+                    continue
                 if body not in self.presets:
                     raise ArgError(f"{where}: config = {body!r} is not a named shape: choose one of "
                                    f"{', '.join(self.presets)}")
@@ -401,6 +405,24 @@ def _near(word: str, options) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
+# keys of a resolved configuration that record where the run came from and how it was resumed, not settings:
+# a config file may hold them (a run's config.json does) and they are skipped when it is read
+RECORD_KEYS = ("imported", "converted", "resumes")
+
+
+def _yaml_loader():
+    """PyYAML's safe loader, reading numbers in exponent form without a dot (``2e-3``, ``1E5``) as floats, as YAML
+    1.2 and JSON do (YAML 1.1 makes them strings)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789"))
+    return Loader
+
+
 def load_file(path: str) -> Any:
     """A YAML (.yaml/.yml) or JSON file; one-line errors."""
     if not os.path.isfile(path):
@@ -411,7 +433,7 @@ def load_file(path: str) -> Any:
         import yaml
 
         try:
-            return yaml.safe_load(text)
+            return yaml.load(text, Loader=_yaml_loader())
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f" (line {mark.line + 1})" if mark is not None else ""

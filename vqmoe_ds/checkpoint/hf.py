@@ -3,8 +3,9 @@
 
 A Hugging Face folder is what ``save_pretrained`` writes: ``config.json`` and the weights in safetensors, one
 ``model.safetensors`` or shards listed in ``model.safetensors.index.json``.  Supported architectures:
-``OlmoeForCausalLM`` (model_type ``olmoe``).  Its block is this project's GPT block with RMSNorm, SwiGLU experts,
-RoPE, QK-norm over the whole projection and no biases (`model_config_from_hf`); the keys map as
+``OlmoeForCausalLM`` (model_type ``olmoe``) and ``VQMoEOlmoeForCausalLM`` (``vqmoe_olmoe``, what this module exports
+for a VQMoE model).  OLMoE's block is this project's GPT block with RMSNorm, SwiGLU experts, RoPE, QK-norm over the
+whole projection and no biases (`model_config_from_hf`); the keys map as
 
     model.embed_tokens.weight                          wte.weight
     model.layers.{i}.input_layernorm.weight            blocks.{i}.ln1.weight
@@ -21,6 +22,19 @@ RoPE, QK-norm over the whole projection and no biases (`model_config_from_hf`); 
       model.layers.{i}.mlp.experts.down_proj [E, D, F]         ...deepspeed_experts.{j}.fc2.weight = [j]
     model.norm.weight                                  ln_f.weight
     lm_head.weight                                     lm_head.weight (absent when tied)
+    VQMoE layers (`vq_keys`; ``mlp.gate`` only in pretrain mode):
+      model.layers.{i}.mlp.mix.{weight,bias}           blocks.{i}.ffn.mix.{weight,bias} (W_g, b_g)
+      model.layers.{i}.mlp.codebook                    blocks.{i}.ffn.vq_router.quantizer.codebook
+      model.layers.{i}.mlp.vq_{in,out}.{weight,bias}   ...quantizer.{in,out}_proj.{weight,bias} (low-dim codebook)
+      model.layers.{i}.mlp.expert_bias                 blocks.{i}.ffn.router.expert_bias_E (aux-loss-free balancing)
+
+A VQMoE model exports as a ``trust_remote_code`` package: ``configuration_vqmoe.py`` and ``modeling_vqmoe.py``
+(copied from ``hf_remote/``) go into the folder and ``config.json``'s ``auto_map`` names them, so
+``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` builds OLMoE's decoder with VQMoE layers.
+Those two files are code that transformers runs; this module reads such a folder back without them (the weights
+are safetensors, the settings JSON).  Every export's ``config.json`` also records the model's full MoE settings
+under ``vqmoe_ds`` (the training-only ones, e.g. the VQ loss weight, that transformers has no field for), and the
+folder carries a SHA-256 manifest (``vqmoe_manifest.json``, `manifest`) that the import verifies.
 
 The import writes a driver checkpoint through `store.save` (its marker holds every file's size and SHA-256, the
 model config and the resolved run configuration, and ``imported``: the drivers load its weights and start the
@@ -43,9 +57,16 @@ import torch
 from ..models import ModelConfig
 from .layout import CheckpointError
 
-SUPPORTED = {"OlmoeForCausalLM": "olmoe"}  # architecture -> model_type
+SUPPORTED = {"OlmoeForCausalLM": "olmoe", "VQMoEOlmoeForCausalLM": "vqmoe_olmoe"}  # architecture -> model_type
 TAG = "imported"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+REMOTE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_remote")
+REMOTE_FILES = ("configuration_vqmoe.py", "modeling_vqmoe.py")  # the trust_remote_code package of a VQMoE export
+# config.json fields of a VQMoE export -> MoEConfig fields (the settings that shape the model or its routing)
+VQ_HF_FIELDS = {"codebook_size": "codebook_size", "codebook_dim": "codebook_dim", "vq_distance": "vq_distance",
+                "vq_scale": "vq_scale", "discrete_input": "discrete_input", "vqmoe_mode": "vqmoe_mode",
+                "router_score_function": "score_function", "router_topk_scaling_factor": "topk_scaling_factor",
+                "router_expert_bias": "expert_bias"}
 IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")  # buffers some older saves hold; recomputed here
 SHARD_BYTES = 5 * 2 ** 30  # the export's largest shard (transformers' default)
 
@@ -92,7 +113,9 @@ def _rope_theta(hf: Dict[str, Any]) -> float:
 
 def model_config_from_hf(hf: Dict[str, Any], ep_size: int = 1) -> ModelConfig:
     """The ModelConfig of an OLMoE config.json (dropless; balance loss its ``router_aux_loss_coef``, router z-loss
-    0.001 as OLMoE was trained).  Settings this model cannot express are one-line errors."""
+    0.001 as OLMoE was trained), or of a VQMoE export (its VQ settings; the rest of its MoE settings from the
+    ``vqmoe_ds`` record this project writes, config.json's own fields winning).  Settings this model cannot express
+    are one-line errors."""
     def need(key):
         if key not in hf:
             raise CheckpointError(f"config.json lacks {key!r}, which an {hf['_architecture']} config has: "
@@ -117,6 +140,21 @@ def model_config_from_hf(hf: Dict[str, Any], ep_size: int = 1) -> ModelConfig:
            "norm_topk_prob": bool(hf.get("norm_topk_prob", False)),
            "balance_loss_coef": float(hf.get("router_aux_loss_coef", 0.01)), "z_loss_coef": 0.001,
            "drop_tokens": False, "ep_size": ep_size}
+    if SUPPORTED[hf["_architecture"]] == "vqmoe_olmoe":
+        moe.update(router="vqmoe", **{ours: need(theirs) for theirs, ours in VQ_HF_FIELDS.items()})
+    ours = hf.get("vqmoe_ds")  # an export of this project: its training-only MoE settings (config.json wins)
+    if ours is not None:
+        saved = ours.get("moe") if isinstance(ours, dict) else None
+        from dataclasses import fields
+
+        from ..models.configs import MOE_SET_BY_MODEL
+        from ..moe.config import MoEConfig
+
+        known = {f.name for f in fields(MoEConfig)} - set(MOE_SET_BY_MODEL)
+        if not isinstance(saved, dict) or set(saved) - known:
+            raise CheckpointError(f"config.json: its vqmoe_ds record is not a mapping of MoE settings (unknown: "
+                                  f"{sorted(set(saved or {}) - known)[:3]}): export the model again")
+        moe = {**saved, **moe, "z_loss_coef": saved.get("z_loss_coef", 0.0)}
     try:
         return ModelConfig(model="gpt", vocab_size=int(need("vocab_size")), n_layer=int(need("num_hidden_layers")),
                            n_head=H, d_model=D, d_inner=int(need("intermediate_size")),
@@ -176,8 +214,33 @@ def _expert_prefix(i: int, j: int) -> str:
     return f"blocks.{i}.ffn.moe.deepspeed_moe.experts.deepspeed_experts.{j}."
 
 
+def vq_keys(cfg: ModelConfig, i: int) -> List[Tuple[str, str, Tuple[int, ...]]]:
+    """(Hugging Face key, our key, shape) of layer ``i``'s VQMoE tensors beyond OLMoE's (none for a top-k layer)."""
+    m = cfg.moe_config(i)
+    if m.router != "vqmoe":
+        return []
+    D, C, E = cfg.d_model, m.codebook_dim or cfg.d_model, m.num_experts
+    p, q = f"model.layers.{i}.mlp.", f"blocks.{i}.ffn."
+    out = [(p + "codebook", q + "vq_router.quantizer.codebook", (m.codebook_size, C))]
+    if C != D:
+        out += [(p + "vq_in.weight", q + "vq_router.quantizer.in_proj.weight", (C, D)),
+                (p + "vq_in.bias", q + "vq_router.quantizer.in_proj.bias", (C,)),
+                (p + "vq_out.weight", q + "vq_router.quantizer.out_proj.weight", (D, C)),
+                (p + "vq_out.bias", q + "vq_router.quantizer.out_proj.bias", (D,))]
+    if m.vqmoe_mode == "pretrain":
+        out += [(p + "mix.weight", q + "mix.weight", (2, D)), (p + "mix.bias", q + "mix.bias", (2,))]
+        if m.expert_bias:
+            out.append((p + "expert_bias", q + "router.expert_bias_E", (E,)))
+    return out
+
+
+def _has_router(cfg: ModelConfig, i: int) -> bool:
+    m = cfg.moe_config(i)
+    return not (m.router == "vqmoe" and m.vqmoe_mode == "discrete_only")
+
+
 def expected_shapes(cfg: ModelConfig, fused: bool) -> Dict[str, Tuple[int, ...]]:
-    """Every Hugging Face key of ``cfg``'s OLMoE layout with the shape its config.json implies."""
+    """Every Hugging Face key of ``cfg``'s OLMoE (or VQMoE) layout with the shape its config.json implies."""
     D, V, L, F, E = cfg.d_model, cfg.vocab_size, cfg.n_layer, cfg.expert_ffn or cfg.d_inner, cfg.moe["num_experts"]
     out = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
     if not cfg.tie_embeddings:
@@ -187,8 +250,10 @@ def expected_shapes(cfg: ModelConfig, fused: bool) -> Dict[str, Tuple[int, ...]]
         for n in ("q", "k", "v", "o"):
             out[f"{p}self_attn.{n}_proj.weight"] = (D, D)
         out.update({f"{p}self_attn.q_norm.weight": (D,), f"{p}self_attn.k_norm.weight": (D,),
-                    f"{p}input_layernorm.weight": (D,), f"{p}post_attention_layernorm.weight": (D,),
-                    f"{p}mlp.gate.weight": (E, D)})
+                    f"{p}input_layernorm.weight": (D,), f"{p}post_attention_layernorm.weight": (D,)})
+        if _has_router(cfg, i):
+            out[f"{p}mlp.gate.weight"] = (E, D)
+        out.update({theirs: shape for theirs, _, shape in vq_keys(cfg, i)})
         if fused:
             out[f"{p}mlp.experts.gate_up_proj"] = (E, 2 * F, D)
             out[f"{p}mlp.experts.down_proj"] = (E, D, F)
@@ -236,7 +301,10 @@ def state_from_hf(weights: HFWeights, cfg: ModelConfig, fused: bool) -> Dict[str
         sd[q + "attn.c_proj.weight"] = g(p + "self_attn.o_proj.weight")
         sd[q + "attn.q_norm.weight"] = g(p + "self_attn.q_norm.weight")
         sd[q + "attn.k_norm.weight"] = g(p + "self_attn.k_norm.weight")
-        sd[q + "ffn.router.wg.weight"] = g(p + "mlp.gate.weight")
+        if _has_router(cfg, i):
+            sd[q + "ffn.router.wg.weight"] = g(p + "mlp.gate.weight")
+        for theirs, ours, _ in vq_keys(cfg, i):
+            sd[ours] = g(theirs)
         if fused:
             gate_up, down = g(p + "mlp.experts.gate_up_proj"), g(p + "mlp.experts.down_proj")
         for j in range(cfg.moe["num_experts"]):
@@ -275,6 +343,11 @@ def import_hf(hf_dir: str, out_dir: str, ep_size: int = 1, tokenizer: Optional[s
     from . import store
     from .read import minimal_ds_config
 
+    from .manifest import FOLDER_MANIFEST, verify_manifest
+
+    # an export of this project carries a manifest: every file is checked before any is read
+    verified = os.path.isdir(hf_dir) and verify_manifest(os.path.join(hf_dir, FOLDER_MANIFEST), hf_dir, required=False,
+                                                         what=f"--hf-dir {hf_dir}")
     hf = read_hf_config(hf_dir)
     cfg = spelled_out(model_config_from_hf(hf, ep_size))
     weights = HFWeights(hf_dir)
@@ -338,7 +411,8 @@ def import_hf(hf_dir: str, out_dir: str, ep_size: int = 1, tokenizer: Optional[s
     c = count_params(cfg)
     return {"checkpoint": path, "architecture": hf["_architecture"], "expert_layout": source["expert_layout"],
             "ep_size": ep_size, "parameters": c["total"], "active": c["active"],
-            "tokenizer": tok_record["vocab_file"] if tok_record else None}
+            "tokenizer": tok_record["vocab_file"] if tok_record else None, "verified": verified,
+            "router": cfg.moe["router"]}
 
 
 def spelled_out(cfg: ModelConfig) -> ModelConfig:
@@ -354,32 +428,52 @@ def spelled_out(cfg: ModelConfig) -> ModelConfig:
 
 
 # ---- export ------------------------------------------------------------------------------------------------
-def exportable(cfg: ModelConfig) -> None:
-    """Refuse (one line) a model that OlmoeForCausalLM cannot represent."""
+def exportable(cfg: ModelConfig) -> str:
+    """What the model exports as: ``"olmoe"`` (a top-k model of OLMoE's block: ``OlmoeForCausalLM``) or ``"vqmoe"``
+    (a VQMoE model of OLMoE's block: the ``trust_remote_code`` package).  Anything else is refused in one line
+    naming the setting."""
     m = cfg.moe_config(0) if cfg.is_moe else None
+    if m is None:
+        raise CheckpointError("this model is dense; OlmoeForCausalLM needs MoE layers: use --format safetensors")
     wanted = [("model", cfg.model, "gpt"), ("normalization", cfg.normalization, "RMSNorm"), ("swiglu", cfg.swiglu, True),
               ("position_embedding_type", cfg.position_embedding_type, "rope"), ("qk_norm", cfg.qk_norm, "hidden"),
               ("add_bias_linear", cfg.add_bias_linear, False),
               ("moe_layers", len(cfg.moe_layer_ids()), cfg.n_layer)]
-    if m is not None:
+    block = "OlmoeForCausalLM" if m.router != "vqmoe" else "the VQMoE export (OLMoE's decoder)"
+    if m.router == "vqmoe":
+        wanted += [("moe.vq_kind", m.vq_kind, "codebook"), ("moe.shared_expert_size", m.shared_expert_size, 0),
+                   ("moe.force_load_balancing", m.force_load_balancing, False)]
+    else:
         wanted += [("moe.router", m.router, "topk"), ("moe.score_function", m.score_function, "softmax"),
                    ("moe.topk_scaling_factor", m.topk_scaling_factor, 1.0), ("moe.expert_bias", m.expert_bias, False),
-                   ("moe.shared_expert_size", m.shared_expert_size, 0)]
+                   ("moe.shared_expert_size", m.shared_expert_size, 0),
+                   ("moe.force_load_balancing", m.force_load_balancing, False)]
     for name, have, want in wanted:
         if have != want:
             what = "MoE layers" if name == "moe_layers" else f"{name}={have!r}"
-            raise CheckpointError(f"this model has {what}; OlmoeForCausalLM needs {name}={want!r}: only models of "
-                                  f"OLMoE's block (e.g. imported with tools/convert_hf.py, or --config olmoe-1b-7b) "
-                                  f"export to --format hf; use --format safetensors")
-    if m is None:
-        raise CheckpointError("this model is dense; OlmoeForCausalLM needs MoE layers: use --format safetensors")
+            raise CheckpointError(f"this model has {what}; {block} needs {name}={want!r}: only top-k and VQMoE "
+                                  f"models of OLMoE's block (e.g. imported with tools/convert_hf.py and converted with "
+                                  f"tools/convert_to_vqmoe.py, or --config olmoe-1b-7b) export to --format hf; use "
+                                  f"--format safetensors")
+    return "vqmoe" if m.router == "vqmoe" else "olmoe"
+
+
+def _moe_record(cfg: ModelConfig) -> Dict[str, Any]:
+    """The model's MoE settings as the ``vqmoe_ds`` record of config.json (every field, defaults spelled out)."""
+    from dataclasses import fields
+
+    from ..models.configs import MOE_SET_BY_MODEL
+
+    m = cfg.moe_config(cfg.moe_layer_ids()[0])
+    return {f.name: getattr(m, f.name) for f in fields(m) if f.name not in MOE_SET_BY_MODEL and f.name != "ep_size"}
 
 
 def hf_config_for(cfg: ModelConfig, original: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """config.json of OlmoeForCausalLM for ``cfg`` (token ids and other fields of an imported model's original
-    config are kept)."""
+    """config.json for ``cfg``: ``OlmoeForCausalLM``'s, or for a VQMoE model the same plus its VQ settings, the
+    ``auto_map`` of the remote code and model_type ``vqmoe_olmoe`` (token ids and other fields of an imported
+    model's original config are kept)."""
     m = cfg.moe_config(0)
-    out = {k: v for k, v in (original or {}).items() if k not in ("rope_scaling",)}
+    out = {k: v for k, v in (original or {}).items() if k not in ("rope_scaling", "auto_map", "vqmoe_ds")}
     out.update({
         "architectures": ["OlmoeForCausalLM"], "model_type": "olmoe", "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model, "intermediate_size": m.ffn_hidden_size, "num_hidden_layers": cfg.n_layer,
@@ -389,7 +483,13 @@ def hf_config_for(cfg: ModelConfig, original: Optional[Dict[str, Any]] = None) -
         "rope_parameters": {"rope_theta": cfg.rotary_base, "rope_type": "default"}, "attention_bias": False,
         "attention_dropout": cfg.attn_dropout, "clip_qkv": None, "num_experts_per_tok": m.top_k,
         "num_experts": m.num_experts, "router_aux_loss_coef": m.balance_loss_coef, "norm_topk_prob": m.norm_topk_prob,
-        "output_router_logits": False, "dtype": "float32", "torch_dtype": "float32"})
+        "output_router_logits": False, "dtype": "float32", "torch_dtype": "float32", "vqmoe_ds": {"moe": _moe_record(cfg)}})
+    if m.router == "vqmoe":
+        theirs = {ours: hf for hf, ours in VQ_HF_FIELDS.items()}
+        out.update({theirs[k]: getattr(m, k) for k in theirs})
+        out.update({"architectures": ["VQMoEOlmoeForCausalLM"], "model_type": "vqmoe_olmoe",
+                    "auto_map": {"AutoConfig": "configuration_vqmoe.VQMoEOlmoeConfig",
+                                 "AutoModelForCausalLM": "modeling_vqmoe.VQMoEOlmoeForCausalLM"}})
     out.setdefault("pad_token_id", None)
     out.setdefault("bos_token_id", None)
     out.setdefault("eos_token_id", None)
@@ -397,7 +497,7 @@ def hf_config_for(cfg: ModelConfig, original: Optional[Dict[str, Any]] = None) -
 
 
 def hf_state(model: torch.nn.Module, cfg: ModelConfig) -> Dict[str, torch.Tensor]:
-    """The Hugging Face tensors (per-expert layout) of a model built at ep=1."""
+    """The Hugging Face tensors (per-expert layout; VQMoE layers with `vq_keys`) of a model built at ep=1."""
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     D = cfg.d_model
     out = {"model.embed_tokens.weight": sd["wte.weight"], "model.norm.weight": sd["ln_f.weight"]}
@@ -413,7 +513,10 @@ def hf_state(model: torch.nn.Module, cfg: ModelConfig) -> Dict[str, torch.Tensor
         out[p + "self_attn.o_proj.weight"] = sd[q + "attn.c_proj.weight"]
         out[p + "self_attn.q_norm.weight"] = sd[q + "attn.q_norm.weight"]
         out[p + "self_attn.k_norm.weight"] = sd[q + "attn.k_norm.weight"]
-        out[p + "mlp.gate.weight"] = sd[q + "ffn.router.wg.weight"]
+        if _has_router(cfg, i):
+            out[p + "mlp.gate.weight"] = sd[q + "ffn.router.wg.weight"]
+        for theirs, ours, _ in vq_keys(cfg, i):
+            out[theirs] = sd[ours]
         for j in range(cfg.moe["num_experts"]):
             e, x = _expert_prefix(i, j), f"{p}mlp.experts.{j}."
             gate, up = sd[e + "fc1.weight"].split(F)
@@ -422,21 +525,52 @@ def hf_state(model: torch.nn.Module, cfg: ModelConfig) -> Dict[str, torch.Tensor
     return {k: v.contiguous().clone() for k, v in out.items()}
 
 
-def export_hf(load_dir: str, tag: Optional[str], out_dir: str, shard_bytes: int = SHARD_BYTES) -> Dict[str, Any]:
-    """Write ``out_dir`` as ``save_pretrained`` would (config.json, model.safetensors or shards with their index,
-    the tokenizer of an imported model); returns {"tensors", "parameters", "shards"}."""
+def check_export_folder(out_dir: str, overwrite: bool) -> None:
+    """``--out`` must be a new or empty folder, or ``overwrite`` given (one line otherwise)."""
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise CheckpointError(f"--out {out_dir} is not empty: give a new folder, or --overwrite to replace its "
+                              f"contents")
+
+
+def copy_tokenizer(record: Optional[Dict[str, Any]], dst: str) -> Optional[Dict[str, Any]]:
+    """Copy the files of a checkpoint's tokenizer record (its ``vocab_file``; a Hugging Face tokenizer with the
+    files beside it) into ``dst``; returns the record pointing there (None: nothing recorded or nothing to copy)."""
+    if not record or not record.get("vocab_file"):
+        return record
+    src = record["vocab_file"]
+    if not os.path.isfile(src):
+        raise CheckpointError(f"the checkpoint's tokenizer file {src} does not exist: restore it, or pass the "
+                              f"model's tokenizer to the tool that reads the checkpoint")
+    os.makedirs(dst, exist_ok=True)
+    names = [os.path.basename(src)]
+    if record.get("kind") == "hf":
+        names += [n for n in TOKENIZER_FILES if n not in names and os.path.isfile(os.path.join(os.path.dirname(src), n))]
+    for name in names:
+        shutil.copyfile(os.path.join(os.path.dirname(src), name), os.path.join(dst, name))
+    return dict(record, vocab_file=os.path.abspath(os.path.join(dst, os.path.basename(src))))
+
+
+def export_hf(load_dir: str, tag: Optional[str], out_dir: str, shard_bytes: int = SHARD_BYTES,
+              overwrite: bool = False) -> Dict[str, Any]:
+    """Write ``out_dir`` as ``save_pretrained`` would (config.json, model.safetensors or shards with their index, the
+    tokenizer the checkpoint recorded; a VQMoE model: the remote-code package too) plus its SHA-256 manifest.  The
+    folder is written beside ``out_dir`` and moved into place when complete.  Returns {"tensors", "parameters",
+    "shards", "architecture", "source", "notice"}."""
     from safetensors.torch import save_file
 
     from ..data.errors import require_output
+    from .manifest import FOLDER_MANIFEST, write_manifest
     from .read import load_lm, read_run
 
     run = read_run(load_dir, tag)
-    exportable(run.model_config)
+    kind = exportable(run.model_config)
+    check_export_folder(out_dir, overwrite)
     require_output(out_dir, "--out", "folder")
     model, run, _ = load_lm(load_dir, tag)
     cfg = model.cfg
     tensors = hf_state(model, cfg)
-    original = (run.client_state.get("converted_from") or {}).get("hf_config")
+    meta = run.client_state.get("converted_from") or {}
+    original = meta.get("hf_config")
     shards: List[Dict[str, torch.Tensor]] = [{}]
     size = 0
     for k in sorted(tensors):
@@ -446,25 +580,36 @@ def export_hf(load_dir: str, tag: Optional[str], out_dir: str, shard_bytes: int 
             size = 0
         shards[-1][k] = tensors[k]
         size += n
-    os.makedirs(out_dir, exist_ok=True)
+    stage = os.path.normpath(out_dir) + ".partial"
+    shutil.rmtree(stage, ignore_errors=True)
+    os.makedirs(stage)
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     for name, shard in zip(names, shards):
-        save_file(shard, os.path.join(out_dir, name + ".tmp"), metadata={"format": "pt"})
-        os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
+        save_file(shard, os.path.join(stage, name), metadata={"format": "pt"})
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total},
                  "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
-        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+        with open(os.path.join(stage, "model.safetensors.index.json"), "w") as f:
             json.dump(index, f, indent=2)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf_config_for(cfg, original), f, indent=2)
-    tok = run.client_state.get("tokenizer") or {}
-    if tok.get("kind") == "hf" and tok.get("vocab_file") and os.path.isfile(tok["vocab_file"]):
-        folder = os.path.dirname(tok["vocab_file"])
-        for name in TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(folder, name)):
-                shutil.copyfile(os.path.join(folder, name), os.path.join(out_dir, name))
+    hf_cfg = hf_config_for(cfg, original)
+    with open(os.path.join(stage, "config.json"), "w") as f:
+        json.dump(hf_cfg, f, indent=2)
+    if kind == "vqmoe":
+        for name in REMOTE_FILES:
+            shutil.copyfile(os.path.join(REMOTE_DIR, name), os.path.join(stage, name))
+    copy_tokenizer(run.client_state.get("tokenizer") if (run.client_state.get("tokenizer") or {}).get("kind") == "hf"
+                   else None, stage)
+    write_manifest(os.path.join(stage, FOLDER_MANIFEST), stage,
+                   [n for n in os.listdir(stage) if n != FOLDER_MANIFEST])
+    if os.path.isdir(out_dir):  # empty, or --overwrite
+        shutil.rmtree(out_dir)
+    os.replace(stage, out_dir)
+    m = cfg.moe_config(0)
+    notice = None
+    if m.drop_tokens:
+        notice = (f"the model drops routes beyond capacity (eval capacity factor {m.eval_capacity_factor}); the "
+                  f"exported model is dropless, so its outputs equal this project's where no route is dropped")
     return {"tensors": len(tensors), "parameters": int(sum(t.numel() for t in tensors.values())),
-            "shards": len(shards), "source": run.path}
+            "shards": len(shards), "source": run.path, "architecture": hf_cfg["architectures"][0], "notice": notice}

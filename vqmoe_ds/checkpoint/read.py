@@ -109,11 +109,18 @@ def tokenizer_for(run: PretrainedRun, meta_path: Optional[str] = None):
     if meta_path is None and data_path:
         meta_path = data_path + ".tokenizer.json"
     if meta_path is None:
-        if run.model_config.vocab_size < 256:
-            raise CheckpointError(f"the model has vocab_size {run.model_config.vocab_size} < 256 but no tokenizer "
-                                  f"metadata was found: pass --tokenizer-meta PREFIX.tokenizer.json of its data")
+        if run.model_config.vocab_size != 256:  # bytes would feed it ids it never saw, or decode ids >= 256 wrongly
+            raise CheckpointError(f"the model has vocab_size {run.model_config.vocab_size}, not the 256 of bytes, but "
+                                  f"{run.path} records no tokenizer and its run has no --data-path: pass "
+                                  f"--tokenizer-meta PREFIX.tokenizer.json of its data (an imported model: import it "
+                                  f"again with tools/convert_hf.py --tokenizer)")
         return ByteTokenizer()
     meta = TokenizerMeta.load(meta_path)
+    if recorded is not None and (recorded.get("kind"), recorded.get("vocab_size", 256)) != (meta.kind, meta.vocab_size):
+        raise CheckpointError(f"{run.path} was trained on {recorded.get('kind')} tokens (vocabulary "
+                              f"{recorded.get('vocab_size', 256)}), --tokenizer-meta {meta_path} is {meta.kind} "
+                              f"({meta.vocab_size}): leave out --tokenizer-meta (the checkpoint records its tokenizer) "
+                              f"or give the tokenizer of its data")
     check_vocab(meta, run.model_config.vocab_size)
     return Tokenizer.from_metadata(meta)
 
@@ -201,17 +208,20 @@ def load_for_inference(load_dir: str, tag: Optional[str] = None):
 
 
 def load_exported(path: str):
-    """A model from ``tools/export_checkpoint.py``'s ``FILE.safetensors`` + ``FILE.json`` (no DeepSpeed
-    checkpoint machinery; the MoE layers still need a one-process group).  Returns (model, ModelConfig)."""
+    """A model from ``tools/export_checkpoint.py``'s ``FILE.safetensors`` + ``FILE.json``, after checking both against
+    ``FILE.sha256.json`` (no DeepSpeed checkpoint machinery, nothing unpickled; the MoE layers still need a
+    one-process group).  Returns (model, ModelConfig)."""
     from safetensors.torch import load_file
 
     from ..models import build_model
     from ..parallel import init_single_process
+    from .manifest import file_manifest_path, verify_manifest
 
     cfg_path = os.path.splitext(path)[0] + ".json"
     for p in (path, cfg_path):
         if not os.path.isfile(p):
             raise CheckpointError(f"{p} does not exist: export the checkpoint with tools/export_checkpoint.py")
+    verify_manifest(file_manifest_path(path), os.path.dirname(os.path.abspath(path)), what=path)
     with open(cfg_path) as f:
         meta = json.load(f)
     cfg = ModelConfig(**meta["model_config"])

@@ -12,11 +12,16 @@ rows of W_e, and a mixing gate W_g = 0 with bias (0, b):
 
 The discrete-only view (eq. 7) of the converted model routes each token to the expert whose embedding is its
 nearest code (L2 or cosine) -- the router's top-1 by a nearest-neighbour rule instead of the dot product.
+
+The source's router options go to the converted model's continuous path unchanged (it is the same top-k router):
+score function, renormalisation and scaling of the top-k weights, balance and z-loss, expert bias (its buffer is
+copied), forced balancing, shared experts, jitter, capacity.  `carried_options` lists those that differ from the
+defaults, and `conversion_notices` says where the converted model can differ from the source.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 
@@ -44,6 +49,38 @@ def vqmoe_config(src: ModelConfig, distance: str = "l2") -> ModelConfig:
     moe = dict(src.moe, router="vqmoe", codebook_size=n, codebook_dim=None, vq_kind="codebook", vq_distance=distance,
                vqmoe_mode="pretrain", vq_ema=False, vq_kmeans_init=False, freeze_vq=False)
     return src.replace(moe=moe)
+
+
+# the top-k router's options and the layer settings around it that the conversion carries to the continuous path
+ROUTER_OPTIONS = ("top_k", "norm_topk_prob", "score_function", "topk_scaling_factor", "balance_loss_coef",
+                  "load_balancing_type", "z_loss_coef", "expert_bias", "bias_update_rate", "force_load_balancing",
+                  "shared_expert_size", "shared_expert_mode", "router_jitter", "drop_tokens", "capacity_factor",
+                  "eval_capacity_factor", "min_capacity")
+
+
+def carried_options(src: ModelConfig) -> Dict[str, Any]:
+    """The source's router options that differ from MoEConfig's defaults: they go to the continuous path."""
+    from ..moe.config import MoEConfig
+
+    m = src.moe_config(src.moe_layer_ids()[0])
+    default = MoEConfig(hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size)
+    return {k: getattr(m, k) for k in ROUTER_OPTIONS if getattr(m, k) != getattr(default, k)}
+
+
+def conversion_notices(src: ModelConfig, discrete_share: float) -> List[str]:
+    """Where the converted model can differ from the source (one line each), for the tool to print."""
+    m = src.moe_config(src.moe_layer_ids()[0])
+    out = []
+    if m.drop_tokens:
+        out.append(f"the source drops routes beyond capacity (capacity factor {m.capacity_factor}, eval "
+                   f"{m.eval_capacity_factor}): the discrete route takes capacity too, so the converted model equals the "
+                   f"source only where no route is dropped (a dropless source, --no-drop-tokens, is reproduced exactly)")
+    dropped = [k for k in ("z_loss_coef", "expert_bias", "force_load_balancing") if getattr(m, k)] + \
+        (["score_function"] if m.score_function != "softmax" else [])
+    if dropped:
+        out.append(f"the discrete-only view (eq. 7, --eval, embed.py --discrete-only, fine-tuning --mode discrete) has no "
+                   f"continuous router, so it runs without the source's {', '.join(dropped)}")
+    return out
 
 
 def convert_state(src_sd: Dict[str, torch.Tensor], src: ModelConfig, dst_sd: Dict[str, torch.Tensor],

@@ -14,14 +14,25 @@ def vqmoe_layer_ids(cfg: ModelConfig) -> List[int]:
     return [i for i in range(cfg.n_layer) if cfg.moe_config(i).router == "vqmoe"]
 
 
+# options of the continuous router that the discrete path has no use for (it has no router logits and no top-k
+# choice), set to their "off" values when the continuous path is removed: z-loss, sigmoid scores, the expert bias of
+# aux-loss-free balancing and forced balancing
+CONTINUOUS_ONLY = {"z_loss_coef": 0.0, "score_function": "softmax", "expert_bias": False,
+                   "force_load_balancing": False}
+
+
 def discrete_only_config(cfg: ModelConfig, freeze_vq: bool = True) -> ModelConfig:
-    """Eq. 7: every VQMoE layer keeps only its discrete path (``vqmoe_mode="discrete_only"``), codebook frozen."""
+    """Eq. 7: every VQMoE layer keeps only its discrete path (``vqmoe_mode="discrete_only"``), codebook frozen.
+    The continuous router's own options (`CONTINUOUS_ONLY`, e.g. an imported OLMoE's z-loss) go with it."""
     if not vqmoe_layer_ids(cfg):
         raise CheckpointError(f"the discrete path needs a VQMoE checkpoint (router vqmoe or vq), this model's router "
                               f"is {cfg.moe.get('router', 'topk')!r}: use --mode full or frozen_router")
     moe = dict(cfg.moe, freeze_vq=freeze_vq)
     if moe.get("router") == "vqmoe":
         moe["vqmoe_mode"] = "discrete_only"
+    for name, off in CONTINUOUS_ONLY.items():
+        if name in moe:
+            moe[name] = off
     return cfg.replace(moe=moe)
 
 
