@@ -165,10 +165,10 @@ def test_checkpoint_checks(tmp_path):
         ckpt.verify(str(root), "step1")
     # another architecture, another router, another vocabulary
     other = lm_config(["--router", "vqmoe", "--num-experts", "4", "--num-layers", "3"], 256).to_dict()
-    with pytest.raises(ckpt.CheckpointError, match="n_layer=3.*same model flags"):
+    with pytest.raises(ckpt.CheckpointError, match=r"--num-layers 3 \(n_layer\).*same model flags"):
         ckpt.check_architecture(other, cfg, "checkpoint X")
     other = lm_config(["--router", "topk", "--num-experts", "4"], 256).to_dict()
-    with pytest.raises(ckpt.CheckpointError, match="moe.router='topk'"):
+    with pytest.raises(ckpt.CheckpointError, match=r"--router 'topk' \(moe.router\)"):
         ckpt.check_architecture(other, cfg, "checkpoint X")
     other = lm_config(["--router", "vqmoe", "--num-experts", "4"], 512).to_dict()
     with pytest.raises(ckpt.CheckpointError, match="vocabulary of 512 tokens.*tokenizer"):
@@ -180,8 +180,9 @@ def test_checkpoint_checks(tmp_path):
     assert str(e.value) == ("checkpoint X was saved at expert-parallel size 2, this run has 1: convert it with "
                             "tools/reshard_checkpoint.py --ep-size 1, or resume with --moe-expert-parallel-size 2")
     # another sequence length, codebook dimension or VQ kind: one line each (the shapes of the weights differ)
-    for flags, words in ((["--seq-length", "32"], "seq_len=32"), (["--codebook-dim", "4"], "moe.codebook_dim=4"),
-                         (["--vq-kind", "lfq"], "moe.vq_kind='lfq'")):
+    for flags, words in ((["--seq-length", "32"], r"--seq-length 32 \(seq_len\)"),
+                         (["--codebook-dim", "4"], r"--codebook-dim 4 \(moe.codebook_dim\)"),
+                         (["--vq-kind", "lfq"], r"--vq-kind 'lfq' \(moe.vq_kind\)")):
         other = lm_config(["--router", "vqmoe", "--num-experts", "4", *flags], 256).to_dict()
         with pytest.raises(ckpt.CheckpointError, match=words):
             ckpt.check_architecture(other, cfg, "checkpoint X")
@@ -233,7 +234,7 @@ def test_driver_refuses_foreign_checkpoint_before_training(tmp_path):
                        env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 2, r.stderr[-2000:]
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "n_layer=3" in errors[0], r.stderr[-2000:]
+    assert len(errors) == 1 and "--num-layers 3 (n_layer)" in errors[0], r.stderr[-2000:]
     assert not (tmp_path / "out" / "log.jsonl").exists()  # no training step ran
 
 

@@ -1,7 +1,7 @@
 """Checkpoints: the on-disk layout (``layout``), crash-safe save and exact resume (``store``), reading a run back
 for fine-tuning, conversion, analysis and generation (``read``), resharding (``reshard``) and export
 (``export``).  One error type, `CheckpointError`, for all of them."""
-from .layout import (BEST, LATEST, MARKER, MODEL_FILE, CheckpointError, expert_file, rank_file, read_latest,
+from .layout import (BEST, LATEST, MARKER, MODEL_FILE, ZERO_OPTIM_FILE, CheckpointError, expert_file, rank_file, read_latest,
                      resolve_tag, step_tag, step_tags, verify, verify_checksums)
 from .read import (PretrainedRun, StrictRemap, load_exported, load_for_inference, load_into, load_lm,
                    minimal_ds_config, read_run, resolve, tokenizer_for)

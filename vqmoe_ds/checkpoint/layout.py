@@ -29,6 +29,8 @@ MODEL_FILE = "mp_rank_00_model_states.pt"
 TMP_PREFIX, OLD_PREFIX = ".tmp_", ".old_"
 STEP_TAG = re.compile(r"^step(\d+)$")
 EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
+# DeepSpeed's partitioned optimizer state (ZeRO 1/2, fp32 or bf16): one file per data-parallel rank
+ZERO_OPTIM_FILE = re.compile(r"^(bf16_)?zero_pp_rank_\d+_mp_rank_\d+_optim_states\.pt$")
 # a parameter key of one expert in a DeepSpeed MoE layer: (layer prefix, global expert id, parameter name)
 EXPERT_KEY = re.compile(r"^(.*)\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(.+)$")
 

@@ -263,6 +263,15 @@ def _moe_defaults() -> Dict[str, Any]:
     return {f.name: f.default for f in dataclasses.fields(MoEConfig) if f.default is not dataclasses.MISSING}
 
 
+def _flag(section: str, key: str) -> str:
+    """The command-line flag of a model or MoE config field (what a message should name, not the field)."""
+    from ..models import ModelConfig
+    from ..moe.config import MoEConfig
+
+    cls = MoEConfig if section == "moe" else ModelConfig
+    return cls.FLAGS.get(key, ("--" + key.replace("_", "-"),))[0]
+
+
 def check_architecture(saved: Optional[Dict[str, Any]], current: Dict[str, Any], where: str) -> None:
     """The checkpoint's model config must describe the model this run builds: every field must match except
     those in ``MAY_CHANGE_ON_RESUME`` / ``MOE_MAY_CHANGE_ON_RESUME``.  One line naming the first difference."""
@@ -277,8 +286,8 @@ def check_architecture(saved: Optional[Dict[str, Any]], current: Dict[str, Any],
         if key == "vocab_size":
             raise CheckpointError(f"{where} was saved with a vocabulary of {a} tokens, this run's data has {b}: use "
                                   f"the tokenizer (--data-path / --vocab-size) of the run that saved it")
-        raise CheckpointError(f"{where} was saved from a model with {key}={a!r}, this run has {b!r}: use the same "
-                              f"model flags as the run that saved it")
+        raise CheckpointError(f"{where} was saved from a model with {_flag('model', key)} {a!r} ({key}), this run "
+                              f"has {b!r}: use the same model flags as the run that saved it")
     defaults = _moe_defaults()
     sm, cm = {**defaults, **(saved.get("moe") or {})}, {**defaults, **(current.get("moe") or {})}
     if sm.get("router") == "dense" and cm.get("router") == "dense":
@@ -290,8 +299,8 @@ def check_architecture(saved: Optional[Dict[str, Any]], current: Dict[str, Any],
             raise CheckpointError(f"{where} was saved at expert-parallel size {sm[key]}, this run has {cm[key]}: "
                                   f"convert it with tools/reshard_checkpoint.py --ep-size {cm[key]}, or resume with "
                                   f"--moe-expert-parallel-size {sm[key]}")
-        raise CheckpointError(f"{where} was saved from a model with moe.{key}={sm.get(key)!r}, this run has "
-                              f"{cm.get(key)!r}: use the same MoE flags as the run that saved it")
+        raise CheckpointError(f"{where} was saved from a model with {_flag('moe', key)} {sm.get(key)!r} (moe.{key}), "
+                              f"this run has {cm.get(key)!r}: use the same MoE flags as the run that saved it")
 
 
 def check_expert_files(load_dir: str, tag: str, model: torch.nn.Module) -> None:

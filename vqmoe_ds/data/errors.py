@@ -51,8 +51,13 @@ def require_output(path: str, flag: str, kind: str = "folder") -> str:
     return path
 
 
+# the fix for text that is not UTF-8, wherever the text is being preprocessed (only a byte tokenizer takes any bytes)
+UTF8_OR_BYTES = "convert it to UTF-8, or preprocess it with tools/preprocess_data.py --tokenizer byte"
+
+
 def require_text_file(path: str, utf8: bool = True, what: str = "text file",
-                      fix: str = "give a plain-text corpus (one document or sentence per line)") -> str:
+                      fix: str = "give a plain-text corpus (one document or sentence per line)",
+                      utf8_fix: str = "convert it to UTF-8") -> str:
     """Check that ``path`` exists, is non-empty and looks like text.
 
     A NUL byte in the first 64 KiB means binary data (no text corpus has one).  With ``utf8`` the head must
@@ -65,14 +70,14 @@ def require_text_file(path: str, utf8: bool = True, what: str = "text file",
     if b"\x00" in head:
         raise DataError(f"{what} {path} is not text (it contains NUL bytes at offset {head.index(0)}): {fix}")
     if utf8:
-        check_utf8(head, path, 0, final=False)
+        check_utf8(head, path, 0, final=False, fix=utf8_fix)
     return path
 
 
-def check_utf8(data: bytes, path: str, offset: int, final: bool = True) -> str:
-    """Decode ``data`` (read from ``path`` at byte ``offset``) as UTF-8, or raise a ``DataError`` saying where."""
+def check_utf8(data: bytes, path: str, offset: int, final: bool = True, fix: str = "convert it to UTF-8") -> str:
+    """Decode ``data`` (read from ``path`` at byte ``offset``) as UTF-8, or raise a ``DataError`` saying where;
+    ``fix``: what the caller's user can do (only a tool with a byte tokenizer can take any bytes)."""
     try:
         return codecs.getincrementaldecoder("utf-8")().decode(data, final=final)
     except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text (bad byte at offset {offset + e.start}): convert it to UTF-8 "
-                        f"or use --tokenizer byte") from None
+        raise DataError(f"{path} is not UTF-8 text (bad byte at offset {offset + e.start}): {fix}") from None

@@ -244,7 +244,8 @@ def preprocess_corpus(splits: Dict[str, str], output_prefix: str, cfg: Preproces
         raise DataError("no input files: pass --input DIR (with train.txt/valid.txt/test.txt) or --train FILE")
     for name, path in splits.items():
         require_text_file(path, utf8=cfg.tokenizer != "byte", what=f"{name} split",
-                          fix="give the text file get_data.py wrote (or your own UTF-8 corpus)")
+                          fix="give the text file get_data.py wrote (or your own UTF-8 corpus)",
+                          utf8_fix="convert it to UTF-8 or use --tokenizer byte")
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     os.makedirs(out_dir, exist_ok=True)
     tok = build_tokenizer(cfg, splits.get("train"))

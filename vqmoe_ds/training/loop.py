@@ -37,11 +37,13 @@ from ..moe.config import ConfigError
 from ..parallel import any_rank, barrier, init_distributed, max_over_ranks, max_value, reduce_values, shutdown
 from ..quiet import engine_start
 from ..routers import set_step, update_expert_biases
-from .config import OptimConfig, ParallelConfig, RunConfig, check_save_dir, check_world, resolve_ds_config
+from .config import (OptimConfig, ParallelConfig, RunConfig, check_save_dir, check_world, load_ds_config,
+                     resolve_ds_config)
 from .lr_schedule import start_lr_schedule
 from .preemption import StopRequest
 from .run_lock import RunLock, RunLockError
-from .run_log import RunLog, gather_moe_stats, moe_summary
+from .run_log import (RoutingHealth, RunLog, complete_config, finite_json, gather_moe_stats, layer_stats,
+                      moe_summary)
 
 # Bad input of any kind: one line, exit status 2, before any training step.
 INPUT_ERRORS = (ArgError, ConfigError, DataError, FileNotFoundError, ckpt.CheckpointError)
@@ -295,8 +297,10 @@ class Trainer:
             if marker.get("world_size", self.world) != self.world:
                 raise ArgError(f"{where} was made with {marker['world_size']} ranks, this run has {self.world}: "
                                f"resume with the same number of ranks (or tools/reshard_checkpoint.py)")
+            task.check_checkpoint(marker, where)  # first: the task names its own settings (e.g. --mode)
             ckpt.check_architecture(marker.get("model_config"), task.model_config.to_dict(), where)
-            task.check_checkpoint(marker, where)
+            self._check_resume(marker, where)
+        self._check_horizon()
         # ---- model and engine ---------------------------------------------------------------------------
         random.seed(optim.seed)
         np.random.seed(optim.seed)
@@ -319,6 +323,8 @@ class Trainer:
         self.best = -math.inf if task.higher_is_better else math.inf
         self.best_valid: Optional[Dict[str, Any]] = None  # the validation results of the best step
         self.stop = StopRequest()
+        self.resumed: Optional[Dict[str, Any]] = None  # a resume's record (what it changed), for config.json
+        self.health = RoutingHealth()  # experts and codes used over each logging window
         if run.load:
             self._resume(run.load)
 
@@ -330,8 +336,7 @@ class Trainer:
                           f"batch {self.micro} x {self.accum} x {self.world}")
             if self.rank == 0:
                 os.makedirs(run.out_dir, exist_ok=True)
-                with open(os.path.join(run.out_dir, "config.json"), "w") as f:
-                    json.dump(self.resolved_config(), f, indent=1, default=str)
+                self._write_config()
                 with open(os.path.join(run.out_dir, "ds_config.json"), "w") as f:
                     json.dump(self.ds_config, f, indent=1)
                 with open(os.path.join(run.out_dir, "run_info.json"), "w") as f:
@@ -339,8 +344,83 @@ class Trainer:
 
         agreed_io(open_run_files)
 
+    def _check_resume(self, marker: Dict[str, Any], where: str) -> None:
+        """A checkpoint to resume must lie within --train-iters and match the ZeRO stage of this run's ds_config
+        (a partitioned optimizer state loads only into a partitioned optimizer, and back)."""
+        saved, total = marker.get("step"), self.optim.train_iters
+        if isinstance(saved, int) and not marker.get("imported"):
+            if saved > total:
+                raise ArgError(f"{where} is at step {saved}, beyond --train-iters {total}: give --train-iters "
+                               f"{saved} or more (it counts from step 0, not from the resumed step)")
+            if saved == total and self.rank == 0:
+                print(f"notice: {where} is at --train-iters {total} already: no step to train, the test runs on it",
+                      flush=True)
+        if marker.get("imported") or marker.get("resharded"):
+            return  # weights only: the optimizer starts fresh whatever the stage
+        # DeepSpeed writes the optimizer in per-rank partition files at ZeRO 1/2 and with bf16 (prefixed bf16_),
+        # else inside the model states: the two layouts do not load into each other
+        names = [n for n in marker.get("files", {}) if ckpt.ZERO_OPTIM_FILE.match(n)]
+        saved_as = ("bf16" if any(n.startswith("bf16_") for n in names) else "ZeRO 1/2" if names else "ZeRO 0 fp32")
+        stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+        bf16 = bool(self.ds_config.get("bf16", {}).get("enabled", False))
+        runs_as = "bf16" if bf16 else "ZeRO 1/2" if stage > 0 else "ZeRO 0 fp32"
+        if saved_as != runs_as:
+            raise ArgError(f"{where} holds the optimizer state of a {saved_as} run (its files say so), this run's "
+                           f"ds_config is {runs_as} (stage {stage}, bf16 {'on' if bf16 else 'off'}): resume with the "
+                           f"ds_config of the run that saved it (its OUT_DIR/ds_config.json)")
+
+    def _check_horizon(self) -> None:
+        """Settings that only act after a number of steps must act within --train-iters."""
+        moe, total = self.task.model_config.moe or {}, self.optim.train_iters
+        warmup = int(moe.get("cluster_warmup_steps", 0) or 0)
+        if moe.get("router") == "cluster" and warmup >= total:
+            raise ArgError(f"--cluster-warmup-steps {warmup} is not below --train-iters {total}: the clustering "
+                           f"router would never fit its centroids in this run; give a warm-up below {total}")
+
     def resolved_config(self) -> Dict[str, Any]:
-        return self.cmd.resolved(self.task.parsed.preset, self.task.config_objects())
+        """The configuration as the run uses it (`run_log.complete_config`): ``--config-file`` of it repeats the run."""
+        return complete_config(self.cmd.resolved(self.task.parsed.preset, self.task.config_objects()), self.cmd,
+                               self.ds_config, self.task.parallel.deepspeed_config)
+
+    def _write_config(self) -> None:
+        """OUT_DIR/config.json (rank 0): written when a run starts (also from an imported or converted checkpoint);
+        a resume leaves it as it is and appends what it changed to its ``resumes`` record, and --eval-only leaves
+        an existing one alone."""
+        path = os.path.join(self.run.out_dir, "config.json")
+        keep = (self.resumed is not None or self.run.eval_only) and os.path.isfile(path)
+        if keep:
+            with open(path) as f:
+                cfg = json.load(f)
+            if self.resumed is not None:
+                cfg.setdefault("resumes", []).append(self.resumed)
+        else:
+            cfg = self.resolved_config()
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(finite_json(cfg), f, indent=1, default=str)
+        os.replace(tmp, path)
+
+    def _resume_record(self, load_dir: str, marker: Dict[str, Any]) -> Dict[str, Any]:
+        """What a resume changed against the run it continues (its config.json, else the checkpoint's copy), as the
+        ``resumes`` record and one line on rank 0."""
+        from .run_log import config_changes
+
+        path = os.path.join(self.run.out_dir, "config.json")
+        before = marker.get("config") or {}
+        if os.path.isfile(path):
+            with open(path) as f:
+                before = json.load(f)
+        changed = config_changes(before, self.resolved_config())
+        where = os.path.join(load_dir, self.resume_tag)
+        words = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()) or "nothing"
+        horizon = changed.get("optim.train_iters")
+        if horizon and "scheduler" not in load_ds_config(self.task.parallel.deepspeed_config):
+            words += (f" (the lr schedule is re-stretched: its cosine now ends at step {horizon[1]} instead of "
+                      f"{horizon[0]})")
+        if self.rank == 0:
+            print(f"resumed from step {self.step} of {where}; changed: {words}", flush=True)
+        return {"step": self.step, "checkpoint": where, "time": datetime.datetime.now().isoformat(timespec="seconds"),
+                "changed": {k: list(v) for k, v in changed.items()}}
 
     # ---- checkpoints ------------------------------------------------------------------------------------
     def _client_state(self) -> Dict[str, Any]:
@@ -358,6 +438,9 @@ class Trainer:
         if client.get("data") is not None:  # an imported checkpoint has no data position: the data starts fresh
             self.task.load_state_dict(client["data"])
         self.task.load_rank_state(task_state)
+        marker = ckpt.verify(load_dir, self.resume_tag, checksums=False)
+        if not marker.get("imported"):  # a start from imported or converted weights is no resume
+            self.resumed = self._resume_record(load_dir, marker)
 
     def save(self, tag: str, latest: bool = True) -> str:
         self.doing = f"saving step {self.step}"
@@ -404,10 +487,10 @@ class Trainer:
             self.log.info("no test split: results.json has no test results")
         def write_results():
             if self.rank == 0:
-                out = {"test": res, "best_valid": {self.task.metric: self.best, **(self.best_valid or {})},
-                       "steps": self.step, **self.task.results()}
-                with open(os.path.join(self.run.out_dir, "results.json"), "w") as f:
-                    json.dump(out, f, indent=1, default=str)
+                best = {self.task.metric: self.best, **(self.best_valid or {})} if math.isfinite(self.best) else None
+                out = {"test": res, "best_valid": best, "steps": self.step, **self.task.results()}
+                with open(os.path.join(self.run.out_dir, "results.json"), "w") as f:  # strict JSON: no NaN, no inf
+                    json.dump(finite_json(out), f, indent=1, default=str, allow_nan=False)
 
         agreed_io(write_results)
         return res
@@ -427,6 +510,7 @@ class Trainer:
         losses, auxes, extras, bad = [], [], {}, False
         for i in range(self.accum):
             loss, aux, more = self.task.micro_step(self.engine)
+            self.health.add(layer_stats(self.model, self.task.stats_layers(self.model)))
             total = loss + aux
             # one transfer to the host per micro-batch: the loss, the aux loss and the non-finite flag agreed by
             # all ranks (an all-reduce on the device)
@@ -499,6 +583,11 @@ class Trainer:
                   **self.task.train_record({**extras, "seconds": window["time"]})}
         record["moe"] = gather_moe_stats(self.model, self.task.stats_layers(self.model))
         record["moe_summary"] = moe_summary(record["moe"])
+        warnings = self.health.check(window["steps"])  # collective
+        if warnings:
+            record["routing_warnings"] = warnings
+            for line in warnings:
+                self.log.info(f"warning: step {self.step}: {line}")
         self.log.write(record)
         if not self.run.progress:
             self.log.info(f"step {self.step}: loss {record['loss']:.4f}, aux {record['aux_loss']:.4f}, "
@@ -508,10 +597,13 @@ class Trainer:
         """Train to --train-iters (True), or until a stop signal on any rank (False: that step is saved)."""
         run, total = self.run, self.optim.train_iters
         window = _empty_window()
+        attempted = applied = 0
         while self.step < total:
             t0 = time.perf_counter()
             loss, aux, extras, skipped = self.train_step()
             dt = time.perf_counter() - t0
+            attempted += 1
+            applied += not skipped
             if skipped:
                 self.skipped_total += 1
                 self.skipped_in_row += 1
@@ -545,6 +637,10 @@ class Trainer:
                 self.save(ckpt.step_tag(self.step))
             if not last and self.stop.agreed(self.log.failed is not None):
                 return self._stop_on_signal()
+        if attempted and not applied:
+            raise TrainingStopped(f"every one of the {attempted} step(s) of this run had a non-finite loss, so no "
+                                  f"update was applied: lower --lr, or the settings that scale the loss (e.g. "
+                                  f"--moe-router-topk-scaling-factor, --moe-z-loss-coeff), or check the data")
         self.save(ckpt.step_tag(self.step))
         return True
 
@@ -561,8 +657,31 @@ class Trainer:
         if self.log.failed is not None:
             raise self.log.failed
 
+    def evaluate_only(self) -> bool:
+        """--eval-only: the weights as loaded (or as built) on the validation and test splits at this step, the
+        same evaluation as a run's own; log records and OUT_DIR/eval.json.  Returns False (no test to follow)."""
+        source = os.path.join(self.run.load, self.resume_tag) if self.run.load else "the initial weights"
+        out = {"step": self.step, "checkpoint": source}
+        for split, iters in (("valid", self.run.eval_iters), ("test", self.run.test_iters)):
+            if not self.task.has_split(split):
+                self.log.info(f"no {split} split: not evaluated")
+                continue
+            self.doing = f"evaluating the {split} split"
+            out[split] = res = self.evaluate(split, iters)
+            self.log.write({"kind": split, "step": self.step, "eval_only": True, **res})
+            self.log.info(f"step {self.step} ({source}): {split} {self.task.describe_eval(split, res)}")
+
+        def write():
+            if self.rank == 0:
+                with open(os.path.join(self.run.out_dir, "eval.json"), "w") as f:
+                    json.dump(finite_json(out), f, indent=1, default=str, allow_nan=False)
+
+        agreed_io(write)
+        return False
+
     def finish(self) -> None:
-        agreed_io(lambda: self.log.finish(self.save_dir, self.task.plots if self.run.plots else None))
+        plots = self.task.plots if self.run.plots and not self.run.eval_only else None
+        agreed_io(lambda: self.log.finish(self.save_dir, plots))
         self.release_lock()
 
 
@@ -631,7 +750,7 @@ def run(cmd: CommandLine, make_task, argv: Optional[List[str]] = None) -> int:
         return 3
     trainer.stop.install()
     try:
-        finished = trainer.train()
+        finished = trainer.evaluate_only() if trainer.run.eval_only else trainer.train()
         if finished:
             trainer.test()
         trainer.finish()

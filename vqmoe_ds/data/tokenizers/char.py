@@ -10,7 +10,7 @@ from typing import Iterable, List, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import DataError, check_utf8
+from ..errors import UTF8_OR_BYTES, DataError, check_utf8
 from ..metadata import TokenizerMeta
 from .base import Tokenizer
 
@@ -50,7 +50,8 @@ class CharTokenizer(Tokenizer):
         if bad.any():
             ch = chr(int(cps[np.argmax(bad)]))
             raise DataError(f"{where}: character {ch!r} is not in the training alphabet of {len(self.chars)} "
-                            f"characters: use --tokenizer byte for this corpus")
+                            f"characters: use text in that alphabet, or preprocess the corpus with "
+                            f"tools/preprocess_data.py --tokenizer byte")
         return ids.astype(np.int64)
 
     def encode(self, text: str) -> List[int]:
@@ -60,7 +61,7 @@ class CharTokenizer(Tokenizer):
         return "".join(self.chars[i] for i in ids)
 
     def encode_block(self, block: bytes, path: str = "<text>", offset: int = 0) -> Tuple[np.ndarray, List[int]]:
-        text = check_utf8(block, path, offset)
+        text = check_utf8(block, path, offset, fix=UTF8_OR_BYTES)
         return self._ids(text, f"{path} (block at byte {offset})"), [len(text)]
 
     def to_metadata(self, dtype: str) -> TokenizerMeta:

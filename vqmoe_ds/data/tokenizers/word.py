@@ -14,7 +14,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import DataError, check_utf8
+from ..errors import UTF8_OR_BYTES, DataError, check_utf8
 from ..metadata import TokenizerMeta
 from .base import Tokenizer, split_lines
 
@@ -24,7 +24,7 @@ UNK = "<unk>"
 
 def count_words(block: bytes, path: str = "<text>", offset: int = 0) -> Counter:
     """Word counts of one block of lines (preprocessing merges these over worker processes)."""
-    return Counter(check_utf8(block, path, offset).split())
+    return Counter(check_utf8(block, path, offset, fix=UTF8_OR_BYTES).split())
 
 
 class WordTokenizer(Tokenizer):
@@ -102,7 +102,7 @@ class WordTokenizer(Tokenizer):
         return "".join(out)
 
     def encode_block(self, block: bytes, path: str = "<text>", offset: int = 0) -> Tuple[np.ndarray, List[int]]:
-        check_utf8(block, path, offset)
+        check_utf8(block, path, offset, fix=UTF8_OR_BYTES)
         seqs = [self.encode_line(ln.decode("utf-8")) for ln in split_lines(block)]
         lengths = [len(s) for s in seqs]
         return np.fromiter((i for s in seqs for i in s), dtype=np.int64, count=sum(lengths)), lengths
