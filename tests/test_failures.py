@@ -18,7 +18,8 @@ import torch
 from test_launchers import CPU_CFG, records, tiny_args
 
 from vqmoe_ds import checkpoint as ckpt
-from vqmoe_ds.training.launch import DRIVER, ROOT, env_for_ranks, free_port, remove_new_shm, shm_files
+from vqmoe_ds.training.launch import (DRIVER, ROOT, env_for_ranks, free_port, remove_new_shm, shm_files,
+                                     torchrun_cmd)
 
 FAULTY = os.path.join(ROOT, "tests", "workers", "faulty.py")  # runs a driver with VQMOE_FAULT's faults
 
@@ -105,6 +106,40 @@ def test_sigterm_to_one_rank_saves_and_exits_zero(tmp_path):
     assert "stopped by" in outs[0][0] + outs[0][1] + outs[1][0] + outs[1][1]
 
 
+def test_sigterm_to_torchrun_saves_the_step(tmp_path):
+    """SIGTERM to the torchrun agent (not to a rank): it forwards the signal to every rank, the ranks finish the step,
+    save it and exit 0; the agent itself then exits 1 with its own SignalException (torchrun's behaviour, as
+    docs/training.md says): the saved step is complete and names itself in ``latest``."""
+    out = tmp_path / "agent"
+    before = shm_files()
+    env = env_for_ranks(str(tmp_path))
+    agent = subprocess.Popen(torchrun_cmd(2, small(out, "--log-interval", "1", "--moe-expert-parallel-size", "2",
+                                                   steps=500), free_port()),
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        log = out / "log.jsonl"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and agent.poll() is None:
+            if log.exists() and len([ln for ln in log.read_text().splitlines() if '"train"' in ln]) >= 3:
+                break
+            time.sleep(0.2)
+        agent.send_signal(signal.SIGTERM)
+        stdout, stderr = agent.communicate(timeout=120)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        remove_new_shm(before)
+    text = stdout + stderr
+    assert agent.returncode == 1, text[-3000:]
+    assert "SignalException" in text and "got signal: 15" in text
+    last = records(out, "train")[-1]["step"]
+    assert 3 <= last < 500
+    assert f"stopped by SIGTERM after step {last}" in text, text[-3000:]
+    saved = out / "checkpoints"
+    assert (saved / "latest").read_text() == f"step{last}"
+    assert ckpt.verify(str(saved), f"step{last}")["step"] == last
+
+
 def test_dead_rank_named_by_survivor(tmp_path):
     out = tmp_path / "dead"
     before = shm_files()
@@ -115,7 +150,7 @@ def test_dead_rank_named_by_survivor(tmp_path):
     remove_new_shm(before)
     assert procs[1].returncode == 1
     assert procs[0].returncode not in (0, None), outs[0][1][-3000:]
-    assert elapsed < 60, elapsed  # the 30 s timeout plus start-up, not a hang
+    assert elapsed < 110, elapsed  # the 30 s timeout plus start-up (slower on a busy machine), not a hang
     errors = [line for line in outs[0][1].splitlines() if line.startswith("error:")]
     assert errors and "rank(s) 1 stopped" in errors[-1], outs[0][1][-3000:]
 
