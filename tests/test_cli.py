@@ -94,7 +94,7 @@ LM_VALUES = {
     "--eval-iters": "3", "--test-iters": "4", "--eval-batch-size": "6", "--log-interval": "2",
     "--max-skipped-steps": "4", "--progress": None, "--plots": None, "--tensorboard": None,
     "--dist-timeout-minutes": "5.0", "--deepspeed_config": CPU_CFG, "--data-path": None, "--load": ROOT,
-    "--overwrite": None, "--upcycle-from": ROOT,
+    "--overwrite": None, "--upcycle-from": ROOT, "--eval-only": None,
 }
 # the GPT block's settings (not valid with --model txl above): round-tripped with --model gpt
 GPT_VALUES = {"--normalization": "RMSNorm", "--norm-epsilon": "1e-06", "--swiglu": None,

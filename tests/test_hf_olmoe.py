@@ -267,6 +267,12 @@ BAD = [
      "--ep-size 3 does not divide the 4 experts"),
     ("grouped-query attention", lambda t, h: [str(_bad(t, h["dir"] / "per_expert", num_key_value_heads=2))],
      "grouped-query attention"),
+    ("rope scaling", lambda t, h: [str(_bad(t, h["dir"] / "per_expert",
+                                            rope_scaling={"rope_type": "linear", "factor": 2.0}))],
+     "rope type 'linear' is not supported"),
+    ("rope scaled by a factor", lambda t, h: [str(_bad(t, h["dir"] / "per_expert",
+                                                       rope_scaling={"factor": 4.0}))],
+     "rope type 'scaled by factor 4.0' is not supported"),
 ]
 
 

@@ -104,8 +104,13 @@ def read_hf_config(hf_dir: str) -> Dict[str, Any]:
 def _rope_theta(hf: Dict[str, Any]) -> float:
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
-    kind = params.get("rope_type") or params.get("type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind != "default":
+    # either record may carry the scaling (transformers 4 wrote rope_scaling, 5 writes rope_parameters): any kind
+    # other than the plain rotary embedding, or a scaling factor, in either is refused
+    kinds = [d.get(k) for d in (params, scaling) for k in ("rope_type", "type") if isinstance(d, dict) and d.get(k)]
+    kind = next((k for k in kinds if k != "default"), None)
+    if kind is None and any(isinstance(d, dict) and d.get("factor") not in (None, 1, 1.0) for d in (params, scaling)):
+        kind = f"scaled by factor {(params.get('factor') or scaling.get('factor'))}"
+    if kind is not None:
         raise CheckpointError(f"config.json: rope type {kind!r} is not supported (only the default rotary "
                               f"embedding): convert a model without rope scaling")
     return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
@@ -389,12 +394,20 @@ def import_hf(hf_dir: str, out_dir: str, ep_size: int = 1, tokenizer: Optional[s
               "hf_config": {k: v for k, v in hf.items() if not k.startswith("_")}}
     resolved = run_config or (lambda c, _: {"model": {k: v for k, v in c.to_dict().items() if k != "moe"},
                                              "moe": dict(c.moe)})
-    rc = resolved(cfg, out_dir)
+    imported = {k: source[k] for k in ("format", "architecture", "source", "expert_layout")}
+
+    def named(c):  # the resolved configuration names what was imported, not a named shape of this project
+        out = resolved(c, out_dir)
+        if "config" in out:
+            out["config"] = None
+        return {**out, "imported": imported}
+
+    rc = named(cfg)
     client = {"step": 0, "model_config": one.to_dict(), "world_size": 1, "converted_from": source}
     if tok_record is not None:
         client["tokenizer"] = tok_record
     save_dir = os.path.join(out_dir, "checkpoints")
-    marker = {"imported": {k: source[k] for k in ("format", "architecture", "source", "expert_layout")}}
+    marker = {"imported": imported}
     if ep_size == 1:
         store.save(engine, save_dir, TAG, client, config=rc, model=model, step=0, marker_extra=marker)
         path = os.path.join(save_dir, TAG)
@@ -402,7 +415,7 @@ def import_hf(hf_dir: str, out_dir: str, ep_size: int = 1, tokenizer: Optional[s
         from .reshard import reshard
 
         staging = os.path.join(out_dir, ".staging")
-        store.save(engine, staging, TAG, client, config=resolved(one, out_dir), model=model, step=0,
+        store.save(engine, staging, TAG, client, config=named(one), model=model, step=0,
                    marker_extra=marker)
         path = reshard(staging, TAG, save_dir, TAG, ep_size, ep_size)
         shutil.rmtree(staging, ignore_errors=True)

@@ -82,6 +82,7 @@ class RunConfig:
     plots: bool = True  # PNG plots at the end
     tensorboard: bool = True  # TensorBoard scalars beside log.jsonl
     moe_per_layer_logging: bool = False  # TensorBoard: every MoE layer's routing metrics too, not only their summary
+    eval_only: bool = False  # evaluate the weights (those --load gives, e.g. an imported model's: a baseline at its step) on the validation and test splits, write OUT_DIR/eval.json and stop: no training, no checkpoint
 
     def __post_init__(self):
         for name in ("save_interval", "keep_last", "eval_interval", "eval_iters", "test_iters"):

@@ -1,6 +1,10 @@
 """What a run writes while it trains: its progress (rank 0: a tqdm bar on a terminal, else a plain line every
-5% of the steps), TensorBoard scalars and one JSON line per log step in ``OUT_DIR/log.jsonl`` (rank 0), and the
-MoE statistics summed over all ranks."""
+5% of the steps), TensorBoard scalars and one JSON line per log step in ``OUT_DIR/log.jsonl`` (rank 0), the
+MoE statistics summed over all ranks, and `RoutingHealth`: a warning when a layer's routing uses fewer than half
+of its experts or codes over a logging window.
+
+The JSON lines are strict JSON: a value that is not a finite number (a NaN gradient norm, an infinite metric) is
+written as ``null``."""
 from __future__ import annotations
 
 import json
@@ -48,6 +52,11 @@ def moe_summary(rows: List[Dict[str, Any]]) -> Dict[str, float]:
     return out
 
 
+def layer_stats(model, layers: Optional[List[Any]] = None) -> List[Dict[str, torch.Tensor]]:
+    """``stats()`` of every MoE layer of ``model`` (or of ``layers``): this rank's numbers of the last forward."""
+    return moe_stats(model) if layers is None else [layer.stats() for layer in layers]
+
+
 def gather_moe_stats(model, layers: Optional[List[Any]] = None) -> List[Dict[str, Any]]:
     """Per MoE layer: counts summed over all ranks (expert_load, code_counts), scalars averaged, and the load's
     max / mean and coefficient of variation.
@@ -55,7 +64,7 @@ def gather_moe_stats(model, layers: Optional[List[Any]] = None) -> List[Dict[str
     ``layers``: the modules whose ``stats()`` to gather (default: the model's MoE layers; the vision driver
     passes its SoftMoE slots too).  Collective (all ranks call it at the same steps).  Every rank's layers
     expose the same keys."""
-    stats = moe_stats(model) if layers is None else [layer.stats() for layer in layers]
+    stats = layer_stats(model, layers)
     world = dist.get_world_size() if dist.is_initialized() else 1
     out = []
     for st in stats:
@@ -70,6 +79,111 @@ def gather_moe_stats(model, layers: Optional[List[Any]] = None) -> List[Dict[str
             row.update(load_metrics(row["expert_load"]))
         out.append(row)
     return out
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every float that is not finite replaced by None (JSON has no NaN or Infinity)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
+class RoutingHealth:
+    """Expert loads and code counts of every MoE layer summed over the micro-batches of a logging window (on the
+    device: ``add`` costs a few small additions and no host sync), then over the ranks at the log step, where
+    `check` names the layers that used fewer than half of their experts or codes in the window -- a collapsed
+    router or codebook, otherwise visible only in a plot.  ``check`` is collective (every rank calls it)."""
+
+    KEYS = (("expert_load", "experts"), ("code_counts", "codes"))
+
+    def __init__(self):
+        self.sums: Dict[int, Dict[str, torch.Tensor]] = {}
+
+    def add(self, stats: List[Dict[str, torch.Tensor]]) -> None:
+        for i, st in enumerate(stats):
+            acc = self.sums.setdefault(i, {})
+            for key, _ in self.KEYS:
+                if key in st:
+                    v = st[key].detach().reshape(-1).to(torch.float64)
+                    acc[key] = acc[key] + v if key in acc and acc[key].shape == v.shape else v.clone()
+
+    def check(self, steps: int) -> List[str]:
+        """One line per layer and kind with fewer than half of its experts / codes used in the window (every rank
+        returns the same lines); the window starts again."""
+        order = [(i, key, what) for i in sorted(self.sums) for key, what in self.KEYS if key in self.sums[i]]
+        self.sums, sums = {}, self.sums
+        if not order:
+            return []
+        flat = all_reduce_sum(torch.cat([sums[i][key] for i, key, _ in order]))
+        out, start = [], 0
+        for i, key, what in order:
+            n = sums[i][key].numel()
+            counts = flat[start:start + n]
+            start += n
+            used = int((counts > 0).sum())
+            if n > 1 and used * 2 < n and float(counts.sum()) > 0:
+                out.append(f"layer {i} used {used} of its {n} {what} over the last {steps} step(s)"
+                           f"{' (codebook collapse)' if what == 'codes' else ' (router collapse)'}")
+        return out
+
+
+def complete_config(resolved: Dict[str, Any], cmd, ds_config: Dict[str, Any],
+                    ds_config_file: Optional[str]) -> Dict[str, Any]:
+    """OUT_DIR/config.json's content: ``resolved`` (the command line's values, `cli.CommandLine.resolved`) with
+
+    * the MoE section spelled out: every setting the driver exposes, at its default where nothing set it (a
+      named shape's own values stay), so that the file does not depend on the defaults of another version;
+    * the optimisation values as DeepSpeed uses them (`config.resolve_ds_config`): micro-batch size, gradient
+      accumulation, peak lr, gradient clipping, and, when the schedule is built from the flags (no scheduler
+      block in the ds_config), its warmup and min_lr -- written so that the same ds_config with this file
+      resolves to the same values."""
+    from ..moe.config import ROUTERS
+
+    out = json.loads(json.dumps(resolved, default=str))
+    moe = out.get("moe")
+    if isinstance(moe, dict) and moe.get("router", "topk") in ROUTERS:
+        for spec in cmd.specs.get("moe", []):
+            if not spec.cli_only and spec.name not in moe:
+                moe[spec.name] = spec.default
+    optim = out.get("optim")
+    if isinstance(optim, dict) and ds_config:
+        lr = ds_config.get("optimizer", {}).get("params", {}).get("lr")
+        optim.update(micro_batch_size=ds_config["train_micro_batch_size_per_gpu"],
+                     gradient_accumulation_steps=ds_config["gradient_accumulation_steps"],
+                     clip_grad=ds_config.get("gradient_clipping"), lr=lr if lr is not None else optim.get("lr"))
+        from .config import load_ds_config
+
+        if "scheduler" not in load_ds_config(ds_config_file) and lr is not None:
+            if optim.get("min_lr") is None:
+                optim["min_lr"] = 0.1 * lr  # resolve_ds_config's default, the same expression
+            if optim.get("lr_warmup_iters") is None:
+                optim["lr_warmup_iters"] = 0
+    return out
+
+
+def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k not in ("resumes",):
+            out.update(_flat(v, f"{prefix}{k}."))
+        elif k not in ("resumes", "imported", "converted"):
+            out[prefix + k] = v
+    return out
+
+
+# settings whose change between a run and its resume says nothing about the run itself
+RESUME_BOOKKEEPING = ("run.load", "run.overwrite")
+
+
+def config_changes(before: Dict[str, Any], after: Dict[str, Any]) -> Dict[str, tuple]:
+    """``{"section.key": (old, new)}`` for every setting a resume changed (both resolved configurations)."""
+    a, b = _flat(before or {}), _flat(after or {})
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if k not in RESUME_BOOKKEEPING and a.get(k) != b.get(k) and k in a}
 
 
 def interactive() -> bool:
@@ -122,7 +236,7 @@ class RunLog:
         if self.failed is not None:
             return
         try:
-            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.write(json.dumps(finite_json(record), allow_nan=False) + "\n")
             self.jsonl.flush()
         except OSError as e:  # a full disk: the loop stops all ranks at its next agreement (``failed``)
             self.failed = e
