@@ -140,7 +140,8 @@ def test_imported_logits_equal_transformers_in_both_expert_layouts(hf, imported)
     marker = json.load(open(imported / "checkpoints" / "imported" / "vqmoe_complete.json"))
     assert marker["imported"]["architecture"] == "OlmoeForCausalLM" and len(marker["sha256"]) == len(marker["files"])
     written = json.load(open(imported / "config.json"))  # the drivers' resolved format, read back by the driver
-    assert set(written) == {"config", "model", "moe", "optim", "data", "run", "parallel"}
+    assert set(written) == {"config", "model", "moe", "optim", "data", "run", "parallel", "imported"}
+    assert written["config"] is None and written["imported"]["architecture"] == "OlmoeForCausalLM"  # not a preset
     from vqmoe_ds.training import lm
 
     again = lm.make_task(lm.command_line().parse(["--config-file", str(imported / "config.json")]))
