@@ -26,6 +26,18 @@ communication buffers; on CPU the peak of a ``--config tiny`` run, bench/zero_me
 or fp32 4 B per parameter; a rank holds the non-expert weights and N/ep of the experts), one layer's transient
 activations, the logits, and the KV cache of ``--micro-batch`` sequences of ``--seq-length``.
 
+``--gpu-memory-gib M``: whether the configuration fits in M GiB per GPU, and a search over ZeRO stage x
+expert-parallel size (the divisors of both --gpus and the expert count) x micro-batch (powers of two up to
+``--max-micro-batch``) for the configurations that fit: per stage and ep size the largest micro-batch that does.
+``--json`` prints the inputs, the estimate and (with M) the verdict and the search.
+
+Why ZeRO 2 can need more memory than ZeRO 1 for the experts: ZeRO partitions an expert's states over its
+expert-data-parallel group, the G/ep ranks that hold the same experts.  At ep = G that group is one rank: there is
+nothing to partition, and ZeRO 2 still keeps its own fp32 gradient partition, so DeepSpeed's count per expert
+parameter is 2 + 18/dp = 20 B at ZeRO 2 against 4 + 12/dp = 16 B at ZeRO 1 (bf16).  ZeRO 2 is smaller only when
+18/dp - 12/dp < 2, i.e. an expert-data-parallel group of more than 3 ranks (dp = 2: 11 B vs 10 B; dp = 3: equal;
+dp = 4: 6.5 B vs 7 B).  Non-expert parameters are partitioned over all G ranks, where ZeRO 2 wins for G > 3.
+
 Left out everywhere: allocator fragmentation and caching (CUDA caching allocator, glibc arenas), the CUDA
 context (~0.5 GiB per GPU), NCCL buffers, checkpoint-save copies, and on GPUs ``--framework-gib`` unless given.
 """
@@ -94,7 +106,47 @@ def inference_bytes(cfg, params_local: float, micro_batch: int, bytes_per: int =
             "activations": layer, "logits": 4 * s * b * V}
 
 
-def main():
+def estimate(cfg, zero: int, ep: int, gpus: int, micro: int, dtype: str, flash: bool, framework_gib: float,
+             inference: bool) -> dict:
+    """The per-GPU figures (GiB) of one configuration: the parts and their total."""
+    c = count_params(cfg)
+    expert_local = c["experts"] / ep
+    bytes_per = 4 if dtype == "fp32" else 2
+    if inference:
+        parts = inference_bytes(cfg, c["non_expert"] + expert_local, micro, bytes_per)
+        out = {k + "_gib": v / GiB for k, v in parts.items()}
+    else:
+        out = {"non_expert_states_gib": model_state_bytes(c["non_expert"], zero, gpus, dtype) / GiB,
+               "expert_states_gib": model_state_bytes(expert_local, zero, gpus // ep, dtype) / GiB,
+               "activations_gib": activation_bytes(cfg, micro, flash=flash, bytes_per=bytes_per) / GiB}
+    out["framework_gib"] = framework_gib
+    out["total_gib"] = sum(out.values())
+    return out
+
+
+def search(cfg, a) -> list:
+    """Per ZeRO stage (training) and expert-parallel size: the largest micro-batch (a power of two up to
+    --max-micro-batch) whose estimate fits in --gpu-memory-gib, or None when micro-batch 1 does not fit."""
+    n_exp = cfg.moe.get("num_experts", 1) if cfg.is_moe else 1
+    eps = [e for e in range(1, a.gpus + 1) if a.gpus % e == 0 and n_exp % e == 0]
+    micros = [m for m in (2 ** i for i in range(20)) if m <= a.max_micro_batch]
+    rows = []
+    for zero in ((None,) if a.inference else (0, 1, 2)):
+        for ep in eps:
+            best = None
+            for m in micros:
+                est = estimate(cfg, zero or 0, ep, a.gpus, m, a.dtype, not a.no_flash, a.framework_gib, a.inference)
+                if est["total_gib"] > a.gpu_memory_gib:
+                    break
+                best = (m, est["total_gib"])
+            rows.append({"zero": zero, "ep": ep, "max_micro_batch": best[0] if best else None,
+                         "total_gib": best[1] if best else
+                         estimate(cfg, zero or 0, ep, a.gpus, 1, a.dtype, not a.no_flash, a.framework_gib,
+                                  a.inference)["total_gib"]})
+    return rows
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="base", choices=list(NAMED))
     p.add_argument("--model", default="gpt", choices=("gpt", "txl"))
@@ -109,8 +161,18 @@ def main():
     p.add_argument("--inference", action="store_true", help="a forward pass (weights, KV cache) instead of training")
     p.add_argument("--framework-gib", type=float, default=0.0,
                    help="what a rank holds without a model (measured: the peak of a --config tiny run), added")
-    p.add_argument("--json", action="store_true", help="print the figures as JSON")
-    a = p.parse_args()
+    p.add_argument("--gpu-memory-gib", type=float,
+                   help="memory of one GPU: say whether the configuration fits and search the ones that do")
+    p.add_argument("--max-micro-batch", type=int, default=64, help="the largest micro-batch the search tries")
+    p.add_argument("--json", action="store_true", help="print the inputs and figures as JSON")
+    a = p.parse_args(argv)
+    for name in ("gpus", "ep", "micro_batch", "max_micro_batch"):
+        if getattr(a, name) < 1:
+            print(f"error: --{name.replace('_', '-')} {getattr(a, name)} must be >= 1", file=sys.stderr)
+            return 2
+    if a.gpu_memory_gib is not None and not a.gpu_memory_gib > 0:
+        print(f"error: --gpu-memory-gib {a.gpu_memory_gib} must be > 0", file=sys.stderr)
+        return 2
     if a.gpus % a.ep:
         print(f"error: --ep {a.ep} does not divide --gpus {a.gpus}: choose an ep size that divides the world", file=sys.stderr)
         return 2
@@ -123,39 +185,52 @@ def main():
         return 2
     c = count_params(cfg)
     expert_local = c["experts"] / a.ep
-    bytes_per = 4 if a.dtype == "fp32" else 2
-    fw = a.framework_gib * GiB
+    est = estimate(cfg, a.zero, a.ep, a.gpus, a.micro_batch, a.dtype, not a.no_flash, a.framework_gib, a.inference)
+    total = est["total_gib"]
+    fits = None if a.gpu_memory_gib is None else total <= a.gpu_memory_gib
+    rows = search(cfg, a) if a.gpu_memory_gib is not None else None
+    if a.json:
+        inputs = {k: getattr(a, k) for k in ("config", "model", "zero", "ep", "gpus", "micro_batch", "dtype",
+                                              "inference", "framework_gib", "gpu_memory_gib", "max_micro_batch")}
+        inputs.update(seq_length=cfg.seq_len, flash=not a.no_flash)
+        out = {"inputs": inputs, **est, "parameters": c["total"], "active_parameters": c["active"]}
+        if fits is not None:
+            out.update(fits=fits, search=rows)
+        print(json.dumps(out))
+        return 0
     if a.inference:
-        parts = inference_bytes(cfg, c["non_expert"] + expert_local, a.micro_batch, bytes_per)
-        total = sum(parts.values()) + fw
-        if a.json:
-            print(json.dumps({**{k + "_gib": v / GiB for k, v in parts.items()}, "total_gib": total / GiB}))
-            return 0
         print(f"{a.config} {a.model} inference: {c['total'] / 1e9:.3f}B params ({c['active'] / 1e9:.3f}B active), "
               f"{a.dtype}, ep {a.ep}, batch {a.micro_batch} x {cfg.seq_len}")
-        print(f"  weights                 {parts['weights'] / GiB:8.3f} GiB  ({(c['non_expert'] + expert_local) / 1e9:.3f}B "
+        print(f"  weights                 {est['weights_gib']:8.3f} GiB  ({(c['non_expert'] + expert_local) / 1e9:.3f}B "
               f"on this rank)")
-        print(f"  KV cache                {parts['kv_cache'] / GiB:8.3f} GiB")
-        print(f"  activations + logits    {(parts['activations'] + parts['logits']) / GiB:8.3f} GiB")
-        print(f"  total per GPU           {total / GiB:8.3f} GiB" + ("" if fw else " (+ framework, CUDA context)"))
+        print(f"  KV cache                {est['kv_cache_gib']:8.3f} GiB")
+        print(f"  activations + logits    {est['activations_gib'] + est['logits_gib']:8.3f} GiB")
+    else:
+        print(f"{a.config} {a.model}: {c['total'] / 1e6:.1f}M params ({c['experts'] / 1e6:.1f}M in experts), "
+              f"{a.gpus} GPUs, ep {a.ep}, ZeRO {a.zero}, {a.dtype}, micro-batch {a.micro_batch} x {cfg.seq_len}")
+        print(f"  non-expert model states {est['non_expert_states_gib']:8.3f} GiB  ({c['non_expert'] / 1e6:.1f}M params, "
+              f"dp {a.gpus})")
+        print(f"  expert model states     {est['expert_states_gib']:8.3f} GiB  ({expert_local / 1e6:.1f}M local params, "
+              f"expert-dp {a.gpus // a.ep})")
+        print(f"  activations             {est['activations_gib']:8.3f} GiB")
+    if a.framework_gib:
+        print(f"  framework               {a.framework_gib:8.3f} GiB")
+    print(f"  total per GPU           {total:8.3f} GiB" + ("" if a.framework_gib else
+                                                           " (+ framework, CUDA context: ~1-2 GiB)"))
+    if fits is None:
         return 0
-    ms_dense = model_state_bytes(c["non_expert"], a.zero, a.gpus, a.dtype)
-    ms_expert = model_state_bytes(expert_local, a.zero, a.gpus // a.ep, a.dtype)
-    act = activation_bytes(cfg, a.micro_batch, flash=not a.no_flash, bytes_per=bytes_per)
-    total = ms_dense + ms_expert + act + fw
-    if a.json:
-        print(json.dumps({"non_expert_states_gib": ms_dense / GiB, "expert_states_gib": ms_expert / GiB,
-                          "activations_gib": act / GiB, "framework_gib": a.framework_gib, "total_gib": total / GiB}))
-        return 0
-    print(f"{a.config} {a.model}: {c['total'] / 1e6:.1f}M params ({c['experts'] / 1e6:.1f}M in experts), "
-          f"{a.gpus} GPUs, ep {a.ep}, ZeRO {a.zero}, {a.dtype}, micro-batch {a.micro_batch} x {cfg.seq_len}")
-    print(f"  non-expert model states {ms_dense / GiB:8.3f} GiB  ({c['non_expert'] / 1e6:.1f}M params, dp {a.gpus})")
-    print(f"  expert model states     {ms_expert / GiB:8.3f} GiB  ({expert_local / 1e6:.1f}M local params, "
-          f"expert-dp {a.gpus // a.ep})")
-    print(f"  activations             {act / GiB:8.3f} GiB")
-    if fw:
-        print(f"  framework               {fw / GiB:8.3f} GiB")
-    print(f"  total per GPU           {total / GiB:8.3f} GiB" + ("" if fw else " (+ framework buffers, ~1-2 GiB)"))
+    room = a.gpu_memory_gib - total
+    print(f"{'fits' if fits else 'does not fit'} in {a.gpu_memory_gib:g} GiB per GPU "
+          f"({'%.3f GiB to spare' % room if fits else '%.3f GiB short' % -room}"
+          f"{'' if a.framework_gib else '; framework buffers not counted: --framework-gib'})")
+    what = "ep" if a.inference else "ZeRO, ep"
+    print(f"search ({what}: the largest micro-batch of 1..{a.max_micro_batch} that fits, its total per GPU):")
+    for r in rows:
+        head = f"  {'' if a.inference else 'ZeRO %d, ' % r['zero']}ep {r['ep']:<3d}"
+        if r["max_micro_batch"] is None:
+            print(f"{head} none: micro-batch 1 needs {r['total_gib']:.3f} GiB")
+        else:
+            print(f"{head} micro-batch {r['max_micro_batch']:<3d} {r['total_gib']:8.3f} GiB")
     return 0
 
 
