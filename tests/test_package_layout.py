@@ -1,7 +1,8 @@
 """The shape of the package, read from its source with ``ast``:
 
   * the layers only import downward: quiet -> cli/parallel -> data, kernels -> quantizers -> routers -> moe -> models
-    -> analysis, checkpoint -> training -> vision, finetune (a package may import itself and any lower layer);
+    -> analysis, checkpoint -> training -> vision, finetune -> experiments (a package may import itself and any lower
+    layer);
   * one ``CheckpointError`` class, in the checkpoint package, and every module that names it imports that one;
   * the training loop has no fault-injection hooks (the tests inject faults from tests/workers/faulty.py).
 """
@@ -10,7 +11,7 @@ import os
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "vqmoe_ds")
 LAYER = {"quiet": -1, "cli": 0, "parallel": 0, "data": 1, "kernels": 1, "quantizers": 2, "routers": 3, "moe": 4, "models": 5,
-         "analysis": 6, "checkpoint": 6, "training": 7, "vision": 8, "finetune": 8}
+         "analysis": 6, "checkpoint": 6, "training": 7, "vision": 8, "finetune": 8, "experiments": 9}
 
 
 def modules():

@@ -1,27 +1,26 @@
-"""tools/sweep.py: the statistics against numbers worked out by hand, the presets and the grid, every bad input as
-one line with exit status 2 before anything runs, and one real sweep (2 routers x 2 seeds of the tiny model, 4
-steps, no launcher) that is rerun to check that finished runs are skipped and a run without results resumes
-from its checkpoint."""
+"""tools/sweep.py and vqmoe_ds.experiments: the statistics (intervals, TOST) against numbers worked out by hand, the
+presets and the grid, each run's YAML config file, every bad input as one line with exit status 2 before anything
+runs, and one real sweep (2 routers x 2 seeds of the tiny model, 4 steps, no launcher) that is rerun to check that
+finished runs are skipped and a run without results resumes from its checkpoint, with its compute accounting."""
 import csv
-import importlib.util
 import json
 import math
 import os
-import sys
 
 import pytest
 
-from vqmoe_ds.analysis.sweep_stats import by_seed, paired_difference, summarize, t_interval
-from vqmoe_ds.models import count_params
+from vqmoe_ds.analysis.sweep_stats import by_seed, paired_difference, summarize, t_interval, tost
+from vqmoe_ds.experiments import PRESETS, DriverSettings, build_grid, check_grid, steps_to_target
+from vqmoe_ds.experiments.grid import write_config
+from vqmoe_ds.experiments.report import default_target
+from vqmoe_ds.models import count_params, flops_per_token, named_config, routes_per_token
 from vqmoe_ds.moe.config import ROUTERS
-from vqmoe_ds.training.launch import DRIVER, remove_new_shm, shm_files
+from vqmoe_ds.training.launch import remove_new_shm, shm_files
 from vqmoe_ds.training.lm import command_line, model_config
 
-ROOT = os.path.dirname(DRIVER)
-_spec = importlib.util.spec_from_file_location("sweep_tool", os.path.join(ROOT, "tools", "sweep.py"))
-sweep = importlib.util.module_from_spec(_spec)
-sys.modules["sweep_tool"] = sweep  # its dataclasses look their module up there
-_spec.loader.exec_module(sweep)
+from tool_loader import load_tool
+
+sweep = load_tool("sweep")
 
 # Student t quantiles t_{0.975, dof} from a printed table (dof 1, 2, 3)
 T975 = {1: 12.7062, 2: 4.3027, 3: 3.1824}
@@ -59,55 +58,123 @@ def test_interval_containing_zero_and_too_few_pairs():
     assert d.contains_zero
     iv = t_interval([3.0, 5.0, 7.0])  # mean 5, s 2, half width 4.3027 x 2 / sqrt(3) = 4.96833
     assert (iv.low, iv.high) == (pytest.approx(5 - 4.96833, abs=1e-3), pytest.approx(5 + 4.96833, abs=1e-3))
+    flat = t_interval([2.0, 2.0, 2.0])  # no spread: the interval is the point
+    assert (flat.low, flat.high) == (2.0, 2.0)
     single = paired_difference({1: 1.2}, {1: 1.0, 2: 1.1})
     assert single.n == 1 and single.mean == pytest.approx(0.2) and math.isnan(single.low)
     assert not single.contains_zero
     assert by_seed([{"seed": 1, "x": 1.0}, {"seed": 2, "x": float("nan")}], "x") == {1: 1.0}
 
 
+def _t2_cdf(t):
+    """Student t CDF with 2 degrees of freedom, closed form: 1/2 + t / (2 sqrt(2 + t^2))."""
+    return 0.5 + t / (2 * math.sqrt(2 + t * t))
+
+
+def test_tost_by_hand():
+    # three paired differences 0.003, -0.002, 0.001: mean 0.000667; deviations 0.002333, -0.002667, 0.000333,
+    # squares sum 1.2667e-5, s = sqrt(1.2667e-5 / 2) = 0.0025166, s / sqrt(3) = 0.0014530
+    e = tost([0.003, -0.002, 0.001], margin=0.01)
+    se = 0.0025166 / math.sqrt(3)
+    t_low, t_high = (0.000667 + 0.01) / se, (0.000667 - 0.01) / se  # 7.341, -6.424
+    assert e.n == 3 and e.t_low == pytest.approx(t_low, rel=1e-3) and e.t_high == pytest.approx(t_high, rel=1e-3)
+    assert e.p_low == pytest.approx(1 - _t2_cdf(t_low), rel=1e-3)  # H0 mean <= -margin, one-sided upper tail
+    assert e.p_high == pytest.approx(_t2_cdf(t_high), rel=1e-3)  # H0 mean >= margin, lower tail
+    assert e.p == pytest.approx(max(e.p_low, e.p_high)) and e.p < 0.05 and e.equivalent
+    # the same differences against a margin of 0.002: t_high = (0.000667 - 0.002) / se = -0.918, p = 0.228
+    narrow = tost([0.003, -0.002, 0.001], margin=0.002)
+    assert narrow.p == pytest.approx(_t2_cdf((0.000667 - 0.002) / se), rel=2e-3) and not narrow.equivalent
+    # a clear difference is never "equivalent"; fewer than two values give no test
+    assert not tost([0.05, 0.06, 0.04], margin=0.01).equivalent
+    assert math.isnan(tost([0.001], margin=0.01).p) and not tost([0.001], margin=0.01).equivalent
+    with pytest.raises(ValueError):
+        tost([0.0, 0.1], margin=0.0)
+
+
+def test_steps_to_target_and_default_target():
+    curve = [(100, 3.0), (200, 2.6), (300, 2.45), (400, 2.41)]
+    assert steps_to_target(curve, 2.5) == 300 and steps_to_target(curve, 2.41) == 400
+    assert steps_to_target(curve, 2.0) is None
+    rows = [{"status": "done", "best_valid_bpc": 2.413}, {"status": "done", "best_valid_bpc": 2.398},
+            {"status": "failed", "best_valid_bpc": float("nan")}]
+    assert default_target(rows) == pytest.approx(2.42)  # the highest, rounded up to 0.01: every run reaches it
+
+
 # ---- presets and the grid --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def flags():
-    return sweep.DriverFlags()
+def settings():
+    return DriverSettings()
 
 
-def argv_value(argv, flag):
-    return argv[len(argv) - 1 - argv[::-1].index(flag) + 1]
-
-
-def test_presets(flags):
-    assert set(sweep.PRESETS) >= {"table1", "robustness", "discrete_only", "seeds", "balancing"}
-    table1 = sweep.build_grid("table1", flags=flags)
+def test_presets(settings):
+    assert set(PRESETS) >= {"table1", "robustness", "discrete_only", "seeds", "balancing", "paper", "paper_diffs"}
+    table1 = build_grid("table1", settings=settings)
     assert table1.routers == [r for r in ROUTERS if r != "vq"]
     assert {"dense", "topk", "xmoe", "stablemoe", "smoe_dropout", "vqmoe"} <= set(table1.routers)
     assert len(table1.runs) == len(table1.routers) * 3 and len({r.name for r in table1.runs}) == len(table1.runs)
     stable = next(r for r in table1.runs if r.router == "stablemoe")
-    assert argv_value(stable.argv, "--stablemoe-stage1-steps") == "150"  # half of --train-iters 300
-    only = sweep.build_grid("discrete_only", flags=flags)
+    assert stable.settings["moe.stablemoe_stage1_steps"] == 150  # half of --train-iters 300
+    only = build_grid("discrete_only", settings=settings)
     assert only.groups == ["K8", "K16", "K32"]
     for run in only.runs:
-        assert ("--vqmoe-mode" in run.argv) == (run.router == "vqmoe")
-        assert argv_value(run.argv, "--codebook-size") == run.group[1:]
-    seeds = sweep.build_grid("seeds", flags=flags)
+        assert ("moe.vqmoe_mode" in run.settings) == (run.router == "vqmoe")
+        assert run.settings["moe.codebook_size"] == int(run.group[1:])
+    seeds = build_grid("seeds", settings=settings)
     assert (seeds.routers, seeds.seeds) == (["topk", "vqmoe"], [1, 2, 3])
-    balancing = sweep.build_grid("balancing", flags=flags)
+    balancing = build_grid("balancing", settings=settings)
     assert balancing.groups == ["aux", "bias", "zloss"]
     for r in balancing.runs:
-        assert ("--moe-router-enable-expert-bias" in r.argv) == (r.group == "bias")
-        assert ("--moe-z-loss-coeff" in r.argv) == (r.group == "zloss")
-    for name in sweep.PRESETS:  # every run of every preset passes the driver's own checks
-        grid = sweep.build_grid(name, flags=flags)
-        sweep.check_grid(grid, "/nonexistent/out", "none", flags)
-        assert all(argv_value(r.argv, "--save-interval") != "0" for r in grid.runs)
-        assert all(argv_value(r.argv, "--config") == "tiny" for r in grid.runs)
+        assert ("moe.expert_bias" in r.settings) == (r.group == "bias")
+        assert ("moe.z_loss_coef" in r.settings) == (r.group == "zloss")
+    for name in PRESETS:  # every run of every preset passes the driver's own checks
+        grid = build_grid(name, settings=settings)
+        check_grid(grid, "/nonexistent/out", "none", settings)
+        assert all(r.settings["run.save_interval"] > 0 for r in grid.runs)
+        assert all(r.settings["config"] == "tiny" for r in grid.runs)
 
 
-def test_robustness_sizes(flags):
-    grid = sweep.build_grid("robustness", seeds=[1], flags=flags)
+def test_paper_preset_follows_the_authors_scripts(settings):
+    grid = build_grid("paper", seeds=[1], settings=settings)
+    cmd = command_line()
+    by_arm = {}
+    for run in grid.runs:
+        cfg = model_config(cmd.parse(["--config-file", write_config_tmp(run)]))
+        by_arm[run.arm] = cfg
+        assert cfg.model == "txl" and cfg.mem_len == cfg.seq_len == 64 and cfg.n_layer == 4
+        m = cfg.moe_config(0)
+        assert (m.num_experts, m.activation, m.drop_tokens, m.balance_loss_coef) == (16, "relu", False, 0.01)
+        assert run.settings["optim.lr"] == 3.5e-4 and run.settings["optim.clip_grad"] == 0.25
+        assert run.settings["optim.min_lr"] == 0.0 and run.settings["optim.lr_warmup_iters"] == 0
+    vq, k2, k1 = (by_arm[a].moe_config(0) for a in ("vqmoe-k1", "topk-k2", "topk-k1"))
+    assert (vq.router, vq.top_k, vq.codebook_size, vq.vq_alpha, vq.vq_beta) == ("vqmoe", 1, 16, 0.08, 0.25)
+    assert (k2.router, k2.top_k, k1.router, k1.top_k) == ("topk", 2, "topk", 1)
+    # the same expert routes per token as top-2 SMoE: 1 continuous + 1 discrete
+    assert routes_per_token(vq) == routes_per_token(k2) == 2 and routes_per_token(k1) == 1
+    diffs = {r.arm: r.settings for r in build_grid("paper_diffs", seeds=[1], settings=settings).runs}
+    assert diffs["vqmoe-k1-authors"]["moe.vq_distance"] == "l2"
+    assert diffs["vqmoe-k1-authors"]["moe.discrete_input"] == "token"
+    assert diffs["vqmoe-k1-authors"]["moe.balance_loss_coef"] == 0.0
+    assert {k: v for k, v in diffs["vqmoe-k1"].items()} == \
+        {k: v for k, v in next(r for r in grid.runs if r.arm == "vqmoe-k1").settings.items()}
+
+
+_TMP = []
+
+
+def write_config_tmp(run):
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="sweep_cfg_")
+    _TMP.append(d)
+    return write_config(d, run)
+
+
+def test_robustness_sizes_halve_the_experts_hidden_size(settings):
+    grid = build_grid("robustness", seeds=[1], settings=settings)
     assert grid.groups == ["1M", "2M", "4M", "8M", "16M"]
     cmd = command_line()
     for run in grid.runs:
-        cfg = model_config(cmd.parse(run.argv))
+        cfg = model_config(cmd.parse(["--config-file", write_config_tmp(run)]))
         total = count_params(cfg)["total"]
         if run.router == "topk":
             nominal = float(run.group[:-1]) * 1e6
@@ -116,24 +183,41 @@ def test_robustness_sizes(flags):
         else:  # VQMoE right after SMoE of the same size: the same model, its experts' hidden size halved
             assert (cfg.d_model, cfg.n_layer, cfg.d_inner) == (smoe.d_model, smoe.n_layer, smoe.d_inner), run.name
             assert cfg.expert_ffn * 2 == smoe.d_inner, run.name
-            assert total < 0.7 * count_params(smoe)["total"]
+            # every expert MLP (4 per layer, fc1 D x F + F, fc2 F x D + D) at F/2 instead of F: by hand
+            D, F, L = smoe.d_model, smoe.d_inner, smoe.n_layer
+            saved = L * 4 * ((2 * D * F + F + D) - (2 * D * (F // 2) + F // 2 + D))
+            assert count_params(smoe)["experts"] - count_params(cfg)["experts"] == saved, run.name
 
 
-def test_every_preset_value_can_be_replaced(flags):
-    grid = sweep.build_grid("table1", routers=["topk", "smoe_dropout"], seeds=[7],
-                            sets=["train-iters=40", "--lr=1e-3", "plots=false"],
-                            extra=["--topk", "1", "--no-drop-tokens", "--stablemoe-stage1-steps", "5"], flags=flags)
+def test_every_preset_value_can_be_replaced(settings):
+    grid = build_grid("table1", routers=["topk", "smoe_dropout"], seeds=[7],
+                      sets=["train-iters=40", "--lr=1e-3", "plots=false", "optim.weight_decay=0.1"],
+                      extra=["--topk", "1", "--no-drop-tokens", "--stablemoe-stage1-steps", "5"], settings=settings)
     assert [r.name for r in grid.runs] == ["topk_s7", "smoe_dropout_s7"]
-    argv = grid.runs[1].argv
-    assert argv_value(argv, "--train-iters") == "40" and argv_value(argv, "--lr") == "1e-3"
-    assert argv_value(argv, "--lr-warmup-iters") == "2" and argv_value(argv, "--smoe-dropout-k-steps") == "40"
-    assert argv_value(argv, "--top-k") == "1" and "--no-drop-tokens" in argv and "--no-plots" in argv
-    assert "--topk" not in argv  # aliases are written under the flag's own name
-    varied = sweep.build_grid("discrete_only", seeds=[1], vary=["codebook-size=4,8"], flags=flags)
+    s = grid.runs[1].settings
+    assert s["optim.train_iters"] == 40 and s["optim.lr"] == 1e-3 and s["optim.weight_decay"] == 0.1
+    assert s["optim.lr_warmup_iters"] == 2 and s["moe.smoe_dropout_k_steps"] == 40
+    assert s["moe.top_k"] == 1 and s["moe.drop_tokens"] is False and s["run.plots"] is False
+    assert (s["moe.router"], s["optim.seed"]) == ("smoe_dropout", 7)
+    varied = build_grid("discrete_only", seeds=[1], vary=["codebook-size=4,8"], settings=settings)
     assert [r.name for r in varied.runs] == ["topk_codebook-size4_s1", "vqmoe_codebook-size4_s1",
                                              "topk_codebook-size8_s1", "vqmoe_codebook-size8_s1"]
     assert varied.runs[1].overrides == {"codebook-size": "4", "vqmoe-mode": "discrete_only"}
     assert varied.runs[2].overrides == {"codebook-size": "8"}  # --num-experts is the tiny shape's again
+    assert [r.name for r in build_grid("robustness", seeds=[2], only_groups=["2M"], settings=settings).runs] == \
+        ["topk_2M_s2", "vqmoe_2M_s2"]
+
+
+def test_a_run_config_file_is_what_the_driver_reads(settings, tmp_path):
+    grid = build_grid("seeds", seeds=[3], sets=["train-iters=40", "plots=false"], settings=settings)
+    run = grid.runs[1]
+    path = write_config(str(tmp_path), run)
+    assert path == str(tmp_path / "vqmoe_s3.yaml")
+    parsed = command_line().parse(["--config-file", path])
+    assert parsed.preset == "tiny"
+    assert parsed.given("optim")["train_iters"] == 40 and parsed.given("optim")["seed"] == 3
+    assert parsed.given("moe")["router"] == "vqmoe" and parsed.given("run")["plots"] is False
+    assert parsed.given("run")["out_dir"] == str(tmp_path / "vqmoe_s3") and parsed.given("run")["progress"] is False
 
 
 # ---- bad input -----------------------------------------------------------------------------------------------
@@ -142,20 +226,26 @@ BAD = {
     "unknown router": (["--preset", "seeds", "--routers", "topk", "switch"], "unknown router 'switch'"),
     "unknown --set flag": (["--preset", "seeds", "--set", "num-layer=3"], "has no flag --num-layer (did you mean"),
     "--set without a value": (["--preset", "seeds", "--set", "num-layers"], "is not FLAG=VALUE"),
-    "unknown extra flag": (["--preset", "seeds", "--", "--bogus", "1"], "has no flag --bogus"),
+    "unknown extra flag": (["--preset", "seeds", "--", "--bogus", "1"], "unrecognized arguments: --bogus"),
     "bad value": (["--preset", "seeds", "--set", "num-layers=0"], "n_layer=0 must be >= 1"),
     "value of the wrong type": (["--preset", "seeds", "--", "--lr", "fast"], "--lr 'fast' is not a float"),
+    "--set value of the wrong type": (["--preset", "seeds", "--set", "train-iters=many"], "is not an int"),
     "flag the sweep sets": (["--preset", "seeds", "--set", "seed=3"], "the sweep sets --seed itself"),
+    "flag the sweep sets, after --": (["--preset", "seeds", "--", "--out-dir", "x"], "the sweep sets --out-dir"),
     "bad boolean": (["--preset", "seeds", "--set", "plots=maybe"], "--plots is a boolean"),
+    "bad choice": (["--preset", "seeds", "--set", "vq-distance=manhattan"], "is not one of l2, cosine"),
     "ep size vs ranks": (["--preset", "seeds", "--set", "moe-expert-parallel-size=2"],
                          "does not divide the world size 1"),
     "missing data file": (["--preset", "seeds", "--", "--data-file", "/nonexistent/corpus.txt"],
-                          "--data-file /nonexistent/corpus.txt does not exist"),
+                          "/nonexistent/corpus.txt does not exist"),
     "no launcher, two ranks": (["--preset", "seeds", "--launcher", "none", "--nproc", "2"], "--launcher none"),
-    "unknown launcher": (["--preset", "seeds", "--launcher", "slurm"], "--launcher slurm"),
+    "unknown launcher": (["--preset", "seeds", "--launcher", "pbs"], "--launcher pbs"),
+    "slurm parameters without slurm": (["--preset", "seeds", "--slurm", "timeout_min=5"], "--launcher slurm"),
+    "bad margin": (["--preset", "seeds", "--margin", "0"], "--margin 0.0"),
     "baseline not swept": (["--preset", "seeds", "--baseline", "xmoe"], "--baseline xmoe"),
     "no save interval": (["--preset", "seeds", "--set", "save-interval=0"], "--save-interval 0"),
     "unknown override set": (["--preset", "robustness", "--groups", "3M"], "--groups 3M: no such override set"),
+    "report of no sweep": (["--report-only"], "holds no sweep.json"),
 }
 
 
@@ -169,15 +259,19 @@ def test_bad_input_is_one_line_and_runs_nothing(case, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_a_folder_with_another_grid_is_refused(tmp_path, capsys, flags):
+def test_a_folder_with_another_grid_is_refused(tmp_path, capsys, settings):
     out = tmp_path / "sweep"
     out.mkdir()
-    stored = sweep.build_grid("seeds", seeds=[1, 2], flags=flags)
+    stored = build_grid("seeds", seeds=[1, 2], settings=settings)
     (out / "sweep.json").write_text(json.dumps({"grid": stored.identity()}))
     assert sweep.main(["--preset", "seeds", "--seeds", "1", "2", "3", "--out", str(out), "--dry-run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds a sweep of another grid" in err[0] and "topk_s3" in err[0], err
     assert sweep.main(["--preset", "seeds", "--seeds", "1", "2", "--out", str(out), "--dry-run"]) == 0
+    assert sweep.main(["--preset", "seeds", "--seeds", "1", "2", "--set", "lr=0.01", "--out", str(out),
+                       "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "optim.lr=0.003 where this one has optim.lr=0.01" in err[-1], err
 
 
 # ---- one real sweep ----------------------------------------------------------------------------------------------
@@ -194,22 +288,34 @@ def test_sweep_runs_skips_and_resumes(tmp_path, capsys):
         with open(out / "sweep.csv") as f:
             rows = list(csv.DictReader(f))
         assert sorted(r["run"] for r in rows) == sorted(names)
+        # the model each run trained, from the flags above (not from the run's files): FLOPs and routes per token
+        cmd = command_line()
         for r in rows:
             assert r["status"] == "done" and r["steps"] == "4" and r["router"] in r["run"]
             assert r["seed"] == r["run"][-1]
-            for key in ("best_valid_loss", "best_valid_bpc", "test_loss", "test_bpc", "test_ppl", "wall_s"):
+            for key in ("best_valid_loss", "best_valid_bpc", "test_loss", "test_bpc", "test_ppl", "wall_s",
+                        "tokens_per_s"):
                 assert math.isfinite(float(r[key])) and float(r[key]) > 0, (key, r)
-            assert float(r["best_valid_bpc"]) == pytest.approx(float(r["best_valid_loss"]) / math.log(2))
+            res = json.load(open(out / r["run"] / "results.json"))
+            assert float(r["best_valid_bpc"]) == pytest.approx(res["best_valid"]["bpc"])
+            assert float(r["best_valid_loss"]) == pytest.approx(res["best_valid"]["loss"])
+            assert float(r["test_bpc"]) == pytest.approx(res["test"]["bpc"])
             assert float(r["test_ppl"]) == pytest.approx(math.exp(float(r["test_loss"])))
             assert int(r["params_total"]) >= int(r["params_active"]) > 0
-            res = json.load(open(out / r["run"] / "results.json"))
-            assert float(r["test_bpc"]) == pytest.approx(res["test"]["bpc"])
+            cfg = model_config(cmd.parse(["--config", "tiny", "--router", r["router"]]))
+            assert float(r["flops_per_token"]) == pytest.approx(flops_per_token(cfg))
+            assert int(r["routes_per_token"]) == (3 if r["router"] == "vqmoe" else 2)  # top-2 (+ the discrete route)
+            assert int(r["tokens_per_step"]) == 4 * 64  # micro-batch 4 x context 64, one rank
+            assert float(r["train_flops"]) == pytest.approx(flops_per_token(cfg) * 4 * 64 * 4)
+            assert (out / (r["run"] + ".yaml")).exists()
+            assert json.load(open(out / r["run"] / "config.json"))["optim"]["train_iters"] == 4
         md = (out / "sweep.md").read_text()
         assert "| topk | 2 |" in md and "| vqmoe | 2 |" in md
-        assert "Difference from topk (paired by seed, Student t interval)" in md
-        vq = [ln for ln in md.splitlines() if ln.startswith("| vqmoe | 2 | ")]
-        assert len(vq) == 2 and vq[1].count("[") == 2  # Δ valid and Δ test, each with its interval
-        for png in ("valid_curve.png", "test_bpc.png"):
+        assert "## Paired differences (by seed, Student t interval, TOST)" in md
+        vq = [ln for ln in md.splitlines() if ln.startswith("| vqmoe | topk | 2 | ")]
+        assert len(vq) == 1 and vq[0].count("[") == 2 and "| 3/2 |" in vq[0] and vq[0].endswith("| no |")
+        assert "## Steps and training FLOPs to a target validation BPC" in md
+        for png in ("valid_curve.png", "test_bpc.png", "bpc_vs_flops.png"):
             assert (out / png).stat().st_size > 1000
         # a second sweep starts nothing: every run has results
         logs = {n: (out / f"{n}.log").read_text() for n in names}
@@ -225,8 +331,15 @@ def test_sweep_runs_skips_and_resumes(tmp_path, capsys):
         log = (out / "vqmoe_s2.log").read_text()
         resumed = [ln for ln in log.splitlines() if ln.startswith("# ") and " resume: " in ln]
         assert len(resumed) == 1 and f"--load {out / 'vqmoe_s2' / 'checkpoints'}" in resumed[0]
+        assert f"--config-file {out / 'vqmoe_s2.yaml'}" in resumed[0]
         assert (out / "vqmoe_s2" / "results.json").exists()
         assert {n: (out / f"{n}.log").read_text() for n in names if n != "vqmoe_s2"} == \
             {n: t for n, t in logs.items() if n != "vqmoe_s2"}
+        # the reports again, from the folder alone, against another baseline and a stated target
+        os.remove(out / "sweep.md")
+        assert sweep.main(["--out", str(out), "--report-only", "--baseline", "vqmoe", "--target-bpc", "9.0"]) == 0
+        md = (out / "sweep.md").read_text()
+        assert [ln for ln in md.splitlines() if ln.startswith("| topk | vqmoe | 2 | ")]
+        assert [ln for ln in md.splitlines() if ln.startswith("| 9.00 | topk | 2/2 | ")]
     finally:
         remove_new_shm(before)
