@@ -83,7 +83,7 @@ SCHEDULES = {"stablemoe": {"stablemoe-stage1-steps": Scaled("train-iters", 0.5)}
 # parameters in all (count_params, byte vocabulary); VQMoE runs with its experts' hidden size halved
 ROBUSTNESS_SIZES = (("1M", 3, 128, 256), ("2M", 4, 160, 320), ("4M", 4, 224, 448), ("8M", 6, 256, 512),
                     ("16M", 8, 320, 640))
-ROBUSTNESS_CPU = {**TINY_CPU, "train-iters": 1500, "eval-interval": 100, "eval-iters": 0, "log-interval": 50,
+ROBUSTNESS_CPU = {**TINY_CPU, "train-iters": 1500, "eval-interval": 250, "eval-iters": 0, "log-interval": 50,
                   "save-interval": 500}
 # The authors' Transformer-XL scripts (script/table1/transformer_xl/*/enwik8_*.sh) at a CPU size: their 4 layers,
 # expert FFN 2 x d, 16 experts, codebook 16, dropout 0.1 (none on attention), ReLU experts, dropless dispatch

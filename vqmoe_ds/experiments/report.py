@@ -71,6 +71,10 @@ def _si(x: Optional[float], unit: str = "") -> str:
     return f"{x:.3g} {unit}".strip()
 
 
+def _or_dash(v) -> str:
+    return "–" if v is None else str(v)
+
+
 def _tost_text(diffs: Sequence[float], margin: float) -> str:
     e = tost(diffs, margin)
     if e.n < 2:
@@ -121,7 +125,7 @@ def report(grid: Grid, rows: Sequence[Mapping[str, Any]], opts: ReportOptions) -
             lines.append(
                 f"| {arm} |" + (f" {g} |" if named else "") + f" {len(sel)} | "
                 f"{_ms([x['best_valid_bpc'] for x in sel], 4)} | {_ms([x['test_bpc'] for x in sel], 4)} | "
-                f"{_ms([x['test_ppl'] for x in sel], 3)} | {params} | {'–' if routes is None else routes} | "
+                f"{_ms([x['test_ppl'] for x in sel], 3)} | {params} | {_or_dash(routes)} | "
                 f"{_si(_first(allrows, 'flops_per_token'))} | {_si(_first(sel, 'train_flops'))} | "
                 f"{_ms([x['tokens_per_s'] for x in sel if x['tokens_per_s']], 0)} | "
                 f"{_ms([x['wall_s'] for x in sel if x['wall_s']], 0)} |")
@@ -133,11 +137,12 @@ def report(grid: Grid, rows: Sequence[Mapping[str, Any]], opts: ReportOptions) -
                   f"standard deviation of the paired differences; Δ < 0: lower BPC than the reference. TOST: two "
                   f"one-sided t tests of Δ against ±{m:g} BPC; \"equivalent\" when both reject at 5% (p = the larger "
                   f"p-value), so a tie is a measured claim. Compute-matched: training FLOPs per token within "
-                  f"{MATCH_TOLERANCE:.0%} of each other (routes per token shown as arm/reference).", "",
+                  f"{MATCH_TOLERANCE:.0%} of each other (routes per token shown as arm/reference); params: the arm's total and "
+                  f"active parameters relative to the reference's.", "",
                   "| arm | reference |" + (" set |" if named else "") + f" n | Δ best valid BPC [{LEVEL:.0%} CI] | "
                   f"TOST ±{m:g} valid | Δ test BPC [{LEVEL:.0%} CI] | TOST ±{m:g} test | routes | FLOPs ratio | "
-                  "compute-matched |",
-                  "|---|---|" + ("---|" if named else "") + "---|---|---|---|---|---|---|---|"]
+                  "compute-matched | params total / active |",
+                  "|---|---|" + ("---|" if named else "") + "---|---|---|---|---|---|---|---|---|"]
         for g in grid.groups:
             for arm, ref in opts.comparisons:
                 a, b = _cell(done, arm, g), _cell(done, ref, g)
@@ -150,10 +155,14 @@ def report(grid: Grid, rows: Sequence[Mapping[str, Any]], opts: ReportOptions) -
                 fa, fb = _first(aa, "flops_per_token"), _first(bb, "flops_per_token")
                 ratio = fa / fb if fa and fb else None
                 matched = "–" if ratio is None else ("yes" if abs(ratio - 1) <= MATCH_TOLERANCE else "no")
-                ra, rb = _first(aa, "routes_per_token"), _first(bb, "routes_per_token")
+                ra, rb = (_or_dash(_first(x, "routes_per_token")) for x in (aa, bb))
+                params = "–"
+                if _first(aa, "params_total") and _first(bb, "params_total"):
+                    params = " / ".join(f"{_first(aa, k) / _first(bb, k) - 1:+.0%}" for k in ("params_total",
+                                                                                              "params_active"))
                 lines.append(f"| {arm} | {ref} |" + (f" {g} |" if named else "") + f" {dt.n} | {_iv(dv)} | {tv} | "
                              f"{_iv(dt)} | {tt} | {ra}/{rb} | " + ("–" if ratio is None else f"{ratio:.3f}")
-                             + f" | {matched} |")
+                             + f" | {matched} | {params} |")
     lines += _targets_section(grid, done, opts, named)
     missing = [r for r in rows if r["status"] != "done"]
     if missing:
