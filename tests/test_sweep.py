@@ -13,7 +13,7 @@ from vqmoe_ds.analysis.sweep_stats import by_seed, paired_difference, summarize,
 from vqmoe_ds.experiments import PRESETS, DriverSettings, build_grid, check_grid, steps_to_target
 from vqmoe_ds.experiments.grid import write_config
 from vqmoe_ds.experiments.report import default_target
-from vqmoe_ds.models import count_params, flops_per_token, named_config, routes_per_token
+from vqmoe_ds.models import count_params, flops_per_token, routes_per_token
 from vqmoe_ds.moe.config import ROUTERS
 from vqmoe_ds.training.launch import remove_new_shm, shm_files
 from vqmoe_ds.training.lm import command_line, model_config
@@ -133,12 +133,12 @@ def test_presets(settings):
         assert all(r.settings["config"] == "tiny" for r in grid.runs)
 
 
-def test_paper_preset_follows_the_authors_scripts(settings):
+def test_paper_preset_follows_the_authors_scripts(settings, tmp_path):
     grid = build_grid("paper", seeds=[1], settings=settings)
     cmd = command_line()
     by_arm = {}
     for run in grid.runs:
-        cfg = model_config(cmd.parse(["--config-file", write_config_tmp(run)]))
+        cfg = model_config(cmd.parse(["--config-file", write_config(str(tmp_path), run)]))
         by_arm[run.arm] = cfg
         assert cfg.model == "txl" and cfg.mem_len == cfg.seq_len == 64 and cfg.n_layer == 4
         m = cfg.moe_config(0)
@@ -158,23 +158,12 @@ def test_paper_preset_follows_the_authors_scripts(settings):
         {k: v for k, v in next(r for r in grid.runs if r.arm == "vqmoe-k1").settings.items()}
 
 
-_TMP = []
-
-
-def write_config_tmp(run):
-    import tempfile
-
-    d = tempfile.mkdtemp(prefix="sweep_cfg_")
-    _TMP.append(d)
-    return write_config(d, run)
-
-
-def test_robustness_sizes_halve_the_experts_hidden_size(settings):
+def test_robustness_sizes_halve_the_experts_hidden_size(settings, tmp_path):
     grid = build_grid("robustness", seeds=[1], settings=settings)
     assert grid.groups == ["1M", "2M", "4M", "8M", "16M"]
     cmd = command_line()
     for run in grid.runs:
-        cfg = model_config(cmd.parse(["--config-file", write_config_tmp(run)]))
+        cfg = model_config(cmd.parse(["--config-file", write_config(str(tmp_path), run)]))
         total = count_params(cfg)["total"]
         if run.router == "topk":
             nominal = float(run.group[:-1]) * 1e6

@@ -14,10 +14,10 @@ import re
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .presets import PRESETS, Group, Preset, Scaled, SweepError
-from .settings import PRESET_KEY, DriverSettings, as_config_file
+from .settings import DriverSettings, as_config_file
 
 
 @dataclass
