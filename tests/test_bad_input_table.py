@@ -320,6 +320,17 @@ CASES = [
         ["--load", str(r), "--out-dir", _write(t, "f", "x")]), "is a file"),
     ("analyze out is a file", lambda t, r: _tool("analyze_routing").main(
         ["--load", str(r), "--out-dir", _write(t, "f", "x")]), "is a file"),
+    ("memory: no GPUs", lambda t, r: _tool("estimate_memory").main(["--gpus", "0"]), "--gpus 0 must be >= 1"),
+    ("memory: negative micro-batch", lambda t, r: _tool("estimate_memory").main(["--micro-batch", "-2"]),
+     "--micro-batch -2 must be >= 1"),
+    ("memory: NaN GPU memory", lambda t, r: _tool("estimate_memory").main(["--gpu-memory-gib", "nan"]),
+     "--gpu-memory-gib nan must be a finite number > 0"),
+    ("memory: zero GPU memory", lambda t, r: _tool("estimate_memory").main(["--gpu-memory-gib", "0"]),
+     "--gpu-memory-gib 0.0 must be a finite number > 0"),
+    ("memory: NaN framework", lambda t, r: _tool("estimate_memory").main(["--framework-gib", "nan"]),
+     "--framework-gib nan must be a finite number >= 0"),
+    ("memory: zero context", lambda t, r: _tool("estimate_memory").main(["--seq-length", "0"]),
+     "--seq-length 0 must be >= 1"),
 ]
 
 

@@ -43,6 +43,7 @@ context (~0.5 GiB per GPU), NCCL buffers, checkpoint-save copies, and on GPUs ``
 """
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -170,8 +171,14 @@ def main(argv=None):
         if getattr(a, name) < 1:
             print(f"error: --{name.replace('_', '-')} {getattr(a, name)} must be >= 1", file=sys.stderr)
             return 2
-    if a.gpu_memory_gib is not None and not a.gpu_memory_gib > 0:
-        print(f"error: --gpu-memory-gib {a.gpu_memory_gib} must be > 0", file=sys.stderr)
+    if a.gpu_memory_gib is not None and not (a.gpu_memory_gib > 0 and math.isfinite(a.gpu_memory_gib)):
+        print(f"error: --gpu-memory-gib {a.gpu_memory_gib} must be a finite number > 0", file=sys.stderr)
+        return 2
+    if not (a.framework_gib >= 0 and math.isfinite(a.framework_gib)):
+        print(f"error: --framework-gib {a.framework_gib} must be a finite number >= 0", file=sys.stderr)
+        return 2
+    if a.seq_length is not None and a.seq_length < 1:
+        print(f"error: --seq-length {a.seq_length} must be >= 1", file=sys.stderr)
         return 2
     if a.gpus % a.ep:
         print(f"error: --ep {a.ep} does not divide --gpus {a.gpus}: choose an ep size that divides the world", file=sys.stderr)

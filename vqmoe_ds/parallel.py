@@ -187,13 +187,25 @@ def init_single_process() -> None:
     init_distributed(auto_mpi_discovery=True)
 
 
+# what MPI launchers (Open MPI, MPICH / Intel MPI, PMIx) put in each rank's environment
+MPI_RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
+
+
 def init_distributed(**kwargs) -> None:
     """``deepspeed.init_distributed(**kwargs)`` (it picks NCCL on GPUs, gloo on CPUs, and reads mpirun's ranks
     through mpi4py when asked), after clearing stale extension locks that would hang its CPU comm-op load."""
+    import os
+
     import deepspeed
 
     from .quiet import SHM_BUILT, stdout_without
 
+    if "RANK" not in os.environ and not any(v in os.environ for v in MPI_RANK_VARIABLES):
+        # a lone process (no launcher, no MPI): DeepSpeed's MPI discovery would take --distributed-port (29500), and
+        # two such runs on one machine would collide on it; a one-process group can use any free port
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     clear_stale_extension_locks()
     with stdout_without(SHM_BUILT):  # DeepSpeed prints it on every rank when its CPU comm op loads (quiet.py)
         deepspeed.init_distributed(**kwargs)
