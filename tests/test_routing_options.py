@@ -1,14 +1,17 @@
 """The routing options of current MoE systems (Megatron-core's names in the flags) against loop references written
 from their definitions: z-loss, sigmoid scores with top-k scaling, the balance loss per sequence and over the
 global batch, the expert bias of aux-loss-free balancing and its update, forced balancing, shared experts (added,
-gated, and DeepSpeed's PR-MoE residual mix), and the per-layer routing metrics of the log."""
+gated, and DeepSpeed's PR-MoE residual mix), and the per-layer routing metrics of the log.
+
+The references see only the layer's raw tensors (``run_raw``: weights and buffers detached and cloned once, by name)."""
 import math
 
 import pytest
 import torch
 
-from layer_harness import make_layer, run_both
-from reference import capacity_ref, expert_ref, moe_ref
+from layer_harness import make_layer, raw_tensors, run_raw
+from reference import (capacity_ref, experts_raw, linear_raw, mlp_raw, moe_ref, sigmoid_raw, softmax_raw,
+                       top_indices)
 
 from vqmoe_ds.routers import update_expert_biases
 from vqmoe_ds.training.run_log import load_metrics, moe_summary
@@ -16,58 +19,51 @@ from vqmoe_ds.training.run_log import load_metrics, moe_summary
 TOL = 1e-5
 
 
-def chosen_by_loop(select, k):
-    chosen = []
-    for _ in range(k):
-        best = None
-        for e in range(len(select)):
-            if e not in chosen and (best is None or select[e] > select[best]):
-                best = e
-        chosen.append(best)
-    return chosen
+def route_ref(W, cfg, x_t, t):
+    """(scores, chosen experts, combine weights, logits) of token t from the raw router weights and expert bias."""
+    E, k = cfg.num_experts, cfg.top_k
+    Wr = W["router.wg.weight"]
+    logits = torch.stack([x_t @ Wr[e] for e in range(E)])
+    scores = sigmoid_raw(logits) if cfg.score_function == "sigmoid" else softmax_raw(logits)
+    if cfg.force_load_balancing:
+        chosen = [(t * k + j) % E for j in range(k)]
+    else:  # the expert bias (aux-loss-free balancing) shifts the choice only, not the weights
+        bias = W["router.expert_bias_E"] if cfg.expert_bias else torch.zeros(E)
+        chosen = top_indices([scores[e] + bias[e] for e in range(E)], k)
+    g = [scores[e] for e in chosen]
+    if k > 1 and cfg.norm_topk_prob:
+        tot = sum(g) + (1e-20 if cfg.score_function == "sigmoid" else 0)
+        g = [v / tot for v in g]
+    return scores, chosen, [v * cfg.topk_scaling_factor for v in g], logits
 
 
-def options_ref(layer, x_BSD):
+def options_ref(W, cfg, x_BSD):
     """(y, aux) of a top-k layer with its options, token by token from the definitions."""
-    cfg, router = layer.cfg, layer.router
     E, k = cfg.num_experts, cfg.top_k
     B, S, D = x_BSD.shape
     x = x_BSD.reshape(B * S, D)
     T = x.shape[0]
-    W = router.wg.weight
-    bias = router.expert_bias_E if cfg.expert_bias else torch.zeros(E)
     rows, chosen_rows, choices = [], [], [[None] * T for _ in range(k)]
     z_terms = []
     for t in range(T):
-        logits = torch.stack([x[t] @ W[e] for e in range(E)])
-        z_terms.append(torch.logsumexp(logits, 0) ** 2)
-        scores = torch.sigmoid(logits) if cfg.score_function == "sigmoid" else torch.softmax(logits, 0)
-        if cfg.force_load_balancing:
-            chosen = [(t * k + j) % E for j in range(k)]
-        else:
-            chosen = chosen_by_loop([float(scores[e] + bias[e]) for e in range(E)], k)
-        g = [scores[e] for e in chosen]
-        if k > 1 and cfg.norm_topk_prob:
-            tot = sum(g) + (1e-20 if cfg.score_function == "sigmoid" else 0)
-            g = [v / tot for v in g]
-        g = [v * cfg.topk_scaling_factor for v in g]
+        scores, chosen, g, logits = route_ref(W, cfg, x[t], t)
+        z_terms.append(torch.log(torch.exp(logits).sum()) ** 2)  # (log sum_e exp l_e)^2
         rows.append(scores / scores.sum() if cfg.score_function == "sigmoid" else scores)
         chosen_rows.append(chosen)
         for c in range(k):
             choices[c][t] = (t, chosen[c], g[c], x[t])
     cap = capacity_ref(T * k, E, cfg.capacity_factor, cfg.min_capacity) if cfg.drop_tokens else None
-    y = moe_ref(choices, layer.experts, T, cap)
-    if layer.shared is not None:
-        shared = torch.stack([expert_ref(layer.shared, x[t]) for t in range(T)])
+    y = moe_ref(choices, experts_raw(W, E), T, cap)
+    if cfg.shared_expert_size:
+        shared_w = tuple(W["shared." + n] for n in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"))
+        shared = torch.stack([mlp_raw(x[t], *shared_w) for t in range(T)])
         if cfg.shared_expert_mode == "add":
             y = y + shared
-        elif cfg.shared_expert_mode == "gate":
-            gate = torch.stack([torch.sigmoid(x[t] @ layer.shared_gate.weight[0] + layer.shared_gate.bias[0])
-                                for t in range(T)])
+        elif cfg.shared_expert_mode == "gate":  # Qwen2-MoE: sigmoid(w x + b) times the shared expert
+            gate = torch.stack([sigmoid_raw(linear_raw(W, "shared_gate", x[t])[0]) for t in range(T)])
             y = y + gate.unsqueeze(1) * shared
-        else:
-            c = torch.stack([torch.softmax(x[t] @ layer.shared_gate.weight.t() + layer.shared_gate.bias, 0)
-                             for t in range(T)])
+        else:  # PR-MoE: softmax(W x + b) mixes the routed and the shared output
+            c = torch.stack([softmax_raw(linear_raw(W, "shared_gate", x[t])) for t in range(T)])
             y = y * c[:, :1] + shared * c[:, 1:]
 
     def balance(token_ids):
@@ -77,7 +73,7 @@ def options_ref(layer, x_BSD):
         return E * sum(f[j] * P[j] for j in range(E))
 
     aux = torch.zeros(())
-    if cfg.load_balancing_type == "aux_loss":
+    if cfg.load_balancing_type in ("aux_loss", "global_aux_loss"):  # one process: the global batch is this one
         aux = aux + cfg.balance_loss_coef * balance(range(T))
     elif cfg.load_balancing_type == "seq_aux_loss":
         aux = aux + cfg.balance_loss_coef * sum(balance(range(b * S, (b + 1) * S)) for b in range(B)) / B
@@ -88,17 +84,19 @@ def options_ref(layer, x_BSD):
 
 def compare(layer, B=3, S=8, seed=1):
     """The layer on a [B, S, D] batch against ``options_ref``: output, aux loss and every gradient within TOL."""
-    diffs, _ = run_both(layer, options_ref, shape=(B, S, layer.cfg.hidden_size), seed=seed)
+    diffs, _ = run_raw(layer, options_ref, shape=(B, S, layer.cfg.hidden_size), seed=seed)
     assert max(diffs.values()) <= TOL, diffs
     return layer
 
 
 OPTIONS = {
+    "shipped defaults": dict(drop_tokens=True, capacity_factor=1.25, min_capacity=4),
     "z-loss": dict(z_loss_coef=0.01),
     "sigmoid scores, normalised top-2, scaling 2.5": dict(score_function="sigmoid", topk_scaling_factor=2.5),
     "sigmoid scores, top-1": dict(score_function="sigmoid", top_k=1),
     "sigmoid, no normalisation": dict(score_function="sigmoid", norm_topk_prob=False),
     "balance loss per sequence": dict(load_balancing_type="seq_aux_loss"),
+    "balance loss of the global batch, one rank": dict(load_balancing_type="global_aux_loss"),
     "no balance loss": dict(load_balancing_type="none"),
     "forced balancing": dict(force_load_balancing=True),
     "shared expert, added": dict(shared_expert_size=12),
@@ -123,19 +121,23 @@ def test_forced_balancing_spreads_tokens_evenly():
 def test_expert_bias_selects_and_is_updated_by_the_sign_rule():
     layer = make_layer(router="topk", expert_bias=True, bias_update_rate=0.05)
     router = layer.router
-    router.expert_bias_E.copy_(torch.tensor([0.5, 0.0, 0.0, -0.5]))  # selection leans to expert 0, away from 3
+    start = torch.tensor([0.5, 0.0, 0.0, -0.5])  # selection leans to expert 0, away from 3
+    router.expert_bias_E.copy_(start)
     compare(layer)  # selection by scores + bias, weights from the scores alone
     router.load_E.zero_()
-    router.expert_bias_E.copy_(torch.tensor([0.5, 0.0, 0.0, -0.5]))
+    router.expert_bias_E.copy_(start)
+    W = raw_tensors(layer)
     loads = torch.zeros(4)
     g = torch.Generator().manual_seed(3)
-    for _ in range(2):  # two micro-batches of one step
-        layer(torch.randn(2, 8, 16, generator=g))
-        loads += layer.stats()["expert_load"].float()
+    for _ in range(2):  # two micro-batches of one step: the loads of both count, chosen with the bias
+        x = torch.randn(2, 8, 16, generator=g)
+        layer(x)
+        for t, x_t in enumerate(x.reshape(16, 16)):
+            for e in route_ref(W, layer.cfg, x_t, t)[1]:
+                loads[e] += 1
     assert torch.equal(router.load_E, loads)
-    before = router.expert_bias_E.clone()
     update_expert_biases(layer)
-    want = before + 0.05 * torch.sign(loads.mean() - loads)
+    want = start + 0.05 * torch.sign(loads.mean() - loads)
     assert torch.allclose(router.expert_bias_E, want) and float(router.load_E.sum()) == 0.0
     assert float(loads[0]) > float(loads.mean()) and float(router.expert_bias_E[0]) < 0.5  # over-loaded: bias down
 

@@ -1,43 +1,59 @@
 """The VQ router and the VQMoE layer (eq. 4-5 and eq. 7) against loop references: outputs, aux loss and all
-gradients to 1e-5 under both dispatchers; K != N mapping, low capacity, frozen VQ, discrete input choice."""
+gradients to 1e-5 under both dispatchers and the grouped-GEMM experts; K != N mapping, low capacity, frozen VQ,
+discrete input choice.
+
+The references see only the layer's raw tensors (``run_raw``: weights detached and cloned once, by name) and write
+the paper's formulas out token by token: the nearest code by brute force over the codebook, expert = code mod N,
+[g_c, g_d] = softmax(W_g x + b_g), f(x) = g_c sum_k w_k FFN_k(x) + g_d FFN_{code mod N}(x~) (eq. 4-5), the VQ loss
+alpha (||sg[z] - v||^2 + beta ||z - sg[v]||^2) (eq. 8, means over the elements) and N sum_e f_e P_e."""
 import pytest
 import torch
 
-from layer_harness import make_layer, run_both
-from reference import capacity_ref, gate_ref, moe_ref, topk_ref, vq_ref
+from layer_harness import make_layer, raw_tensors, run_raw
+from reference import (capacity_ref, experts_raw, linear_raw, mlp_raw, moe_ref, softmax_raw, top_indices,
+                       vq_raw)
 
 TOL = 1e-5
+Q = "vq_router.quantizer."
 
 
-def vqmoe_ref(layer, x):
-    cfg = layer.cfg
+def quantize_raw(W, cfg, x_t):
+    """(code, x~, codebook term, commitment term, elements) of one token from the raw codebook and projections."""
+    proj = (lambda name: (W[Q + name + ".weight"], W[Q + name + ".bias"]) if Q + name + ".weight" in W else None)
+    return vq_raw(x_t, W[Q + "codebook"], cfg.vq_distance, proj("in_proj"), proj("out_proj"), cfg.vq_scale)
+
+
+def vqmoe_ref(W, cfg, x, info=None):
+    """(y, aux) of the VQMoE layer from its raw tensors W; ``info`` (a dict) receives the codes and the kept routes."""
     T, E, k = x.shape[0], cfg.num_experts, cfg.top_k
-    q = layer.vq_router.quantizer
+    experts = experts_raw(W, E)
     codebook_sum = commit_sum = 0.0
     n = 0
-    disc = []
+    codes, disc = [], []
     for t in range(T):
-        code, xq, cb_term, commit, numel = vq_ref(x[t], q, cfg.vq_scale)
+        code, xq, cb_term, commit, numel = quantize_raw(W, cfg, x[t])
         codebook_sum, commit_sum, n = codebook_sum + cb_term, commit_sum + commit, n + numel
+        codes.append(code)
         disc.append((code % E, xq if cfg.discrete_input == "quantized" else x[t]))
-    vq_loss = codebook_sum / n + cfg.vq_beta * commit_sum / n
-    aux = cfg.vq_alpha * vq_loss
-    if layer.router is None:  # discrete only
+    aux = cfg.vq_alpha * (codebook_sum / n + cfg.vq_beta * commit_sum / n)
+    if cfg.router == "vqmoe" and cfg.vqmoe_mode == "discrete_only":
         choices = [[(t, disc[t][0], torch.tensor(1.0), disc[t][1]) for t in range(T)]]
         num_routes = T
     else:
-        W = layer.router.wg.weight
+        Wr = W["router.wg.weight"]
         probs_rows, chosen_rows = [], []
         cont = [[None] * T for _ in range(k)]
         d_routes = [None] * T
         for t in range(T):
-            g = torch.softmax(x[t] @ layer.mix.weight.t() + layer.mix.bias, 0)
-            probs = torch.softmax(torch.stack([x[t] @ W[e] for e in range(E)]), 0)
-            chosen, _ = topk_ref(probs.detach(), k)
-            w = gate_ref(probs, chosen, cfg.norm_topk_prob)
+            g_c, g_d = softmax_raw(linear_raw(W, "mix", x[t]))  # [g_c, g_d] = softmax(W_g x + b_g)
+            probs = softmax_raw(torch.stack([x[t] @ Wr[e] for e in range(E)]))
+            chosen = top_indices(probs.detach(), k)
+            w = [probs[e] for e in chosen]
+            if k > 1 and cfg.norm_topk_prob:
+                w = [v / sum(probs[e] for e in chosen) for v in w]
             for c in range(k):
-                cont[c][t] = (t, chosen[c], g[0] * w[c], x[t])
-            d_routes[t] = (t, disc[t][0], g[1], disc[t][1])
+                cont[c][t] = (t, chosen[c], g_c * w[c], x[t])
+            d_routes[t] = (t, disc[t][0], g_d, disc[t][1])
             probs_rows.append(probs)
             chosen_rows.append(chosen)
         f = [sum(1 for c in chosen_rows for e in c if e == j) / (T * k) for j in range(E)]
@@ -49,7 +65,11 @@ def vqmoe_ref(layer, x):
             choices = cont + [d_routes]
         num_routes = T * (k + 1)
     cap = capacity_ref(num_routes, E, cfg.capacity_factor, cfg.min_capacity) if cfg.drop_tokens else None
-    return moe_ref(choices, layer.experts, T, cap), aux
+    kept = []
+    y = moe_ref(choices, experts, T, cap, kept)
+    if info is not None:
+        info.update(codes=codes, kept=kept, num_routes=num_routes)
+    return y, aux
 
 
 def check(diffs):
@@ -68,32 +88,49 @@ VARIANTS = {
 }
 
 
+def shipped_capacity():
+    """MoEConfig's own capacity settings (the harness's small layer is dropless by default)."""
+    import dataclasses
+
+    from vqmoe_ds.moe import MoEConfig
+
+    return {f.name: f.default for f in dataclasses.fields(MoEConfig)
+            if f.name in ("drop_tokens", "capacity_factor", "min_capacity")}
+
+
 @pytest.mark.parametrize("dispatcher", ["sorted", "deepspeed", "grouped"])
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", list(VARIANTS) + ["shipped"])
 def test_vqmoe_pretrain_matches_reference(dispatcher, variant):
-    layer = make_layer(router="vqmoe", codebook_size=6, dispatcher=dispatcher, **VARIANTS[variant])
-    diffs, _ = run_both(layer, vqmoe_ref)
+    kw = shipped_capacity() if variant == "shipped" else VARIANTS[variant]
+    layer = make_layer(router="vqmoe", codebook_size=6, dispatcher=dispatcher, **kw)
+    diffs, _ = run_raw(layer, vqmoe_ref)
     check(diffs)
-    for name in ("grad:mix.weight", "grad:router.wg.weight", "grad:vq_router.quantizer.codebook"):
-        assert name in diffs, name  # the mixing gate, router and codebook all receive gradients
+    grads = dict(layer.named_parameters())
+    for name in ("mix.weight", "mix.bias", "router.wg.weight", Q + "codebook"):
+        assert grads[name].grad is not None and grads[name].grad.abs().max() > 0, name  # all of them learn
 
 
 @pytest.mark.parametrize("dispatcher", ["sorted", "deepspeed", "grouped"])
 def test_vqmoe_low_capacity_drops_like_reference(dispatcher):
     layer = make_layer(router="vqmoe", codebook_size=6, dispatcher=dispatcher, drop_tokens=True,
                        capacity_factor=0.5, min_capacity=1)
-    diffs, y = run_both(layer, vqmoe_ref)
+    info = {}
+    g = torch.Generator().manual_seed(1)
+    vqmoe_ref(raw_tensors(layer), layer.cfg, torch.randn(24, 16, generator=g), info)
+    diffs, y = run_raw(layer, vqmoe_ref)  # the same x (seed 1)
     check(diffs)
-    assert layer.stats()["expert_load"].sum() == 24 * 3
+    stats = layer.stats()
+    assert info["num_routes"] == 24 * 3 and int(stats["expert_load"].sum()) == 24 * 3
+    assert len(info["kept"]) < 0.6 * 24 * 3  # the capacity (half the routes) did drop routes
     if dispatcher in ("sorted", "grouped"):
-        assert layer.stats()["dropped_fraction"] > 0.3  # half the routes fit
+        assert float(stats["dropped_fraction"]) == pytest.approx(1 - len(info["kept"]) / (24 * 3))
 
 
 @pytest.mark.parametrize("dispatcher", ["sorted", "deepspeed", "grouped"])
 def test_vqmoe_token_input_variant(dispatcher):
     layer = make_layer(router="vqmoe", codebook_size=5, discrete_input="token", dispatcher=dispatcher,
                        drop_tokens=True, capacity_factor=0.75, min_capacity=1)
-    check(run_both(layer, vqmoe_ref)[0])
+    check(run_raw(layer, vqmoe_ref)[0])
 
 
 @pytest.mark.parametrize("router,mode", [("vq", "pretrain"), ("vqmoe", "discrete_only")])
@@ -102,20 +139,31 @@ def test_discrete_only_matches_reference(router, mode, dispatcher):
     layer = make_layer(router=router, vqmoe_mode=mode, codebook_size=7, vq_distance="cosine", codebook_dim=5,
                        dispatcher=dispatcher)
     assert layer.router is None and layer.mix is None
-    check(run_both(layer, vqmoe_ref)[0])
+    check(run_raw(layer, vqmoe_ref)[0])
 
 
 def test_code_to_expert_mapping_k_not_n():
+    """K = 10 codes on N = 4 experts: codes 1, 5 and 9 all go to expert 1.  Three codes are set to three tokens, so
+    the brute-force nearest codes are 1, 5, 9 and the layer's output is expert 1's MLP of each code vector (L2:
+    x~ is the code itself)."""
     layer = make_layer(router="vq", codebook_size=10, num_experts=4, vq_distance="l2")
-    x = torch.randn(50, 16)
-    routing = layer.vq_router(x)
-    assert torch.equal(routing.experts_TK[:, 0], routing.codes_T % 4)
-    assert routing.codes_T.max() < 10
-    # codes 1, 5 and 9 all land on expert 1: set three codes to three tokens and check
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(4)) * 10
     with torch.no_grad():
-        layer.vq_router.quantizer.codebook[[1, 5, 9]] = x[:3] * 10
-    r = layer.vq_router(x[:3] * 10)
-    assert r.codes_T.tolist() == [1, 5, 9] and r.experts_TK[:, 0].tolist() == [1, 1, 1]
+        layer.vq_router.quantizer.codebook[[1, 5, 9]] = x
+    W = raw_tensors(layer)
+    assert [quantize_raw(W, layer.cfg, x[t])[0] for t in range(3)] == [1, 5, 9]
+    y, _ = layer(x)
+    expert1 = experts_raw(W, 4)[1]
+    want = torch.stack([mlp_raw(W[Q + "codebook"][c], *expert1) for c in (1, 5, 9)])
+    assert (y - want).abs().max() < 1e-5
+    assert layer.stats()["expert_load"].tolist() == [0, 3, 0, 0]
+    # random tokens: every token's expert is its brute-force code mod 4, the load counted per expert by hand
+    x = torch.randn(50, 16, generator=torch.Generator().manual_seed(5))
+    layer(x)
+    codes = [quantize_raw(W, layer.cfg, x[t])[0] for t in range(50)]
+    assert max(codes) >= 4  # some codes beyond N, so the mapping is exercised
+    assert layer.stats()["expert_load"].tolist() == [sum(1 for c in codes if c % 4 == e) for e in range(4)]
+    assert layer.stats()["code_counts"].tolist() == [sum(1 for c in codes if c == j) for j in range(10)]
 
 
 def test_frozen_vq_receives_no_gradient_in_discrete_only_mode():
@@ -136,25 +184,31 @@ def test_frozen_vq_receives_no_gradient_in_discrete_only_mode():
 
 
 def test_vqmoe_discrete_gate_mixes_paths():
-    """With W_g forced to all-continuous / all-discrete, the layer equals the top-k layer / the VQ layer."""
+    """With W_g forced to all-continuous / all-discrete, the layer equals the top-k MoE / the VQ MoE, both written
+    here from the raw weights."""
     layer = make_layer(router="vqmoe", codebook_size=6)
-    x = torch.randn(20, 16)
+    x = torch.randn(20, 16, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         layer.mix.weight.zero_()
         layer.mix.bias.copy_(torch.tensor([60.0, -60.0]))
-    y_c, _ = layer(x)
-    routing = layer.router(x)
+    W = raw_tensors(layer)
+    experts = experts_raw(W, 4)
     y_topk = torch.zeros_like(x)
     for t in range(20):
-        for e, w in zip(routing.experts_TK[t], routing.weights_TK[t]):
-            y_topk[t] += w * layer.experts[int(e)](x[t])
-    assert torch.allclose(y_c, y_topk, atol=1e-5)
+        probs = softmax_raw(x[t] @ W["router.wg.weight"].t())
+        chosen = top_indices(probs, 2)
+        for e in chosen:
+            y_topk[t] += probs[e] / sum(probs[c] for c in chosen) * mlp_raw(x[t], *experts[e])
+    y_c, _ = layer(x)
+    assert (y_c - y_topk.detach()).abs().max() < 1e-5
     with torch.no_grad():
         layer.mix.bias.copy_(torch.tensor([-60.0, 60.0]))
+    y_vq = []
+    for t in range(20):
+        code, xq = quantize_raw(W, layer.cfg, x[t])[:2]
+        y_vq.append(mlp_raw(xq, *experts[code % 4]))
     y_d, _ = layer(x)
-    r = layer.vq_router(x)
-    y_vq = torch.stack([layer.experts[int(e)](xq) for e, xq in zip(r.experts_TK[:, 0], r.quantized_TD)])
-    assert torch.allclose(y_d, y_vq, atol=1e-5)
+    assert (y_d - torch.stack(y_vq).detach()).abs().max() < 1e-5
 
 
 def test_router_and_mixing_gate_read_x_in_one_matmul(monkeypatch):
