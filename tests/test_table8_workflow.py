@@ -58,7 +58,7 @@ def _records(out_dir, kind):
 
 
 @pytest.mark.parametrize("ep", [1, 2])
-def test_imported_olmoe_to_vqmoe_evaluated_trained_and_exported(hf, data, tmp_path, ep):  # noqa: F811
+def test_imported_olmoe_to_vqmoe_evaluated_trained_and_exported(hf, data, tmp_path, capsys, ep):  # noqa: F811
     from transformers import AutoModelForCausalLM
 
     ranks = str(ep)
@@ -86,6 +86,10 @@ def test_imported_olmoe_to_vqmoe_evaluated_trained_and_exported(hf, data, tmp_pa
     cfg = json.load(open(vq / "config.json"))
     assert cfg["config"] is None and cfg["run"]["out_dir"] == str(vq) and cfg["converted"]["from_import"]
     assert cfg["moe"]["ep_size"] == ep
+    capsys.readouterr()  # sampling decodes with the carried tokenizer (ids beyond it are never drawn)
+    assert _tool("generate").main(["--load", str(vq), "--prompt", "the cat", "--tokens", "6"]) == 0
+    sample = capsys.readouterr().out.strip().splitlines()[-1].split()
+    assert sample[:2] == ["the", "cat"] and set(sample) <= set(WORDS) | {"[UNK]", "[PAD]", "[EOS]"}, sample
 
     # ---- evaluate: perplexity on the data path, the same for source and converted; embeddings the same --------
     scores = {}
