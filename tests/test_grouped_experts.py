@@ -1,18 +1,21 @@
 """Grouped-GEMM experts (``--moe-expert-impl``): equal to a per-token loop over the experts' raw weights, sync-free
-capacity dispatch equal to a route-by-route reference, one-line refusals, and no host sync in the forward and
-backward of the shipped layers.
+capacity dispatch equal to a route-by-route reference, one-line refusals, no host sync in the forward and backward
+of the shipped layers at one rank (no op that reads device data, no ``tolist``/``item``/``cpu``/``numpy``), and the
+syncs that remain elsewhere, counted.
 
 The references take the experts' weights as raw tensors and apply ``x W1^T + b1 -> act -> W2^T + b2`` token by
 token; nothing here calls ``grouped_experts`` or the dispatch to compute an expected value."""
 import collections
 import dataclasses
+import os
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from layer_harness import make_layer
+from sync_spy import SyncSpy
 
 from vqmoe_ds.moe import MoEConfig
 from vqmoe_ds.moe.grouped import grouped_experts, use_grouped
@@ -110,26 +113,28 @@ def test_expert_impl_choices_and_refusals():
     assert MoEConfig(hidden_size=16, ffn_hidden_size=24).expert_impl == "auto"
 
 
-SYNC_OPS = {"_local_scalar_dense", "nonzero", "bincount", "masked_select", "unique", "_unique2", "equal"}
+def test_the_spy_sees_each_kind_of_host_read(monkeypatch):
+    """Each host read the spy is for, done once on purpose, is counted (so an empty count below means none)."""
+    t = torch.arange(6.0)
+    with SyncSpy().watch(monkeypatch) as spy:
+        t.tolist(), t[0].item(), t.cpu(), t.numpy(), float(t[1]), t.nonzero(), t[t > 2], torch.bincount(t.long())
+    assert {k: spy.hits[k] for k in ("Tensor.tolist", "Tensor.item", "Tensor.cpu", "Tensor.numpy")} == \
+        {"Tensor.tolist": 1, "Tensor.item": 1, "Tensor.cpu": 1, "Tensor.numpy": 1}
+    assert spy.hits["_local_scalar_dense"] >= 2 and spy.hits["nonzero"] >= 1 and spy.hits["index(bool)"] == 1
+    assert spy.hits["bincount"] == 1
 
 
-class _SyncSpy(TorchDispatchMode):
-    """Records the ops that read device data back to the host (or size their output from it) on a GPU."""
-
-    def __init__(self):
-        super().__init__()
-        self.hits = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = func.__name__.split(".")[0]
-        if name in SYNC_OPS:
-            self.hits[name] += 1
-        elif name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None):
-            self.hits["index(bool)"] += 1
-        elif name == "repeat_interleave" and kwargs.get("output_size") is None:
-            self.hits["repeat_interleave"] += 1
-        return func(*args, **kwargs)
+def _spied_step(layer, x, monkeypatch, mask=None):
+    """One forward and backward of ``layer`` in training after a first step (the k-means init may sync once), with
+    the loop's per-step announcement of the step; returns the spy."""
+    layer(x, mask)
+    for m in layer.modules():
+        if hasattr(m, "set_step"):
+            m.set_step(3)  # the loop announces the step once per optimizer step
+    with SyncSpy().watch(monkeypatch) as spy:
+        y, aux = layer(x, mask)
+        (y.sum() + aux).backward()
+    return spy
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(router="vqmoe"), dict(router="vq"), dict(router="xmoe"),
@@ -137,19 +142,63 @@ class _SyncSpy(TorchDispatchMode):
                                 dict(router="vqmoe", discrete_input="token"), dict(drop_tokens=False)],
                          ids=["topk-default", "vqmoe", "vq", "xmoe", "stablemoe", "smoe_dropout", "vqmoe-token",
                               "dropless"])
-def test_grouped_layer_forward_and_backward_have_no_host_sync(kw):
-    """The shipped defaults (capacity on, top-2, default VQ) and each learned router, one rank, in training:
-    after the first step (the k-means init may sync once) no op of the forward or backward needs the host."""
+def test_grouped_layer_forward_and_backward_have_no_host_sync(kw, monkeypatch):
+    """The shipped defaults (capacity on, top-2, default VQ) and each learned router, one rank, in training: no op
+    of the forward or backward needs the host, and no tensor is copied to it."""
     layer = _layer(expert_impl="grouped", **kw).train()
     x = torch.randn(24, 16, generator=torch.Generator().manual_seed(2), requires_grad=True)
-    layer(x)  # first step: codebook k-means init
-    for m in layer.modules():
-        if hasattr(m, "set_step"):
-            m.set_step(3)  # the loop announces the step once per optimizer step
-    with _SyncSpy() as spy:
-        y, aux = layer(x)
-        (y.sum() + aux).backward()
-    assert dict(spy.hits) == {}
+    spy = _spied_step(layer, x, monkeypatch)
+    assert dict(spy.hits) == {}, dict(spy.where)
+
+
+def test_where_the_host_syncs_are(monkeypatch):
+    """The syncs docs/training.md lists for one rank, measured: the expert loop reads the expert counts to the host
+    (one ``tolist`` per layer forward, to split the rows) and, under a capacity, removes the dropped routes by a
+    boolean index; a padding mask reads its kept positions (``nonzero``).  (Expert parallelism: test_expert_parallel.)"""
+    x = torch.randn(24, 16, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    loop = _spied_step(_layer(router="vqmoe", expert_impl="loop").train(), x, monkeypatch)
+    assert dict(loop.hits) == {"Tensor.tolist": 1, "index(bool)": 1}, dict(loop.where)
+    assert all("vqmoe_ds/moe/dispatch.py" in w for w in loop.where), dict(loop.where)
+    dropless = _spied_step(_layer(router="vqmoe", expert_impl="loop", drop_tokens=False).train(), x, monkeypatch)
+    assert dict(dropless.hits) == {"Tensor.tolist": 1}, dict(dropless.where)
+    mask = torch.ones(24, dtype=torch.bool)
+    mask[::5] = False
+    masked = _spied_step(_layer(router="vqmoe", expert_impl="grouped").train(), x, monkeypatch, mask=mask)
+    assert dict(masked.hits) == {"nonzero": 1}, dict(masked.hits)
+
+
+def test_driver_step_reads_the_host_once_per_micro_batch(tmp_path):
+    """The pretraining driver at ep 1 with grouped-GEMM experts, 2 micro-batches per step, steps 3 and 4 recorded
+    (tests/workers/host_reads.py; no log or evaluation in them): vqmoe-ds reads the host once per micro-batch, the
+    loop's ``tolist`` of (loss, aux loss, the all-ranks non-finite flag); every other read is inside DeepSpeed's
+    engine step (ZeRO's non-finite check of the gradient norm, the optimizer)."""
+    import json
+    import subprocess
+
+    from test_launchers import CPU_CFG
+
+    from vqmoe_ds.training.launch import DRIVER, ROOT, env_for_ranks, free_port
+
+    env = env_for_ranks(str(tmp_path))
+    env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    out = tmp_path / "reads"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "workers", "host_reads.py"), str(out), DRIVER,
+                        "--config", "tiny", "--router", "vqmoe", "--moe-expert-impl", "grouped", "--deepspeed_config",
+                        CPU_CFG, "--train-iters", "4", "--micro-batch-size", "4", "--gradient-accumulation-steps", "2",
+                        "--log-interval", "100", "--eval-interval", "100", "--eval-iters", "1", "--test-iters", "1",
+                        "--corpus-bytes", "100000", "--no-progress", "--no-plots", "--out-dir", str(tmp_path / "run")],
+                       env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = json.loads((tmp_path / "reads.0").read_text())
+    assert rec["steps"] == 2
+    ours = collections.Counter()
+    for key, n in rec["reads"].items():
+        what, where = key.split(" @ ")
+        if " in deepspeed/" in where:
+            assert where.startswith("vqmoe_ds/training/loop.py") and "deepspeed/runtime/" in where, key
+        else:
+            ours[(what, where.split(":")[0])] += n
+    assert dict(ours) == {("Tensor.tolist", "vqmoe_ds/training/loop.py"): 2 * 2}, rec["reads"]
 
 
 def test_driver_at_ep2_grouped_then_resumed_with_the_loop(tmp_path):
