@@ -72,3 +72,32 @@ def check_tokens(stream, meta: TokenizerMeta, data_path: str, split: str) -> Non
             raise DataError(f"{where} does not decode and re-encode with the {meta.kind} tokenizer of "
                             f"{data_path}.tokenizer.json (a {len(sample)}-token sample comes back {100 * agree:.0f}% "
                             f"the same): {fix}")
+
+
+def build_lm_dataset(data_path: str, split: str, seq_len: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                     shuffle: bool = True, model_vocab_size: Optional[int] = None):
+    """GPT windows (see ``LMDataset``) of ``<data_path>.<split>``."""
+    from .lm_dataset import LMDataset
+
+    stream, _ = load_split(data_path, split, model_vocab_size)
+    return LMDataset(stream, seq_len, seed=seed, rank=rank, world_size=world_size, shuffle=shuffle,
+                     name=f"{data_path}.{split}")
+
+
+def build_segments(data_path: str, split: str, batch_size: int, tgt_len: int, rank: int = 0, world_size: int = 1,
+                   start_index: int = 0, model_vocab_size: Optional[int] = None):
+    """Transformer-XL ordered segments (see ``OrderedSegments``) of ``<data_path>.<split>``."""
+    from .segments import OrderedSegments
+
+    stream, _ = load_split(data_path, split, model_vocab_size)
+    return OrderedSegments(stream, batch_size, tgt_len, rank=rank, world_size=world_size, start_index=start_index,
+                           name=f"{data_path}.{split}")
+
+
+def text_stream(text: str, tokenizer) -> ArrayTokenStream:
+    """The in-memory path: ``text`` tokenized into a stream, no preprocessing (the demo's default corpus)."""
+    import numpy as np
+
+    if hasattr(tokenizer, "encode_bytes"):
+        return ArrayTokenStream(tokenizer.encode_bytes(text.encode("utf-8")), tokenizer.vocab_size)
+    return ArrayTokenStream(np.asarray(tokenizer.encode(text), dtype=np.int64), tokenizer.vocab_size)
