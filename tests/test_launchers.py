@@ -1,7 +1,11 @@
 """The driver at 2 ranks with expert parallelism (ep_size=2) under every launcher: torchrun, torchrun as 2
-"nodes" on loopback, the deepspeed launcher, mpirun.  Each run trains a tiny model for 20 steps and the
-training loss must fall; validation, test, checkpoints and the log must be there."""
+"nodes" on loopback, the deepspeed launcher, mpirun.  Each run trains the tiny VQMoE GPT for 2 steps (4 sequences
+x 2 micro-batches per rank); validation, test, checkpoints and the log must be there, every route of both ranks
+counted, and the launcher must not change the run: the torchrun run is the reference, the 2-"node" run gives its
+losses exactly, the deepspeed launcher at ZeRO 2 its step-1 loss exactly and its step-2 loss to 1e-5.  (That the
+loss falls over more steps: test_grouped_experts.py, test_checkpoint_resume.py.)"""
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -38,14 +42,18 @@ def records(out_dir, kind):
         return [r for r in map(json.loads, f) if r["kind"] == kind]
 
 
-def check_run(out_dir, world=2, micro=8, accum=1):
+MICRO, ACCUM, STEPS = "4", "2", 2
+LAUNCH_ARGS = ("--micro-batch-size", MICRO, "--gradient-accumulation-steps", ACCUM, "--eval-iters", "1", "--test-iters",
+               "1")
+
+
+def check_run(out_dir, world=2, micro=8, accum=1, steps=20, tokens_per_seq=64):
     train = records(out_dir, "train")
-    assert [r["step"] for r in train] == list(range(1, 21))
-    first, last = train[0]["loss"], sum(r["loss"] for r in train[-3:]) / 3
-    assert last < first - 0.8, (first, last)  # ~5.5 -> ~3.5 nats on the synthetic corpus
-    # expert load summed over both ranks: every route of the step counted (top-2 + 1 discrete per token)
-    tokens = micro * 64 * world  # the stats are those of the step's last micro-batch
-    assert sum(train[-1]["moe"][0]["expert_load"]) == 3 * tokens  # top-2 + 1 discrete route per token
+    assert [r["step"] for r in train] == list(range(1, steps + 1))
+    assert all(math.isfinite(r["loss"]) for r in train)
+    # expert load summed over both ranks: every route of the step's last micro-batch counted (top-2 + 1 discrete
+    # route per token)
+    assert sum(train[-1]["moe"][0]["expert_load"]) == 3 * micro * tokens_per_seq * world
     assert records(out_dir, "valid") and records(out_dir, "test")
     assert os.path.isdir(os.path.join(out_dir, "checkpoints", "best"))
     info = json.load(open(os.path.join(out_dir, "run_info.json")))
@@ -55,21 +63,30 @@ def check_run(out_dir, world=2, micro=8, accum=1):
     return train
 
 
-def test_torchrun(tmp_path):
-    out = tmp_path / "run"
-    run(torchrun_cmd(2, tiny_args(out), free_port()), tmp_path)
-    check_run(out)
+def losses(out_dir):
+    return [r["loss"] for r in records(out_dir, "train")]
 
 
-def test_torchrun_two_nodes_on_loopback(tmp_path):
+@pytest.fixture(scope="module")
+def torchrun_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("torchrun")
+    out = tmp / "run"
+    run(torchrun_cmd(2, tiny_args(out, *LAUNCH_ARGS, steps=STEPS), free_port()), tmp)
+    return out
+
+
+def test_torchrun(torchrun_run):
+    check_run(torchrun_run, micro=4, accum=2, steps=STEPS)
+
+
+def test_torchrun_two_nodes_on_loopback(tmp_path, torchrun_run):
     out, port = tmp_path / "run", free_port()
     procs = []
     before = shm_files()
     try:
         for node in (0, 1):
             cmd = [bin_path("torchrun"), "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
-                   "--master_addr=127.0.0.1", f"--master_port={port}", DRIVER,
-                   *tiny_args(out, "--micro-batch-size", "4", "--gradient-accumulation-steps", "2")]
+                   "--master_addr=127.0.0.1", f"--master_port={port}", DRIVER, *tiny_args(out, *LAUNCH_ARGS, steps=STEPS)]
             procs.append(subprocess.Popen(cmd, env=env_for_ranks(str(tmp_path)), stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, text=True, cwd=ROOT))
         outs = [p.communicate(timeout=240)[0] for p in procs]
@@ -79,18 +96,21 @@ def test_torchrun_two_nodes_on_loopback(tmp_path):
                 p.kill()
         remove_new_shm(before)
     assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
-    check_run(out, micro=4, accum=2)
+    check_run(out, micro=4, accum=2, steps=STEPS)
+    assert losses(out) == losses(torchrun_run)
 
 
-def test_deepspeed_launcher_zero2(tmp_path):
+def test_deepspeed_launcher_zero2(tmp_path, torchrun_run):
     out, cfg = tmp_path / "run", tmp_path / "zero2.json"
     ds = json.load(open(CPU_CFG))
     ds["zero_optimization"] = {"stage": 2}
     cfg.write_text(json.dumps(ds))
     cmd = [bin_path("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), DRIVER,
-           *tiny_args(out, "--deepspeed_config", str(cfg))]
+           *tiny_args(out, *LAUNCH_ARGS, "--deepspeed_config", str(cfg), steps=STEPS)]
     run(cmd, tmp_path)
-    check_run(out)
+    check_run(out, micro=4, accum=2, steps=STEPS)
+    a, b = losses(out), losses(torchrun_run)
+    assert a[0] == b[0] and abs(a[1] - b[1]) < 1e-5, (a, b)  # ZeRO 2 vs 1: the same update
 
 
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="Open MPI is not installed (scripts/install.sh adds it)")
@@ -101,10 +121,7 @@ def test_mpirun_transformer_xl(tmp_path):
         cmd.append("--allow-run-as-root")
     cmd += ["-x", "DS_ACCELERATOR", "-x", "TORCH_EXTENSIONS_DIR", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS",
             "-x", "TMPDIR", bin_path("python"), DRIVER,
-            *tiny_args(out, "--model", "txl", "--seq-length", "32", "--mem-len", "32", "--micro-batch-size", "8",
-                       "--distributed-port", str(free_port()))]
+            *tiny_args(out, *LAUNCH_ARGS, "--model", "txl", "--seq-length", "32", "--mem-len", "32",
+                       "--distributed-port", str(free_port()), steps=STEPS)]
     run(cmd, tmp_path)
-    train = records(out, "train")
-    assert train[-1]["step"] == 20
-    assert sum(r["loss"] for r in train[-3:]) / 3 < train[0]["loss"] - 0.8
-    assert sum(train[-1]["moe"][0]["expert_load"]) == 3 * 8 * 32 * 2  # top-2 + 1 discrete route per token
+    check_run(out, micro=4, accum=2, steps=STEPS, tokens_per_seq=32)
