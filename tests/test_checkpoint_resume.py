@@ -9,9 +9,12 @@ restarts, gradient accumulation 2, ZeRO 2.
   * resuming from that folder starts at step 5 and gives the uninterrupted run's losses bit for bit
     (memory, codebook EMA, dead-code counters, RNG, data position, optimizer restored);
   * a checkpoint with a file deleted is refused with a one-line error naming the file.
-Case 2: GPT + SMoE-Dropout (top-k schedule 1 -> 4 over steps 0..8) at ZeRO 1, resumed at step 4, in the
-middle of the schedule: bit-exact too.
-Case 3: GPT + StableMoE, stage switch at step 4, resumed at step 6: the stage-2 snapshot comes back from the
+Case 2: the shipped default (GPT + VQMoE, ZeRO 1) resumed at step 3: losses, learning rates and validation bit for
+bit, the resumed run's config.json names what it loaded; the checkpoint exported to safetensors holds the
+checkpoint's tensors, and tools/generate.py (at ep 1) samples the same text from the checkpoint and the export.
+Case 3: GPT + SMoE-Dropout (top-k schedule 1 -> 4 over steps 0..6) resumed at step 3, in the middle of the
+schedule: bit-exact too.
+Case 4: GPT + StableMoE, stage switch at step 2, resumed at step 3: the stage-2 snapshot comes back from the
 checkpoint (the distilled parameters moved on after the switch), bit-exact.
 """
 import json
@@ -104,22 +107,38 @@ def test_kill_during_save_then_exact_resume_txl_vq_ema_zero2(tmp_path):
     assert len(set(errors)) == 1 and victim in errors[0], r.stderr[-2000:]
 
 
-def test_exact_resume_gpt_smoe_dropout_schedule(tmp_path):
-    args = ("--router", "smoe_dropout", "--smoe-dropout-k-start", "1", "--smoe-dropout-k-end", "4",
-            "--smoe-dropout-k-steps", "8", "--save-interval", "4", "--eval-iters", "1", "--test-iters", "1",
-            "--seq-length", "32")
+def _full_and_resumed(tmp_path, args, steps, resume_at):
+    """An uninterrupted run of ``steps`` steps that saves every ``resume_at`` steps, and a run resumed from its
+    checkpoint of step ``resume_at``; returns their output folders."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    _run(torchrun_cmd(2, tiny_args(full, *args, steps=8), free_port()), tmp_path)
-    (full / "checkpoints" / "latest").write_text("step4")  # resume in the middle of the k schedule
-    _run(torchrun_cmd(2, tiny_args(resumed, *args, "--load", str(full / "checkpoints"), "--save",
-                                   str(tmp_path / "ck2"), steps=8), free_port()), tmp_path)
-    a, b = _losses(full), _losses(resumed)
-    assert sorted(b) == [5, 6, 7, 8]
+    _run(torchrun_cmd(2, tiny_args(full, *args, "--save-interval", str(resume_at), steps=steps), free_port()), tmp_path)
+    (full / "checkpoints" / "latest").write_text(f"step{resume_at}")
+    _run(torchrun_cmd(2, tiny_args(resumed, *args, "--save-interval", str(resume_at), "--load",
+                                   str(full / "checkpoints"), "--save", str(tmp_path / "ck2"), steps=steps),
+                      free_port()), tmp_path)
+    return full, resumed
+
+
+def _same_continuation(full, resumed, first, last):
+    a = {r["step"]: r for r in records(full, "train")}
+    b = {r["step"]: r for r in records(resumed, "train")}
+    assert sorted(b) == list(range(first, last + 1))  # step and data position restored
     for s in b:
-        assert a[s] == b[s], (s, a[s], b[s])
+        assert a[s]["loss"] == b[s]["loss"], (s, a[s]["loss"], b[s]["loss"])
+        assert abs(a[s]["lr"] - b[s]["lr"]) < 1e-12, s  # the scheduler restored
     assert records(full, "valid")[-1]["loss"] == records(resumed, "valid")[-1]["loss"]
 
-    # export step8 to safetensors + JSON; tools/generate.py samples the same text from it as from the checkpoint
+
+SHORT = ("--eval-iters", "1", "--test-iters", "1", "--seq-length", "32")
+
+
+def test_exact_resume_default_vqmoe_then_export_and_generate(tmp_path):
+    full, resumed = _full_and_resumed(tmp_path, SHORT, steps=6, resume_at=3)
+    _same_continuation(full, resumed, 4, 6)
+    with open(resumed / "config.json") as f:
+        assert json.load(f)["run"]["load"] == str(full / "checkpoints")
+
+    # export step6 to safetensors + JSON; tools/generate.py samples the same text from it as from the checkpoint
     from safetensors.torch import load_file
 
     import torch
@@ -127,23 +146,25 @@ def test_exact_resume_gpt_smoe_dropout_schedule(tmp_path):
     exported = tmp_path / "export" / "model.safetensors"
     tool = os.path.join(ROOT, "tools")
     r = subprocess.run([sys.executable, os.path.join(tool, "export_checkpoint.py"), "--load", str(full / "checkpoints"),
-                        "--tag", "step8", "--out", str(exported)], env=env_for_ranks(str(tmp_path)),
+                        "--tag", "step6", "--out", str(exported)], env=env_for_ranks(str(tmp_path)),
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     tensors = load_file(str(exported))
     meta = json.load(open(exported.with_suffix(".json")))
     n_exp = meta["model_config"]["moe"]["num_experts"]
     assert meta["model_config"]["moe"]["ep_size"] == 1 and n_exp == 4
-    states = torch.load(full / "checkpoints" / "step8" / "mp_rank_00_model_states.pt", map_location="cpu",
+    assert meta["model_config"]["moe"]["router"] == "vqmoe"
+    states = torch.load(full / "checkpoints" / "step6" / "mp_rank_00_model_states.pt", map_location="cpu",
                         weights_only=False)
     assert states["tokenizer"] == {"kind": "byte", "vocab_size": 256}  # the checkpoint says how to decode
     dense = states["module"]
     shared = [k for k in dense if k in tensors and "deepspeed_experts" not in k]
     assert len(shared) > 10 and all(torch.equal(dense[k], tensors[k]) for k in shared)
+    assert any("codebook" in k for k in shared)
     expert_keys = {k.split("deepspeed_experts.")[1].split(".")[0] for k in tensors if "deepspeed_experts." in k}
     assert expert_keys == {str(e) for e in range(n_exp)}  # every expert gathered at ep 1
     samples = []
-    for source in (["--load", str(full / "checkpoints"), "--tag", "step8"], ["--weights", str(exported)]):
+    for source in (["--load", str(full / "checkpoints"), "--tag", "step6"], ["--weights", str(exported)]):
         r = subprocess.run([sys.executable, os.path.join(tool, "generate.py"), *source, "--prompt", "7 + 5 = ",
                             "--tokens", "30"], env=env_for_ranks(str(tmp_path)), capture_output=True, text=True,
                            timeout=120, cwd=ROOT)
@@ -152,19 +173,16 @@ def test_exact_resume_gpt_smoe_dropout_schedule(tmp_path):
     assert samples[0] == samples[1] and len(samples[0]) > 30
 
 
+def test_exact_resume_gpt_smoe_dropout_schedule(tmp_path):
+    args = ("--router", "smoe_dropout", "--smoe-dropout-k-start", "1", "--smoe-dropout-k-end", "4",
+            "--smoe-dropout-k-steps", "6", *SHORT)
+    full, resumed = _full_and_resumed(tmp_path, args, steps=6, resume_at=3)  # in the middle of the k schedule
+    _same_continuation(full, resumed, 4, 6)
+
 
 def test_exact_resume_gpt_stablemoe_after_stage_switch(tmp_path):
-    """StableMoE switches to its frozen snapshot at step 4; resuming at step 6 must route with the snapshot
-    taken at step 4 (saved in buffers), not with the distilled parameters, which Adam kept moving."""
-    args = ("--router", "stablemoe", "--top-k", "1", "--stablemoe-stage1-steps", "4", "--save-interval", "2",
-            "--eval-iters", "1", "--test-iters", "1", "--seq-length", "32")
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    _run(torchrun_cmd(2, tiny_args(full, *args, steps=8), free_port()), tmp_path)
-    (full / "checkpoints" / "latest").write_text("step6")
-    _run(torchrun_cmd(2, tiny_args(resumed, *args, "--load", str(full / "checkpoints"), "--save",
-                                   str(tmp_path / "ck2"), steps=8), free_port()), tmp_path)
-    a, b = _losses(full), _losses(resumed)
-    assert sorted(b) == [7, 8]
-    for s in b:
-        assert a[s] == b[s], (s, a[s], b[s])
-    assert records(full, "valid")[-1]["loss"] == records(resumed, "valid")[-1]["loss"]
+    """StableMoE switches to its frozen snapshot at step 2; resuming at step 3 must route with the snapshot
+    taken at step 2 (saved in buffers), not with the distilled parameters, which Adam kept moving."""
+    args = ("--router", "stablemoe", "--top-k", "1", "--stablemoe-stage1-steps", "2", *SHORT)
+    full, resumed = _full_and_resumed(tmp_path, args, steps=5, resume_at=3)
+    _same_continuation(full, resumed, 4, 5)

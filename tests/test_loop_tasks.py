@@ -3,7 +3,8 @@
 
   * a non-finite loss on one rank at step 2 is skipped by both ranks and counted, and the run goes on;
   * resuming from that run's step-3 checkpoint gives its losses of steps 4-6 bit for bit;
-  * SIGTERM to one rank: both save the same step and exit 0 without testing; resuming continues to the end;
+  * SIGTERM to one rank: both save the same step, complete (the checkpoint resumes like any other: above), and exit
+    0 without testing;
   * a broken checkpoint given to ``--load`` (``--resume`` when fine-tuning, whose ``--load`` is the pretrained
     run) is refused with one line before any step.
 """
@@ -84,9 +85,9 @@ def test_nan_step_skipped_then_exact_resume(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", DRIVERS)
-def test_sigterm_saves_the_step_and_the_run_resumes(tmp_path, kind):
+def test_sigterm_saves_the_step(tmp_path, kind):
     out = tmp_path / "run"
-    script, args, resume_flag = driver_args(kind, out, steps=500)
+    script, args, _ = driver_args(kind, out, steps=500)
     log = out / "log.jsonl"
     before = shm_files()
     try:
@@ -107,12 +108,6 @@ def test_sigterm_saves_the_step_and_the_run_resumes(tmp_path, kind):
     assert (saved / "latest").read_text() == f"step{last}"
     assert ckpt.verify(str(saved), f"step{last}")["step"] == last
     assert "stopped by a signal on another rank" in outs[0][0] + outs[0][1]  # rank 0 logs; rank 1 got it
-
-    _, args, _ = driver_args(kind, out, resume_flag, str(saved), steps=last + 2)
-    run_ranks(tmp_path, script, args)
-    steps = [r["step"] for r in records(out, "train")]
-    assert steps[-2:] == [last + 1, last + 2]  # continued from the saved step
-    assert len(records(out, "test")) == 1
 
 
 def _one_process(tmp_path, script, args):
