@@ -10,7 +10,7 @@ setup:
 	bash scripts/install.sh
 
 test: setup
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q tests --durations=25
 
 demo: setup
 	$(VENV)/bin/python scripts/demo.py
