@@ -34,7 +34,8 @@ from .. import checkpoint as ckpt
 from ..cli import ArgError, CommandLine, Parsed
 from ..data import DataError
 from ..moe.config import ConfigError
-from ..parallel import any_rank, barrier, init_distributed, max_over_ranks, max_value, reduce_values, shutdown
+from ..parallel import (announce_alive, any_rank, barrier, collective_failure, dead_ranks, init_distributed,
+                        max_over_ranks, max_value, reduce_values, shutdown)
 from ..quiet import engine_start
 from ..routers import set_step, update_expert_biases
 from .config import (OptimConfig, ParallelConfig, RunConfig, check_save_dir, check_world, load_ds_config,
@@ -226,7 +227,7 @@ class Trainer:
         init_distributed(auto_mpi_discovery=True, distributed_port=par.distributed_port,
                          timeout=datetime.timedelta(minutes=par.dist_timeout_minutes))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        _announce(self.rank)
+        announce_alive(self.rank)
         self.device = torch.device(get_accelerator().current_device_name())  # LOCAL_RANK's (bind_local_device)
         on_cpu = get_accelerator().device_name() == "cpu"
         task.rank, task.world, task.device = self.rank, self.world, self.device
@@ -499,7 +500,8 @@ class Trainer:
     def train_step(self) -> Tuple[float, float, Dict[str, float], bool]:
         """One optimizer step.  A non-finite loss on any rank (all ranks agree through an all-reduce) skips
         it: the step's gradients are made NaN everywhere, which ZeRO 1/2 treat as an overflow (no optimizer
-        or scheduler step, gradients cleared); at ZeRO 0 ``_skip_step_zero0`` does the same by hand.
+        or scheduler step, gradients cleared); an optimizer without that check (fp32 at ZeRO 0) is skipped by
+        ``_skip_step_by_hand``.
         Buffers the forward passes changed (router step, VQ EMA) and the task's own state are put back.
         Returns (mean loss, mean aux, extras summed over the micro-batches, skipped)."""
         self.doing = f"training step {self.step + 1}"
@@ -522,8 +524,9 @@ class Trainer:
             if bad:
                 total = total * float("nan")  # NaN gradients on every rank: the whole step is dropped
             self.engine.backward(total)
-            if bad and i == self.accum - 1 and not self.engine.zero_optimization():
-                self._skip_step_zero0()
+            by_hand = bad and i == self.accum - 1 and not hasattr(self.engine.optimizer, "overflow")
+            if by_hand:
+                self._skip_step_by_hand()
             else:
                 self.engine.step()
             losses.append(loss_v)
@@ -531,44 +534,37 @@ class Trainer:
             for k, v in more.items():
                 extras[k] = extras.get(k, 0.0) + float(v)
         if bad:
-            if self.engine.zero_optimization() and getattr(self.engine, "_step_applied", False):
+            if not by_hand and self.engine.was_step_applied():
                 raise TrainingStopped("DeepSpeed applied an optimizer step with non-finite gradients (bf16 without "
                                       "overflow checks): set bf16.check_grad_overflow true in the ds_config")
-            with torch.no_grad():
-                for name, b in self.model.named_buffers():
-                    b.copy_(buffers[name])
-                for m in self.model.modules():  # host copies of buffer values (router step, VQ init flag) are stale
-                    m.__dict__.pop("_step_host", None)
-                    m.__dict__.pop("_initted_host", None)
-                    m.__dict__.pop("_fitted_host", None)
+            # through load_state_dict, so that modules caching a buffer's value on the host (router step, VQ init
+            # flag, fitted centroids) drop their copy (their _load_from_state_dict does)
+            self.model.load_state_dict(buffers, strict=False)
             self.task.undo_step()
         else:
             update_expert_biases(self.model)  # aux-loss-free balancing: after the optimizer step (collective)
         self.step += 1
         return sum(losses) / len(losses), sum(auxes) / len(auxes), extras, bad
 
-    def _skip_step_zero0(self) -> None:
-        """ZeRO 0 has no overflow check, so skip the boundary step the way ZeRO 1/2 skip an overflow: the engine
-        closes the step (clipping, zeroing, counters) around an optimizer step that does nothing, then the LR
-        schedule is put back and the step counted as skipped.  The gradients are zeroed, not dropped:
-        DeepSpeed's clipping fails on a model without any gradient."""
+    def _skip_step_by_hand(self) -> None:
+        """An optimizer without DeepSpeed's overflow check (fp32 at ZeRO 0: a plain torch optimizer) is skipped the
+        way ZeRO 1/2 and bf16 skip an overflow, with public APIs only: the engine closes the step (clipping,
+        zeroing, counters) on zeroed gradients -- DeepSpeed's clipping needs every gradient present -- and then
+        the weights, the optimizer state (moments, step counts, lr) and the LR schedule are put back as they were
+        before it, and the step is counted as skipped.  The copies live in host memory (a rare path)."""
         opt, sched = self.engine.optimizer, self.engine.lr_scheduler
         opt.zero_grad(set_to_none=False)
-        lrs = [g["lr"] for g in opt.param_groups]
+        params = [p for p in self.model.parameters()]
+        weights = [p.detach().to("cpu", copy=True) for p in params]
+        opt_state = _to_host(opt.state_dict())
         sched_state = sched.state_dict() if sched is not None else None
-        own_step = opt.__dict__.get("step")
-        opt.step = lambda *a, **k: None  # Adam's moments and step count stay as they were
-        try:
-            self.engine.step()
-        finally:
-            if own_step is None:
-                del opt.step
-            else:
-                opt.step = own_step
+        self.engine.step()
+        with torch.no_grad():
+            for p, w in zip(params, weights):
+                p.copy_(w)
+        opt.load_state_dict(opt_state)  # torch moves the state back to each parameter's device
         if sched is not None:
             sched.load_state_dict(sched_state)
-        for g, lr in zip(opt.param_groups, lrs):
-            g["lr"] = lr
         self.engine.skipped_steps += 1
 
     def _log_window(self, window: Dict[str, Any]) -> None:
@@ -685,44 +681,19 @@ class Trainer:
         self.release_lock()
 
 
+def _to_host(state):
+    """A (nested) state dict with every tensor copied to host memory."""
+    if torch.is_tensor(state):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: _to_host(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_to_host(v) for v in state)
+    return state
+
+
 def _empty_window() -> Dict[str, Any]:
     return {"loss": 0.0, "aux": 0.0, "steps": 0, "time": 0.0, "extras": {}}
-
-
-def _announce(rank: int) -> None:
-    """Mark this rank alive in the rendezvous store, so that survivors can name a rank that died."""
-    try:
-        dist.distributed_c10d._get_default_store().set(f"vqmoe/alive/{rank}", str(os.getpid()))
-    except (RuntimeError, AttributeError, ValueError):  # a backend without a store (MPI): dead ranks are not named
-        pass
-
-
-def dead_ranks(rank: int, world: int, wait_s: float = 5.0) -> Optional[List[int]]:
-    """After a failed collective: every survivor writes ``vqmoe/failed/{rank}`` and waits ``wait_s`` for the
-    others; the ranks that never write are the dead ones.  None when the store is gone (it lives with rank 0
-    or the launcher's agent)."""
-    try:
-        store = dist.distributed_c10d._get_default_store()
-        store.set(f"vqmoe/failed/{rank}", "1")
-        deadline = time.monotonic() + wait_s
-        while True:
-            missing = [r for r in range(world) if not store.check([f"vqmoe/failed/{r}"])]
-            if not missing or time.monotonic() > deadline:
-                return missing
-            time.sleep(0.2)
-    except (RuntimeError, AttributeError, ValueError):
-        return None
-
-
-def _collective_failure(e: BaseException) -> bool:
-    """Whether ``e`` is the distributed backend reporting a dead or hung peer (not a bug of the program)."""
-    names = {type(e).__name__} | {t.__name__ for t in type(e).__mro__}
-    if names & {"DistBackendError", "DistNetworkError", "DistStoreError", "DistError"}:
-        return True
-    text = str(e)
-    return isinstance(e, RuntimeError) and any(s in text for s in (
-        "Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out", "timed out",
-        "Socket Timeout"))
 
 
 def _rank_from_env() -> int:
@@ -763,7 +734,7 @@ def run(cmd: CommandLine, make_task, argv: Optional[List[str]] = None) -> int:
         shutdown(clean=False)
         return 3
     except Exception as e:  # noqa: BLE001 -- only the backend's own errors are turned into a message
-        if not _collective_failure(e):
+        if not collective_failure(e):
             raise
         dead = dead_ranks(trainer.rank, trainer.world)
         who = (f"rank(s) {', '.join(map(str, dead))} stopped" if dead else
