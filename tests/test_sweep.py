@@ -1,7 +1,7 @@
 """tools/sweep.py and vqmoe_ds.experiments: the statistics (intervals, TOST) against numbers worked out by hand, the
 presets and the grid, each run's YAML config file, every bad input as one line with exit status 2 before anything
-runs, and one real sweep (2 routers x 2 seeds of the tiny model, 4 steps, no launcher) that is rerun to check that
-finished runs are skipped and a run without results resumes from its checkpoint, with its compute accounting."""
+runs; the bookkeeping (results read back, failures, skipping finished runs, resuming from a checkpoint, the report's
+numbers) with a fake driver of known numbers (tests/workers/fake_driver.py), and one real driver run read back."""
 import csv
 import json
 import math
@@ -263,72 +263,137 @@ def test_a_folder_with_another_grid_is_refused(tmp_path, capsys, settings):
     assert "optim.lr=0.003 where this one has optim.lr=0.01" in err[-1], err
 
 
-# ---- one real sweep ----------------------------------------------------------------------------------------------
-def test_sweep_runs_skips_and_resumes(tmp_path, capsys):
+# ---- the sweep's bookkeeping, with a fake driver -------------------------------------------------------------
+FAKE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers", "fake_driver.py")
+
+
+def _fake_launcher(monkeypatch):
+    """Every run starts tests/workers/fake_driver.py (known numbers, no training) instead of the driver."""
+    import sys
+
+    from vqmoe_ds.experiments import runner
+
+    monkeypatch.setattr(runner, "launch_cmd", lambda launcher, nproc, args, port: ([sys.executable, FAKE, *args], {}))
+
+
+def _rows(out):
+    with open(out / "sweep.csv") as f:
+        return {r["run"]: r for r in csv.DictReader(f)}
+
+
+def _argvs(out, name):
+    path = out / name / "argv.jsonl"
+    return [json.loads(line) for line in open(path)] if path.exists() else []
+
+
+def test_sweep_bookkeeping_with_a_fake_driver(tmp_path, capsys, monkeypatch):
+    """2 routers x 2 seeds through the fake driver.  First sweep: vqmoe_s2 fails after its step-2 checkpoint and
+    topk_s2 before any; the table holds the fake's numbers for the others and the failures as such.  Second
+    sweep: only those two run, vqmoe_s2 from its checkpoint (--load), topk_s2 from scratch; the report's means,
+    standard deviations and paired intervals are the ones worked out by hand below.  Third: nothing runs."""
+    _fake_launcher(monkeypatch)
     out = tmp_path / "sweep"
     argv = ["--preset", "seeds", "--routers", "topk", "vqmoe", "--seeds", "1", "2", "--out", str(out),
             "--launcher", "none", "--parallel", "2",
-            "--set", "train-iters=4", "eval-interval=2", "eval-iters=2", "save-interval=2", "micro-batch-size=4",
-            "--", "--corpus-bytes", "50000", "--no-plots", "--no-tensorboard"]
+            "--set", "train-iters=4", "eval-interval=2", "save-interval=2", "micro-batch-size=4"]
     names = ["topk_s1", "vqmoe_s1", "topk_s2", "vqmoe_s2"]
+    monkeypatch.setenv("FAKE_FAIL", "vqmoe_s2:3,topk_s2:1")
+    assert sweep.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "2 of 4 runs failed" in err, err
+    rows = _rows(out)
+    assert sorted(rows) == sorted(names)
+    cmd = command_line()
+    base = {"topk_s1": 2.10, "vqmoe_s1": 2.09}  # the fake driver's BASE
+    for name, bpc in base.items():
+        r = rows[name]
+        router = name.split("_")[0]
+        assert r["status"] == "done" and r["steps"] == "4" and r["seed"] == "1"
+        assert float(r["best_valid_bpc"]) == pytest.approx(bpc) and r["best_step"] == "4"
+        assert float(r["best_valid_loss"]) == pytest.approx(bpc * math.log(2))
+        assert float(r["test_bpc"]) == pytest.approx(bpc + 0.05)
+        assert float(r["test_ppl"]) == pytest.approx(math.exp((bpc + 0.05) * math.log(2)))
+        assert float(r["tokens_per_s"]) == 1025.0  # median of 1010, 1020, 1030, 1040
+        assert (r["params_total"], r["params_active"]) == ("1000", "600")
+        cfg = model_config(cmd.parse(["--config", "tiny", "--router", router]))
+        assert float(r["flops_per_token"]) == pytest.approx(flops_per_token(cfg, batch_size=4))
+        assert int(r["routes_per_token"]) == (3 if router == "vqmoe" else 2)  # top-2 (+ the discrete route)
+        assert int(r["tokens_per_step"]) == 4 * 64  # micro-batch 4 x context 64, one rank
+        assert float(r["train_flops"]) == pytest.approx(flops_per_token(cfg, batch_size=4) * 4 * 64 * 4)
+    for name in ("topk_s2", "vqmoe_s2"):
+        assert rows[name]["status"] == "failed" and rows[name]["best_valid_bpc"] == ""
+        attempts = [json.loads(line) for line in open(out / name / "sweep_attempts.jsonl")]
+        assert [a["exit_status"] for a in attempts] == [1]
+    assert (out / "vqmoe_s2" / "checkpoints" / "latest").read_text() == "step2"
+    assert not (out / "topk_s2" / "checkpoints").exists()
+
+    # the second sweep runs only the failed two: vqmoe_s2 resumes from step 2, topk_s2 starts again
+    monkeypatch.delenv("FAKE_FAIL")
+    logs = {n: (out / f"{n}.log").read_text() for n in ("topk_s1", "vqmoe_s1")}
+    assert sweep.main(argv) == 0, capsys.readouterr()
+    assert "2 finished before, 2 to run" in capsys.readouterr().out
+    assert [a[-2:] for a in _argvs(out, "vqmoe_s2")][1] == ["--load", str(out / "vqmoe_s2" / "checkpoints")]
+    assert len(_argvs(out, "vqmoe_s2")) == 2 and _argvs(out, "topk_s2") == [["--config-file", str(out / "topk_s2.yaml")]]
+    resumed = [ln for ln in (out / "vqmoe_s2.log").read_text().splitlines() if ln.startswith("# ") and " resume: " in ln]
+    assert len(resumed) == 1 and f"--load {out / 'vqmoe_s2' / 'checkpoints'}" in resumed[0]
+    assert f"--config-file {out / 'vqmoe_s2.yaml'}" in resumed[0]
+    assert {n: (out / f"{n}.log").read_text() for n in logs} == logs  # the finished runs did not start again
+    assert all(len(_argvs(out, n)) == 1 for n in ("topk_s1", "vqmoe_s1"))
+    rows = _rows(out)
+    assert all(r["status"] == "done" for r in rows.values())
+    assert float(rows["vqmoe_s2"]["best_valid_bpc"]) == pytest.approx(2.11)
+    assert float(rows["topk_s2"]["best_valid_bpc"]) == pytest.approx(2.14)
+    attempts = [json.loads(line) for line in open(out / "vqmoe_s2" / "sweep_attempts.jsonl")]
+    assert [a["exit_status"] for a in attempts] == [1, 0] and [a["resumed"] for a in attempts] == [False, True]
+    assert float(rows["vqmoe_s2"]["wall_s"]) == pytest.approx(sum(a["seconds"] for a in attempts), abs=0.06)
+    md = (out / "sweep.md").read_text()
+    # best valid BPC: topk 2.10, 2.14 -> 2.1200 +- 0.0283; vqmoe 2.09, 2.11 -> 2.1000 +- 0.0141.  vqmoe - topk by
+    # seed: -0.01, -0.03: mean -0.0200, s = 0.014142, half width 12.7062 x 0.014142 / sqrt(2) = 0.12706
+    assert "| topk | 2 | 2.1200 ± 0.0283 | 2.1700 ± 0.0283 |" in md
+    assert "| vqmoe | 2 | 2.1000 ± 0.0141 | 2.1500 ± 0.0141 |" in md
+    vq = [ln for ln in md.splitlines() if ln.startswith("| vqmoe | topk | 2 | ")]
+    assert len(vq) == 1 and vq[0].count("-0.0200 [-0.1471, +0.1071]") == 2 and "| 3/2 |" in vq[0], vq
+    assert "## Steps and training FLOPs to a target validation BPC" in md
+    for png in ("valid_curve.png", "test_bpc.png", "bpc_vs_flops.png"):
+        assert (out / png).stat().st_size > 1000
+
+    # a third sweep starts nothing: every run has results
+    assert sweep.main(argv) == 0
+    assert "4 finished before, 0 to run" in capsys.readouterr().out
+    assert [len(_argvs(out, n)) for n in names] == [1, 1, 1, 2]
+
+    # the reports again, from the folder alone, against another baseline and a stated target
+    os.remove(out / "sweep.md")
+    assert sweep.main(["--out", str(out), "--report-only", "--baseline", "vqmoe", "--target-bpc", "9.0"]) == 0
+    md = (out / "sweep.md").read_text()
+    assert [ln for ln in md.splitlines() if ln.startswith("| topk | vqmoe | 2 | +0.0200 [-0.1071, +0.1471]")]
+    assert [ln for ln in md.splitlines() if ln.startswith("| 9.00 | topk | 2/2 | ")]
+
+
+def test_one_real_run_is_read_back(tmp_path, capsys):
+    """One real driver run (the shipped default VQMoE, 2 steps, no launcher): the table holds what the driver wrote
+    (results.json, the compute of the model its flags give)."""
+    out = tmp_path / "sweep"
+    argv = ["--preset", "seeds", "--routers", "vqmoe", "--seeds", "1", "--out", str(out), "--launcher", "none",
+            "--set", "train-iters=2", "eval-interval=2", "eval-iters=1", "save-interval=2", "micro-batch-size=4",
+            "--", "--corpus-bytes", "50000", "--no-plots", "--no-tensorboard", "--test-iters", "1"]
     before = shm_files()
     try:
         assert sweep.main(argv) == 0, capsys.readouterr()
-        with open(out / "sweep.csv") as f:
-            rows = list(csv.DictReader(f))
-        assert sorted(r["run"] for r in rows) == sorted(names)
-        # the model each run trained, from the flags above (not from the run's files): FLOPs and routes per token
-        cmd = command_line()
-        for r in rows:
-            assert r["status"] == "done" and r["steps"] == "4" and r["router"] in r["run"]
-            assert r["seed"] == r["run"][-1]
-            for key in ("best_valid_loss", "best_valid_bpc", "test_loss", "test_bpc", "test_ppl", "wall_s",
-                        "tokens_per_s"):
-                assert math.isfinite(float(r[key])) and float(r[key]) > 0, (key, r)
-            res = json.load(open(out / r["run"] / "results.json"))
-            assert float(r["best_valid_bpc"]) == pytest.approx(res["best_valid"]["bpc"])
-            assert float(r["best_valid_loss"]) == pytest.approx(res["best_valid"]["loss"])
-            assert float(r["test_bpc"]) == pytest.approx(res["test"]["bpc"])
-            assert float(r["test_ppl"]) == pytest.approx(math.exp(float(r["test_loss"])))
-            assert int(r["params_total"]) >= int(r["params_active"]) > 0
-            cfg = model_config(cmd.parse(["--config", "tiny", "--router", r["router"]]))
-            assert float(r["flops_per_token"]) == pytest.approx(flops_per_token(cfg))
-            assert int(r["routes_per_token"]) == (3 if r["router"] == "vqmoe" else 2)  # top-2 (+ the discrete route)
-            assert int(r["tokens_per_step"]) == 4 * 64  # micro-batch 4 x context 64, one rank
-            assert float(r["train_flops"]) == pytest.approx(flops_per_token(cfg) * 4 * 64 * 4)
-            assert (out / (r["run"] + ".yaml")).exists()
-            assert json.load(open(out / r["run"] / "config.json"))["optim"]["train_iters"] == 4
-        md = (out / "sweep.md").read_text()
-        assert "| topk | 2 |" in md and "| vqmoe | 2 |" in md
-        assert "## Paired differences (by seed, Student t interval, TOST)" in md
-        vq = [ln for ln in md.splitlines() if ln.startswith("| vqmoe | topk | 2 | ")]
-        assert len(vq) == 1 and vq[0].count("[") == 2 and "| 3/2 |" in vq[0] and "| no |" in vq[0]
-        assert "## Steps and training FLOPs to a target validation BPC" in md
-        for png in ("valid_curve.png", "test_bpc.png", "bpc_vs_flops.png"):
-            assert (out / png).stat().st_size > 1000
-        # a second sweep starts nothing: every run has results
-        logs = {n: (out / f"{n}.log").read_text() for n in names}
-        stamps = {n: (out / n / "log.jsonl").stat().st_mtime_ns for n in names}
-        capsys.readouterr()
-        assert sweep.main(argv) == 0
-        assert "4 finished before, 0 to run" in capsys.readouterr().out
-        assert {n: (out / f"{n}.log").read_text() for n in names} == logs
-        assert {n: (out / n / "log.jsonl").stat().st_mtime_ns for n in names} == stamps
-        # a run without results but with a checkpoint restarts from it
-        os.remove(out / "vqmoe_s2" / "results.json")
-        assert sweep.main(argv) == 0
-        log = (out / "vqmoe_s2.log").read_text()
-        resumed = [ln for ln in log.splitlines() if ln.startswith("# ") and " resume: " in ln]
-        assert len(resumed) == 1 and f"--load {out / 'vqmoe_s2' / 'checkpoints'}" in resumed[0]
-        assert f"--config-file {out / 'vqmoe_s2.yaml'}" in resumed[0]
-        assert (out / "vqmoe_s2" / "results.json").exists()
-        assert {n: (out / f"{n}.log").read_text() for n in names if n != "vqmoe_s2"} == \
-            {n: t for n, t in logs.items() if n != "vqmoe_s2"}
-        # the reports again, from the folder alone, against another baseline and a stated target
-        os.remove(out / "sweep.md")
-        assert sweep.main(["--out", str(out), "--report-only", "--baseline", "vqmoe", "--target-bpc", "9.0"]) == 0
-        md = (out / "sweep.md").read_text()
-        assert [ln for ln in md.splitlines() if ln.startswith("| topk | vqmoe | 2 | ")]
-        assert [ln for ln in md.splitlines() if ln.startswith("| 9.00 | topk | 2/2 | ")]
     finally:
         remove_new_shm(before)
+    (r,) = _rows(out).values()
+    assert r["run"] == "vqmoe_s1" and r["status"] == "done" and r["steps"] == "2"
+    for key in ("best_valid_loss", "best_valid_bpc", "test_loss", "test_bpc", "test_ppl", "wall_s", "tokens_per_s"):
+        assert math.isfinite(float(r[key])) and float(r[key]) > 0, (key, r)
+    res = json.load(open(out / "vqmoe_s1" / "results.json"))
+    assert float(r["best_valid_bpc"]) == pytest.approx(res["best_valid"]["bpc"])
+    assert float(r["best_valid_loss"]) == pytest.approx(res["best_valid"]["loss"])
+    assert float(r["test_bpc"]) == pytest.approx(res["test"]["bpc"])
+    assert float(r["test_ppl"]) == pytest.approx(math.exp(float(r["test_loss"])))
+    info = json.load(open(out / "vqmoe_s1" / "run_info.json"))
+    assert int(r["params_total"]) == info["params"]["total"] > int(r["params_active"]) == info["params"]["active"]
+    cfg = model_config(command_line().parse(["--config", "tiny", "--router", "vqmoe"]))
+    assert float(r["flops_per_token"]) == pytest.approx(flops_per_token(cfg, batch_size=4))
+    assert int(r["routes_per_token"]) == 3 and int(r["tokens_per_step"]) == 4 * 64
+    assert json.load(open(out / "vqmoe_s1" / "config.json"))["optim"]["train_iters"] == 2
