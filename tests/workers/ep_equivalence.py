@@ -98,6 +98,13 @@ def compare(case, dispatcher):
         res["bias"] = (ref.router.expert_bias_E - par.router.expert_bias_E).abs().max().item()
         res["bias_stuck"] = float(  # 1 if some expert's bias did not take its step of 0.01
             (par.router.expert_bias_E - torch.tensor([0.3, -0.1, 0.0, -0.2])).abs().min() < 0.009)
+        # loads whose per-rank signs differ from the global ones: rank 0 [10, 0, 0, 0], rank 1 [0, 0, 0, 10]; summed
+        # [10, 0, 0, 10], mean 5: the update is 0.01 x [-1, +1, +1, -1] on every rank
+        before = par.router.expert_bias_E.clone()
+        par.router.load_E.copy_(torch.tensor([10.0, 0, 0, 0] if rank == 0 else [0, 0, 0, 10.0]))
+        update_expert_biases(par)
+        want = before + 0.01 * torch.tensor([-1.0, 1.0, 1.0, -1.0])
+        res["bias_global_loads"] = (par.router.expert_bias_E - want).abs().max().item()
     return res
 
 

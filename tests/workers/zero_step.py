@@ -1,7 +1,11 @@
 """A VQMoE layer inside a DeepSpeed engine (ZeRO 1 or 2, ep_size=2): gate, mixing gate and codebook get
-gradients and move after a step; the shared codebook stays identical on every rank."""
+gradients and move after a step; the shared codebook stays identical on every rank.
+
+``zero_step.py OUT STAGE:EMA ...`` runs each case (its own engine) in this one process group; rank 0 writes OUT
+(JSON): {"STAGE:EMA": result or {"error": traceback}}."""
 import json
 import sys
+import traceback
 
 from common import finish, init
 
@@ -28,8 +32,8 @@ class Net(nn.Module):
         return self.out(h + y), aux
 
 
-def main(stage, ema, out_path):
-    rank, world = init()
+def case(stage, ema):
+    rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     cfg = MoEConfig(hidden_size=16, ffn_hidden_size=32, num_experts=4, ep_size=2, router="vqmoe", codebook_size=6,
                     codebook_dim=4, vq_distance="cosine", vq_ema=ema == "ema", vq_kmeans_init=ema == "ema",
@@ -65,9 +69,21 @@ def main(stage, ema, out_path):
     res["codebook_rank_diff"] = float(max((c - all_cb[0]).abs().max() for c in all_cb))
     res["usage_rank_diff"] = float(max((u - q.usage_K).abs().max() for u in _gather(q.usage_K, world)))
     res["restarted"] = bool(ema == "ema")
-    print(rank, json.dumps(res))
+    return res
+
+
+def main(out_path, *cases):
+    rank, _ = init()
+    results = {}
+    for spec in cases:
+        try:
+            results[spec] = case(*spec.split(":"))
+        except Exception:  # noqa: BLE001 -- reported per case; the other cases still run
+            results[spec] = {"error": traceback.format_exc()}
+        print(rank, spec, json.dumps(results[spec]), flush=True)
     if rank == 0:
-        json.dump(res, open(out_path, "w"))
+        with open(out_path, "w") as f:
+            json.dump(results, f)
     finish()
 
 
