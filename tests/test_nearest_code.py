@@ -339,6 +339,12 @@ def test_fallback_warns_exactly_once(tmp_path, env):
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
 def test_cuda_source_compiles_with_nvcc(tmp_path):
+    """nvcc compiles the kernel against this torch's headers.  A success is remembered under the extension cache,
+    keyed by the SHA-256 of the sources in csrc/, the command, nvcc's and torch's versions: the same inputs are
+    compiled once per machine (about a minute of the suite's time)."""
+    import hashlib
+
+    import torch
     from torch.utils import cpp_extension
 
     from vqmoe_ds.kernels import _build
@@ -355,9 +361,22 @@ def test_cuda_source_compiles_with_nvcc(tmp_path):
            "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr", "-DTORCH_EXTENSION_NAME=_nearest_code_ext",
            *[f"-I{p}" for p in inc], f"-I{sysconfig.get_paths()['include']}", f"-I{shim}", f"-I{_build.CSRC}",
            os.path.join(_build.CSRC, "nearest_code_cuda.cu"), "-o", str(tmp_path / "k.o")]
+    key = hashlib.sha256()
+    for name in sorted(os.listdir(_build.CSRC)):
+        with open(os.path.join(_build.CSRC, name), "rb") as f:
+            key.update(name.encode() + b"\0" + f.read())
+    version = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout
+    key.update("\0".join([*(c.replace(str(tmp_path), "TMP") for c in cmd), version, torch.__version__]).encode())
+    cache = os.path.join(os.environ.get("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache")),
+                         "vqmoe_ds_nvcc_checks", key.hexdigest())
+    if os.path.exists(cache):
+        return
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=280)
     assert r.returncode == 0, r.stderr[-4000:]
     assert (tmp_path / "k.o").stat().st_size > 0
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    with open(cache, "w") as f:
+        f.write(f"compiled {(tmp_path / 'k.o').stat().st_size} bytes\n")
 
 
 def test_cuda_kernel_is_opt_in(monkeypatch):
