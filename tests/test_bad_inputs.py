@@ -146,9 +146,9 @@ def test_checkpoint_checks(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ckpt.CheckpointError, match="no checkpoint in .*no 'latest' file"):
-        ckpt.resolve_tag(str(empty))
-    with pytest.raises(ckpt.CheckpointError, match="does not exist"):
-        ckpt.resolve_tag(str(tmp_path / "nope"))
+        ckpt.resolve(str(empty))
+    with pytest.raises(ckpt.CheckpointError, match="nope does not exist"):
+        ckpt.resolve(str(tmp_path / "nope"))
     root = tmp_path / "ck"
     path = _fake_checkpoint(root, "step1", cfg)
     assert ckpt.verify(str(root), "step1")["step"] == 1

@@ -82,7 +82,7 @@ def test_kill_during_save_then_exact_resume_txl_vq_ema_zero2(tmp_path):
     ck = crashed / "checkpoints"
     assert (ck / "latest").read_text() == "step4"
     assert (ck / ".tmp_step6").is_dir() and not (ck / "step6").exists()
-    assert ckpt.resolve_tag(str(ck)) == "step4"
+    assert ckpt.resolve(str(ck))[1] == "step4"
 
     # resume from the crashed run's folder: step 5 onwards equals the uninterrupted run bit for bit
     _run(torchrun_cmd(2, txl_args(resumed, cfg, "--load", str(ck), "--save", str(tmp_path / "ck3")), free_port()),

@@ -3,6 +3,7 @@ session with the real driver, a reference loader of the driver's checkpoints tha
 runner for the command-line tools."""
 import atexit
 import functools
+import json
 import os
 import shutil
 import subprocess
@@ -69,7 +70,9 @@ def reference_state(tag_dir: str):
     for fn in os.listdir(tag_dir):
         if fn.startswith("layer_") and "_expert_" in fn:
             sd.update(torch.load(os.path.join(tag_dir, fn), map_location="cpu", weights_only=False))
-    return ModelConfig(**main["model_config"]), sd
+    with open(os.path.join(tag_dir, "vqmoe_complete.json")) as f:
+        marker = json.load(f)
+    return ModelConfig(**marker["model_config"]), sd
 
 
 def reference_model(tag_dir: str):

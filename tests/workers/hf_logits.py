@@ -14,7 +14,7 @@ def main(save_dir, ref_path, out_path):
     from vqmoe_ds import checkpoint as ckpt
     from vqmoe_ds.models import ModelConfig, build_model
 
-    marker = ckpt.verify(save_dir, ckpt.resolve_tag(save_dir))
+    marker = ckpt.verify(save_dir, ckpt.resolve(save_dir)[1])
     cfg = ModelConfig(**marker["model_config"])
     torch.manual_seed(0)
     model = build_model(cfg)

@@ -19,7 +19,7 @@ from .manifest import file_manifest_path, write_manifest
 def pick_tag(load: str, tag: Optional[str]) -> Tuple[Optional[str], Optional[str]]:
     """(tag, notice): ``tag`` when given; otherwise ``best`` when the run has one, else None (``latest``) and a
     notice saying so (a run without a validation split saves no ``best``)."""
-    from .read import resolve
+    from .layout import resolve
 
     if tag is not None:
         return tag, None

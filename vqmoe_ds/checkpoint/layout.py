@@ -110,10 +110,29 @@ def read_latest(load_dir: str) -> Optional[str]:
         return f.read().strip() or None
 
 
-def resolve_tag(load_dir: str, tag: Optional[str] = None) -> str:
-    """The tag to load: ``tag`` or the one ``latest`` names; a one-line error when there is none."""
-    if not os.path.isdir(load_dir):
-        raise CheckpointError(f"checkpoint folder {load_dir} does not exist: give the --save folder of an earlier run")
+def resolve(path: str, tag: Optional[str] = None) -> Tuple[str, str]:
+    """(save_dir, tag) of the checkpoint to load, from any of: a run's OUT_DIR, its save folder, or one tag's folder;
+    ``tag`` None (or "latest"): the one ``latest`` names.  A one-line error when there is none."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} {'is not a folder' if os.path.exists(path) else 'does not exist'}: "
+                              f"give a run's --out-dir, its checkpoints folder or one checkpoint (e.g. "
+                              f"OUT_DIR/checkpoints/best)")
+    if os.path.isfile(os.path.join(path, MODEL_FILE)):  # a tag folder
+        if tag is not None and tag != os.path.basename(os.path.normpath(path)):
+            raise CheckpointError(f"--tag {tag} given with the checkpoint folder {path}: give the parent folder "
+                                  f"with --tag, or the tag folder alone")
+        return os.path.dirname(os.path.normpath(path)), os.path.basename(os.path.normpath(path))
+    if not os.path.isfile(os.path.join(path, LATEST)) and os.path.isdir(os.path.join(path, "checkpoints")):
+        path = os.path.join(path, "checkpoints")  # a run's OUT_DIR with the default --save
+    tag = _tag_in(path, tag)
+    if not os.path.isfile(os.path.join(path, tag, MODEL_FILE)):
+        have = sorted(d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, MODEL_FILE)))
+        raise CheckpointError(f"{os.path.join(path, tag)} holds no DeepSpeed model states: choose a tag of "
+                              f"{', '.join(have) or '(none)'}")
+    return path, tag
+
+
+def _tag_in(load_dir: str, tag: Optional[str]) -> str:
     if tag is None or tag == LATEST:
         tag = read_latest(load_dir)
         if tag is None:

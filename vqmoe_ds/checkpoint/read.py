@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..models import ModelConfig
-from .layout import MODEL_FILE, CheckpointError, resolve_tag, verify
+from .layout import MARKER, MODEL_FILE, CheckpointError, resolve, verify
 from .states import check_files, read_states, use_safe_loading
 from .store import check_expert_files
 
@@ -44,26 +44,6 @@ class PretrainedRun:
         return {**self.run_config.get("data", {}), "seed": self.run_config.get("optim", {}).get("seed", 0)}
 
 
-def resolve(path: str, tag: Optional[str] = None):
-    """(save_dir, tag) from any of: the run's OUT_DIR, its checkpoint folder, or one tag's folder."""
-    if not os.path.isdir(path):
-        raise CheckpointError(f"checkpoint {path} is not a folder: give a run's --out-dir, its checkpoints folder "
-                              f"or one checkpoint (e.g. OUT_DIR/checkpoints/best)")
-    if os.path.isfile(os.path.join(path, MODEL_FILE)):  # a tag folder
-        if tag is not None and tag != os.path.basename(os.path.normpath(path)):
-            raise CheckpointError(f"--tag {tag} given with the checkpoint folder {path}: give the parent folder "
-                                  f"with --tag, or the tag folder alone")
-        return os.path.dirname(os.path.normpath(path)), os.path.basename(os.path.normpath(path))
-    if not os.path.isfile(os.path.join(path, "latest")) and os.path.isdir(os.path.join(path, "checkpoints")):
-        path = os.path.join(path, "checkpoints")
-    tag = resolve_tag(path, tag)
-    if not os.path.isfile(os.path.join(path, tag, MODEL_FILE)):
-        have = sorted(d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, MODEL_FILE)))
-        raise CheckpointError(f"{os.path.join(path, tag)} holds no DeepSpeed model states: choose a tag of "
-                              f"{', '.join(have) or '(none)'}")
-    return path, tag
-
-
 def read_run(path: str, tag: Optional[str] = None, run_config: Optional[str] = None) -> PretrainedRun:
     """The checkpoint's metadata (no model is built), after verifying it is complete.  ``run_config``: the run's
     config.json when it does not lie beside the checkpoint folder (the drivers write it to OUT_DIR, and the
@@ -72,12 +52,14 @@ def read_run(path: str, tag: Optional[str] = None, run_config: Optional[str] = N
     marker = verify(save_dir, tag)
     check_files(save_dir, tag, marker)
     state = read_states(os.path.join(save_dir, tag, MODEL_FILE), mmap=True)
-    if "model_config" not in state:
-        raise CheckpointError(f"{os.path.join(save_dir, tag)} has no model_config in its client state: it was not "
-                              f"written by a vqmoe-ds driver or tool")
-    client = {k: v for k, v in state.items() if k in ("step", "best_valid", "world_size", "model_config",
-                                                       "converted_from", "finetune", "tokenizer")}
-    cfg = ModelConfig(**client["model_config"])
+    # the model config lives in the marker (checkpoints of the earlier format also kept it in the client state)
+    model_config = marker.get("model_config") or state.get("model_config")
+    if not model_config:
+        raise CheckpointError(f"{os.path.join(save_dir, tag)} records no model config (its {MARKER} has no "
+                              f"model_config): it was not written by a vqmoe-ds driver or tool")
+    client = {k: v for k, v in state.items() if k in ("step", "best_valid", "world_size", "converted_from",
+                                                       "finetune", "tokenizer")}
+    cfg = ModelConfig(**model_config)
     if run_config is None:
         cand = os.path.join(os.path.dirname(os.path.normpath(save_dir)), "config.json")
         run_config = cand if os.path.isfile(cand) else None

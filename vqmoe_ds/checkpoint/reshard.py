@@ -29,7 +29,7 @@ import torch
 from ..models import ModelConfig
 from ..parallel import init_single_process
 from .layout import (EXPERT_FILE, EXPERT_KEY, MARKER, MODEL_FILE, TMP_PREFIX, CheckpointError, digests, expert_file,
-                     fsync_dir, fsync_file, list_files, rank_file, resolve_tag, verify, write_atomic)
+                     fsync_dir, fsync_file, list_files, rank_file, resolve, verify, write_atomic)
 from .states import check_files, read_states, save_states
 
 NOTICE = ("notice: the optimizer state (Adam moments, ZeRO partitions) is not converted: the driver resumes this "
@@ -81,12 +81,15 @@ def reshard(load_dir, tag, out_dir, out_tag, world, ep):
     """Write the resharded checkpoint; returns its folder.  Raises CheckpointError with a one-line message."""
     if world < 1 or ep < 1:
         raise CheckpointError(f"--world-size {world} and --ep-size {ep} must both be >= 1")
-    tag = resolve_tag(load_dir, tag)
+    load_dir, tag = resolve(load_dir, tag)
     marker = verify(load_dir, tag)
     check_files(load_dir, tag, marker)
     src = os.path.join(load_dir, tag)
     model_state = read_states(os.path.join(src, MODEL_FILE))
-    cfg_dict = dict(marker.get("model_config") or model_state["model_config"])
+    cfg_dict = dict(marker.get("model_config") or model_state.get("model_config") or {})
+    if not cfg_dict:
+        raise CheckpointError(f"checkpoint {src} records no model config: it was not written by a vqmoe-ds driver or "
+                              f"tool")
     moe = dict(cfg_dict.get("moe") or {})
     n_exp = int(moe.get("num_experts") or 0)
     if ep > 1 and not n_exp:
@@ -132,7 +135,7 @@ def reshard(load_dir, tag, out_dir, out_tag, world, ep):
     model_state["param_shapes"] = None  # the old ZeRO partitions' shapes; no optimizer files go with this checkpoint
     model_state["dp_world_size"] = world
     model_state["world_size"] = world
-    model_state["model_config"] = cfg_out
+    model_state.pop("model_config", None)  # the marker holds it (a source of the earlier format kept it here too)
     model_state["resharded"] = info
     if isinstance(model_state.get("data"), dict) and "index" in model_state["data"]:
         data = dict(model_state["data"])

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from .layout import (BEST, MARKER, OLD_PREFIX, TMP_PREFIX, CheckpointError, digests, expert_file, fsync_dir,
-                     fsync_file, list_files, rank_file, read_latest, resolve_tag, step_tags, verify, write_atomic)
+                     fsync_file, list_files, rank_file, read_latest, resolve, step_tags, verify, write_atomic)
 from .states import read_states, save_states, use_safe_loading
 
 # Fields of a model config that may change between a checkpoint and the run that resumes it: they shape neither
@@ -89,7 +89,10 @@ def save(engine, save_dir: str, tag: str, client_state: Dict[str, Any], task_sta
     """Collective: every rank calls it.  ``task_state``: this rank's own state beyond the model (e.g. the
     Transformer-XL memory); ``config``: the run's resolved configuration, kept in the marker; ``marker_extra``:
     more marker fields (``imported``: weights without optimizer, scheduler or data position, see `load`).
-    Returns the checkpoint folder (complete when this returns)."""
+    Returns the checkpoint folder (complete when this returns).  ``client_state["model_config"]`` goes into the
+    marker, the one place a checkpoint records its model config, not into DeepSpeed's model file."""
+    client_state = dict(client_state)
+    model_config = client_state.pop("model_config", None)
     rank = _rank()
     world = dist.get_world_size() if dist.is_initialized() else 1
     tmp_tag = TMP_PREFIX + tag
@@ -126,7 +129,7 @@ def save(engine, save_dir: str, tag: str, client_state: Dict[str, Any], task_sta
     error = None
     try:
         if rank == 0:
-            _finish_save(save_dir, tag, tmp, files, shares, world, step, client_state, config, marker_extra, latest)
+            _finish_save(save_dir, tag, tmp, files, shares, world, step, model_config, config, marker_extra, latest)
     except (OSError, CheckpointError) as e:
         error = e
     _agree_on_write(error, step, tmp, save_dir)
@@ -186,7 +189,7 @@ def _agree_on_write(error: Optional[BaseException], step, tmp: str, save_dir: st
                           f"can write to; the last complete checkpoint is {_last_complete(save_dir)}")
 
 
-def _finish_save(save_dir, tag, tmp, files, shares, world, step, client_state, config, marker_extra, latest) -> None:
+def _finish_save(save_dir, tag, tmp, files, shares, world, step, model_config, config, marker_extra, latest) -> None:
     """Rank 0: the marker, the rename into place and ``latest`` (see the module's protocol, steps 2 and 3)."""
     missing = [rank_file(r) for r in range(world) if rank_file(r) not in files]
     if missing:
@@ -194,7 +197,7 @@ def _finish_save(save_dir, tag, tmp, files, shares, world, step, client_state, c
                               f"ranks; give --save a folder on a file system every node sees")
     sha = {name: d for share in shares for name, d in share.items()}
     marker = {"tag": tag, "step": step, "world_size": world, "files": files, "sha256": sha,
-              "model_config": client_state.get("model_config"), "config": config, **(marker_extra or {})}
+              "model_config": model_config, "config": config, **(marker_extra or {})}
     write_atomic(os.path.join(tmp, MARKER), json.dumps(marker, indent=1, default=str))
     fsync_dir(tmp)
     final = os.path.join(save_dir, tag)
@@ -323,7 +326,7 @@ def load(engine, load_dir: str, tag: Optional[str] = None, resume: bool = True,
          model: Optional[torch.nn.Module] = None, model_config: Optional[Dict[str, Any]] = None):
     """Verify, then load model (and with ``resume`` optimizer, scheduler, RNG, this rank's buffers) from
     ``load_dir`` (``tag`` None: latest).  Returns (client_state, this rank's task state or None)."""
-    tag = resolve_tag(load_dir, tag)
+    load_dir, tag = resolve(load_dir, tag)
     marker = verify(load_dir, tag, checksums=False)  # sizes; the loop verifies the checksums, split over the ranks
     use_safe_loading(engine)  # DeepSpeed's files are read without unpickling code (states.py)
     if model_config is not None:
@@ -364,5 +367,5 @@ def load(engine, load_dir: str, tag: Optional[str] = None, resume: bool = True,
     return client_state or {}, task_state
 
 
-__all__ = ["BEST", "MARKER", "CheckpointError", "save", "load", "prune", "verify", "resolve_tag", "step_tags",
+__all__ = ["BEST", "MARKER", "CheckpointError", "save", "load", "prune", "verify", "resolve", "step_tags",
            "check_architecture", "check_expert_files", "module_buffers", "rng_state", "set_rng_state"]

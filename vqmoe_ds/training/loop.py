@@ -281,15 +281,15 @@ class Trainer:
             run.clear_previous()  # --overwrite
         barrier()
         agreed_io(lambda: check_save_dir(self.save_dir, self.rank))
-        self.resume_tag = None
+        self.resume_dir = self.resume_tag = None
         if run.load:  # the checkpoint is complete and fits this run, checked before the model exists
-            self.resume_tag = ckpt.resolve_tag(run.load)
-            marker = ckpt.verify(run.load, self.resume_tag, checksums=False)
-            where = f"checkpoint {os.path.join(run.load, self.resume_tag)}"
+            self.resume_dir, self.resume_tag = ckpt.resolve(run.load)  # OUT_DIR, its save folder or a tag folder
+            marker = ckpt.verify(self.resume_dir, self.resume_tag, checksums=False)
+            where = f"checkpoint {os.path.join(self.resume_dir, self.resume_tag)}"
             damaged = None
             try:  # each rank reads its share of the files for their checksums
-                ckpt.verify_checksums(run.load, self.resume_tag, marker, (self.rank, self.world))
-                ckpt.check_files(run.load, self.resume_tag, marker, (self.rank, self.world))  # no code in them
+                ckpt.verify_checksums(self.resume_dir, self.resume_tag, marker, (self.rank, self.world))
+                ckpt.check_files(self.resume_dir, self.resume_tag, marker, (self.rank, self.world))  # no code in them
             except ckpt.CheckpointError as e:
                 damaged = e
             if any_rank(damaged is not None):
@@ -327,7 +327,7 @@ class Trainer:
         self.resumed: Optional[Dict[str, Any]] = None  # a resume's record (what it changed), for config.json
         self.health = RoutingHealth()  # experts and codes used over each logging window
         if run.load:
-            self._resume(run.load)
+            self._resume(self.resume_dir)
 
         def open_run_files():  # rank 0 writes them; every rank learns whether that worked (a full disk: exit 3)
             self.log = RunLog(run.out_dir, self.rank, optim.train_iters, self.step, progress=run.progress,
@@ -656,7 +656,7 @@ class Trainer:
     def evaluate_only(self) -> bool:
         """--eval-only: the weights as loaded (or as built) on the validation and test splits at this step, the
         same evaluation as a run's own; log records and OUT_DIR/eval.json.  Returns False (no test to follow)."""
-        source = os.path.join(self.run.load, self.resume_tag) if self.run.load else "the initial weights"
+        source = os.path.join(self.resume_dir, self.resume_tag) if self.run.load else "the initial weights"
         out = {"step": self.step, "checkpoint": source}
         for split, iters in (("valid", self.run.eval_iters), ("test", self.run.test_iters)):
             if not self.task.has_split(split):
