@@ -7,7 +7,7 @@ contradicts the config is an error"), worked out here from the input alone:
     ZeRO 0, WarmupCosineLR over --train-iters), and DeepSpeed's own ``DeepSpeedConfig`` parses the resolved config to
     exactly those values;
   * refused => one ``ArgError`` line that names a setting the input gave (a flag, its config field, or a ds_config
-    key present in the file);
+    key present in the file); one bad value put into a well-formed config is refused naming its key;
   * a well-formed config with flags that do not contradict it is always accepted.
 No other exception ever escapes."""
 import json
@@ -166,6 +166,42 @@ def test_well_formed_config_is_accepted_as_given(tmp_path, cfg, flags):
              and not (k == "--clip-grad" and "gradient_clipping" in cfg)
              and not (k == "--lr" and "lr" in cfg.get("optimizer", {}).get("params", {}))}
     assert run_case(tmp_path, cfg, flags), (cfg, flags)
+
+
+# one bad value at a known key of a well-formed config: (path, values the pre-flight must refuse)
+not_positive_int = st.integers(-3, 0) | st.floats(0.5, 3.5) | st.text(max_size=3) | st.booleans()
+BAD_VALUES = {
+    ("train_micro_batch_size_per_gpu",): not_positive_int,
+    ("gradient_accumulation_steps",): not_positive_int,
+    ("train_batch_size",): st.integers(50, 99),  # never micro (<= 9) x accumulation (<= 4) x 1 rank
+    ("gradient_clipping",): st.floats(-5, -0.01) | st.just(float("nan")) | st.text(max_size=3),
+    ("zero_optimization", "stage"): st.sampled_from([3, 4, -1, "1", 1.5, None]),
+    ("optimizer", "type"): st.sampled_from(["Nope", "", "Lamb", "OneBitAdam", 3]),
+    ("optimizer", "params", "lr"): st.floats(-1, 0) | st.just(float("inf")) | st.text(max_size=3),
+    ("optimizer", "params", "eps"): st.floats(-1, 0) | st.text(max_size=3),
+    ("optimizer", "params", "weight_decay"): st.floats(-1, -0.01) | st.just(float("nan")),
+    ("optimizer", "params", "betas"): st.sampled_from([[0.9], [0.9, 1.0], [1.5, 0.9], "0.9", [0.9, "x"]]),
+    ("scheduler", "type"): st.sampled_from(["Nope", "", 7]),
+    ("fp16", "enabled"): st.just(True),
+}
+
+
+@pytest.mark.parametrize("path", sorted(BAD_VALUES), ids=".".join)
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow])
+@given(cfg=good_config, data=st.data())
+def test_a_bad_value_is_refused_in_one_line_naming_its_key(tmp_path, path, cfg, data):
+    value = data.draw(BAD_VALUES[path])
+    node = cfg
+    for key in path[:-1]:
+        if not isinstance(node.get(key), dict):
+            node[key] = {"type": "Adam"} if key == "optimizer" else {}
+        node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(ArgError) as e:
+        _preflight(tmp_path, cfg, {})
+    msg = str(e.value)
+    assert msg and "\n" not in msg and any(k in msg for k in path), (path, value, msg)
 
 
 @pytest.mark.skipif(os.environ.get("VQMOE_LONG_PROPERTY") is None, reason="the long run: VQMOE_LONG_PROPERTY=1")
