@@ -7,10 +7,8 @@
 Also runs under ``deepspeed --num_gpus N`` and ``mpirun -np N``.  See docs/training.md.
 """
 import os
-import sys
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/vqmoe_ds/torch_extensions"))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from vqmoe_ds.training.lm import main  # noqa: E402
 

@@ -9,10 +9,8 @@ Datasets: --dataset synthetic (default, no download) | cifar10 | cifar100 | stl1
 and ``mpirun -np N``.  See docs/vision.md.
 """
 import os
-import sys
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/vqmoe_ds/torch_extensions"))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from vqmoe_ds.vision.task import main  # noqa: E402
 

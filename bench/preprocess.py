@@ -20,7 +20,6 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from vqmoe_ds.data.loading import build_lm_dataset  # noqa: E402
 from vqmoe_ds.data.preprocess import PreprocessConfig, preprocess_corpus  # noqa: E402

@@ -109,3 +109,30 @@ def test_checkpoint_files_are_read_in_one_place():
                                     kw.value.value is False:
                                 bad.append(f"{rel}:{node.lineno} passes weights_only=False")
     assert not bad, bad
+
+
+def test_console_scripts_load_and_run():
+    """Every console script of setup.py is installed and loads (its module imports, its function exists), and the
+    tools and drivers need no repository path on sys.path: one runs from another folder."""
+    import importlib.metadata
+    import re
+    import subprocess
+    import sys
+
+    setup_py = open(os.path.join(os.path.dirname(ROOT), "setup.py")).read()
+    tools = re.findall(r'"(\w+)"', setup_py[setup_py.index("TOOLS = ("):setup_py.index("CONSOLE_SCRIPTS")])
+    on_disk = sorted(n[:-3] for n in os.listdir(os.path.join(os.path.dirname(ROOT), "tools"))
+                     if n.endswith(".py") and n not in ("__init__.py", "sweep.py"))
+    assert sorted(tools) == on_disk  # every tool script has its console script
+    installed = {ep.name: ep for ep in importlib.metadata.entry_points(group="console_scripts")
+                 if ep.name.startswith("vqmoe-")}
+    expected = {f"vqmoe-{t.replace('_', '-')}" for t in tools} | {"vqmoe-pretrain", "vqmoe-finetune",
+                                                                  "vqmoe-train-vision", "vqmoe-sweep"}
+    assert set(installed) == expected, set(installed) ^ expected
+    for ep in installed.values():
+        assert callable(ep.load()), ep.name
+    exe = os.path.join(os.path.dirname(sys.executable), "vqmoe-estimate-memory")
+    r = subprocess.run([exe, "--config", "tiny", "--gpus", "2", "--json"], capture_output=True, text=True,
+                       cwd="/", timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert '"gpus": 2' in r.stdout

@@ -14,9 +14,7 @@ held-out split (``--split``) or ``--text-file``, in windows of the model's conte
 import argparse
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/vqmoe_ds/torch_extensions"))
 
@@ -199,7 +197,12 @@ def main(argv=None):
     return run_tool(analyse, parse(argv), (CheckpointError, DataError, FileNotFoundError, ValueError))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script ``vqmoe-analyze-routing`` (setup.py)."""
     from vqmoe_ds.parallel import exit_process
 
     exit_process(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -13,9 +13,7 @@ anything is written; see vqmoe_ds/checkpoint/hf.py for the key mapping.
 """
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/vqmoe_ds/torch_extensions"))
 
@@ -60,7 +58,12 @@ def main(argv=None):
     return run_tool(convert, parse(argv), (CheckpointError, DataError, FileNotFoundError))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script ``vqmoe-convert-hf`` (setup.py)."""
     from vqmoe_ds.parallel import exit_process
 
     exit_process(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -22,9 +22,7 @@ import argparse
 import json
 import os
 import shutil
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/vqmoe_ds/torch_extensions"))
 
@@ -184,7 +182,12 @@ def main(argv=None):
     return run_tool(convert, parse(argv), (CheckpointError, ConfigError, DataError, FileNotFoundError))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script ``vqmoe-convert-to-vqmoe`` (setup.py)."""
     from vqmoe_ds.parallel import exit_process
 
     exit_process(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -47,8 +47,6 @@ import math
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from vqmoe_ds.models.configs import NAMED, count_params, named_config, routes_per_token  # noqa: E402
@@ -241,5 +239,10 @@ def main(argv=None):
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script ``vqmoe-estimate-memory`` (setup.py)."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

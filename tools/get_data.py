@@ -17,7 +17,6 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vqmoe_ds.data import corpora  # noqa: E402
 from vqmoe_ds.data.download import download  # noqa: E402
@@ -85,5 +84,10 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script ``vqmoe-get-data`` (setup.py)."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

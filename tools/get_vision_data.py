@@ -18,7 +18,6 @@ import os
 import sys
 import tarfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vqmoe_ds.data.download import RemoteFile, download  # noqa: E402
 from vqmoe_ds.data.errors import DataError  # noqa: E402
@@ -93,5 +92,10 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script ``vqmoe-get-vision-data`` (setup.py)."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -13,7 +13,6 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vqmoe_ds.data.corpora import parse_ratios  # noqa: E402
 from vqmoe_ds.data.default_corpus import SOURCES, generate_documents  # noqa: E402
@@ -63,5 +62,10 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script ``vqmoe-make-default-corpus`` (setup.py)."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

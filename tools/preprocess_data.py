@@ -23,7 +23,6 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vqmoe_ds.data.errors import DataError  # noqa: E402
 from vqmoe_ds.data.tool_help import HelpFormatter  # noqa: E402
@@ -79,5 +78,10 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script ``vqmoe-preprocess-data`` (setup.py)."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

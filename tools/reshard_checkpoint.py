@@ -11,8 +11,6 @@ import argparse
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/vqmoe_ds/torch_extensions"))
 
@@ -42,7 +40,12 @@ def main(argv=None):
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script ``vqmoe-reshard-checkpoint`` (setup.py)."""
     from vqmoe_ds.parallel import exit_process
 
     exit_process(main())
+
+
+if __name__ == "__main__":
+    cli()

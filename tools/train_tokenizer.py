@@ -23,7 +23,6 @@ import tempfile
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vqmoe_ds.data.errors import DataError, require_text_file  # noqa: E402
 from vqmoe_ds.data.tool_help import HelpFormatter  # noqa: E402
@@ -96,5 +95,10 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script ``vqmoe-train-tokenizer`` (setup.py)."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

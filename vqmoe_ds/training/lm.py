@@ -240,5 +240,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     return run(command_line(), make_task, argv)
 
 
+def cli() -> None:
+    """The console script ``vqmoe-pretrain`` (setup.py); the same as the driver script."""
+    from ..parallel import exit_process
+
+    exit_process(main())
+
+
 __all__ = ["LMDataConfig", "LanguageModelling", "command_line", "model_config", "make_task", "main",
-           "resolved_config_for"]
+           "resolved_config_for", "cli"]

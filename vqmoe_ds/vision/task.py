@@ -289,3 +289,10 @@ make_task = ImageClassification.from_parsed
 
 def main(argv: Optional[List[str]] = None) -> int:
     return run(command_line(), make_task, argv)
+
+
+def cli() -> None:
+    """The console script ``vqmoe-train-vision`` (setup.py); the same as the driver script."""
+    from ..parallel import exit_process
+
+    exit_process(main())
