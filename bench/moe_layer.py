@@ -128,6 +128,33 @@ def stock_deepspeed_moe(D, H, E, k, cf):
     return Stock()
 
 
+def ours_through_deepspeed(D, H, E, k, cf):
+    """Our top-k router in the gate slot of a stock ``deepspeed.moe.layer.MoE`` (bench/deepspeed_gate.py): the same
+    routing as the library's layer, DeepSpeed's ``MOELayer`` dispatch (experts padded to the capacity)."""
+    from deepspeed.moe.layer import MoE
+    from deepspeed_gate import DeepSpeedGate
+
+    from vqmoe_ds.moe.layer import ExpertMLP
+    from vqmoe_ds.routers import build_router
+
+    cfg = MoEConfig(hidden_size=D, ffn_hidden_size=H, num_experts=E, top_k=k, capacity_factor=cf,
+                    eval_capacity_factor=cf, activation=ACTIVATION)
+
+    class OursThroughDeepSpeed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.moe = MoE(hidden_size=D, expert=ExpertMLP(D, H, ACTIVATION), num_experts=E, ep_size=1, k=1,
+                           capacity_factor=cf, eval_capacity_factor=cf, min_capacity=cfg.min_capacity,
+                           drop_tokens=True)
+            self.moe.deepspeed_moe.gate = DeepSpeedGate(E, cf, cf, cfg.min_capacity, True, router=build_router(cfg))
+
+        def forward(self, x):
+            y, aux, counts = self.moe(x)
+            self.counts = counts
+            return y, aux
+    return OursThroughDeepSpeed()
+
+
 def stock_assignments(layer, x):
     """Kept routes per expert of DeepSpeed's own gate on x (its capacity applied)."""
     gate = layer.moe.deepspeed_moe.gate
@@ -178,7 +205,6 @@ def main():
                                                                               expert_impl="grouped"),
         f"top-{k} (ours, sorted dispatch, expert loop)": dict(router="topk", top_k=k, expert_impl="loop"),
         f"top-{k} (ours, sorted dispatch, grouped GEMM)": dict(router="topk", top_k=k, expert_impl="grouped"),
-        f"top-{k} (ours via DeepSpeed dispatch)": dict(router="topk", top_k=k, dispatcher="deepspeed"),
     }
     rows = []
     for T in args.tokens:
@@ -196,11 +222,13 @@ def main():
                 plan = plan_routes(experts_R, E, capacity_for(experts_R.numel(), E, cf, layer.cfg.min_capacity))
             counts = plan.counts_E.tolist()
             rows.append(measure(T, name, layer, x, layer.experts, counts, D, args.repeat))
-        torch.manual_seed(0)
-        stock = stock_deepspeed_moe(D, H, E, k, cf).to(DEVICE, DTYPE)
-        counts = stock_assignments(stock, x)
-        rows.append(measure(T, f"deepspeed.moe MoE top-{k} (stock)", stock, x,
-                            stock.moe.deepspeed_moe.experts.deepspeed_experts, counts, D, args.repeat))
+        for name, build in ((f"top-{k} (ours via DeepSpeed dispatch)", ours_through_deepspeed),
+                            (f"deepspeed.moe MoE top-{k} (stock)", stock_deepspeed_moe)):
+            torch.manual_seed(0)
+            stock = build(D, H, E, k, cf).to(DEVICE, DTYPE)
+            counts = stock_assignments(stock, x)
+            rows.append(measure(T, name, stock, x, stock.moe.deepspeed_moe.experts.deepspeed_experts, counts, D,
+                                args.repeat))
     by = {(T, name): tl for T, name, _, tl, _, _ in rows}
     print("\nlayer fwd+bwd ms with grouped-GEMM experts / with the loop over experts (same routing):")
     for T in args.tokens:

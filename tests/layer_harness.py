@@ -9,9 +9,7 @@ from vqmoe_ds.moe import MoEConfig
 
 
 def make_layer(seed=0, **kw):
-    """A small MoE layer; ``dispatcher="grouped"`` means the sorted dispatcher with the grouped-GEMM experts."""
-    if kw.get("dispatcher") == "grouped":
-        kw.update(dispatcher="sorted", expert_impl="grouped")
+    """A small MoE layer (``expert_impl``: "loop" or "grouped" for the grouped-GEMM experts)."""
     base = dict(hidden_size=16, ffn_hidden_size=24, num_experts=4, top_k=2, drop_tokens=False, min_capacity=0)
     base.update(kw)
     torch.manual_seed(seed)

@@ -73,7 +73,7 @@ LM_VALUES = {
     "--router": "vqmoe", "--num-experts": "6", "--top-k": "3", "--norm-topk-prob": None,
     "--moe-expert-parallel-size": "3",
     "--moe-activation": "silu", "--ffn-dropout": "0.2", "--capacity-factor": "1.5", "--eval-capacity-factor": "3.0",
-    "--min-capacity": "2", "--drop-tokens": None, "--moe-dispatcher": "deepspeed", "--balance-loss-coef": "0.02",
+    "--min-capacity": "2", "--drop-tokens": None, "--balance-loss-coef": "0.02",
     "--router-jitter": "0.01", "--codebook-size": "12", "--codebook-dim": "8", "--vq-kind": "residual",
     "--vq-distance": "l2", "--vq-scale": "code", "--vq-alpha": "0.1", "--vq-beta": "0.3", "--vq-ema": None, "--vq-ema-decay": "0.9",
     "--vq-kmeans-init": None, "--vq-kmeans-iters": "3", "--vq-dead-code-threshold": "0.5",
@@ -182,12 +182,12 @@ def test_vision_and_finetune_resolved_files_round_trip(tmp_path):
     csv = tmp_path / "t.csv"
     csv.write_text("text,label\na,x\n")
     argv = ["--load", str(tmp_path), "--task", "csv", "--train", str(csv), "--test", str(csv), "--mode", "frozen_router",
-            "--pooling", "last", "--aux-loss-coef", "0.5", "--disable-moe-token-dropping", "--moe-dispatcher",
-            "deepspeed", "--resume", str(tmp_path)]
+            "--pooling", "last", "--aux-loss-coef", "0.5", "--disable-moe-token-dropping", "--moe-expert-impl",
+            "grouped", "--resume", str(tmp_path)]
     parsed = cmd.parse(argv)
     ft = parsed.build("finetune", finetune.FinetuneConfig)
     assert (ft.mode, ft.pooling, ft.aux_loss_coef) == ("frozen_router", "last", 0.5)
-    assert parsed.given("moe") == {"drop_tokens": False, "dispatcher": "deepspeed"}
+    assert parsed.given("moe") == {"drop_tokens": False, "expert_impl": "grouped"}
     assert parsed.build("run", lm.RunConfig).load == str(tmp_path)
     assert parsed.build("optim", lm.OptimConfig).train_iters == 200  # fine-tuning's own default
 

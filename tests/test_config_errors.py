@@ -19,7 +19,7 @@ BASE = dict(hidden_size=16, ffn_hidden_size=32)
     (dict(router="vq", vq_kind="lfq", codebook_size=12), "power of two"),
     (dict(router="smoe_dropout", num_experts=4, smoe_dropout_k_start=3, smoe_dropout_k_end=2), "k schedule"),
     (dict(router="vqmoe", vqmoe_mode="finetune"), "unknown vqmoe_mode"),
-    (dict(dispatcher="tutel"), "unknown dispatcher"),
+    (dict(expert_impl="tutel"), "unknown expert implementation"),
 ])
 def test_bad_argument_one_line_error(kw, needle):
     with pytest.raises(ConfigError) as e:

@@ -35,7 +35,7 @@ def _layer(**kw):
     """The harness's small layer (non-zero expert biases) with MoEConfig's own capacity settings: the shipped
     defaults drop routes beyond capacity."""
     shipped = {f.name: f.default for f in dataclasses.fields(MoEConfig)
-               if f.name in ("drop_tokens", "min_capacity", "capacity_factor", "dispatcher")}
+               if f.name in ("drop_tokens", "min_capacity", "capacity_factor")}
     return make_layer(**{**shipped, **kw})
 
 
@@ -105,8 +105,7 @@ def test_expert_impl_choices_and_refusals():
     assert "\n" not in msg and "hidden size (10)" in msg and "--moe-expert-impl loop" in msg
     with pytest.raises(ValueError):
         use_grouped("grouped", torch.zeros(2, 16, dtype=torch.float64), 16, 24)
-    for kw, words in [(dict(expert_impl="fast"), "unknown expert implementation 'fast'"),
-                      (dict(expert_impl="grouped", dispatcher="deepspeed"), "sorted dispatcher only")]:
+    for kw, words in [(dict(expert_impl="fast"), "unknown expert implementation 'fast'")]:
         with pytest.raises(ValueError) as e:
             MoEConfig(hidden_size=16, ffn_hidden_size=24, num_experts=4, **kw)
         assert words in str(e.value) and "\n" not in str(e.value)

@@ -1,6 +1,6 @@
 """Padding takes no expert route: an MoE layer given a mask routes only the real tokens, so padding uses no
 expert capacity, adds nothing to the auxiliary losses and statistics, and cannot evict another sequence's real
-tokens.  Checked for every router under both dispatchers, and end to end through the fine-tuning classifier."""
+tokens.  Checked for every router with the expert loop and the grouped GEMM, and end to end through the fine-tuning classifier."""
 import pytest
 import torch
 
@@ -12,10 +12,10 @@ from vqmoe_ds.models import build_model, named_config
 ROUTERS = ["topk", "xmoe", "stablemoe", "smoe_dropout", "vqmoe", "vq"]
 
 
-@pytest.mark.parametrize("dispatcher", ["sorted", "deepspeed", "grouped"])
+@pytest.mark.parametrize("experts", ["loop", "grouped"])
 @pytest.mark.parametrize("router", ROUTERS)
-def test_masked_layer_equals_the_layer_on_the_real_tokens(router, dispatcher):
-    layer = make_layer(router=router, dispatcher=dispatcher, drop_tokens=True, capacity_factor=0.75, min_capacity=1,
+def test_masked_layer_equals_the_layer_on_the_real_tokens(router, experts):
+    layer = make_layer(router=router, expert_impl=experts, drop_tokens=True, capacity_factor=0.75, min_capacity=1,
                        codebook_size=6)
     state = {k: v.clone() for k, v in layer.state_dict().items()}
     g = torch.Generator().manual_seed(0)

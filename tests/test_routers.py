@@ -1,5 +1,5 @@
 """Each continuous router inside the MoE layer against a loop-over-tokens-and-experts reference:
-outputs, aux loss, input and parameter gradients to 1e-5, under both dispatchers."""
+outputs, aux loss, input and parameter gradients to 1e-5, with the expert loop and the grouped GEMM."""
 import math
 
 import pytest
@@ -60,11 +60,11 @@ def check(diffs):
     assert not bad, bad
 
 
-@pytest.mark.parametrize("dispatcher", ["sorted", "deepspeed", "grouped"])
+@pytest.mark.parametrize("experts", ["loop", "grouped"])
 @pytest.mark.parametrize("k,drop,norm", [(1, False, True), (2, False, True), (2, True, True), (3, True, True),
                                          (2, False, False), (3, True, False)])
-def test_topk_router(dispatcher, k, drop, norm):
-    layer = make_layer(router="topk", top_k=k, dispatcher=dispatcher, drop_tokens=drop, capacity_factor=1.0,
+def test_topk_router(experts, k, drop, norm):
+    layer = make_layer(router="topk", top_k=k, expert_impl=experts, drop_tokens=drop, capacity_factor=1.0,
                        norm_topk_prob=norm)
     diffs, _ = run_both(layer, softmax_router_ref(topk_logits))
     check(diffs)
@@ -96,9 +96,9 @@ def test_every_learned_router_gets_a_task_gradient(router, k):
     assert grads and all(v > 1e-6 for v in grads.values()), grads
 
 
-@pytest.mark.parametrize("dispatcher", ["sorted", "deepspeed", "grouped"])
-def test_xmoe_router(dispatcher):
-    layer = make_layer(router="xmoe", top_k=2, xmoe_dim=8, dispatcher=dispatcher)
+@pytest.mark.parametrize("experts", ["loop", "grouped"])
+def test_xmoe_router(experts):
+    layer = make_layer(router="xmoe", top_k=2, xmoe_dim=8, expert_impl=experts)
     diffs, _ = run_both(layer, softmax_router_ref(xmoe_logits))
     check(diffs)
     assert "grad:router.log_temperature" in diffs  # the temperature is learned
@@ -118,9 +118,9 @@ def test_stablemoe_stage1_distills():
     assert diffs["grad:router.distilled.0.weight"] <= TOL
 
 
-@pytest.mark.parametrize("dispatcher", ["sorted", "deepspeed", "grouped"])
-def test_stablemoe_stage2_routes_with_frozen_snapshot(dispatcher):
-    layer = make_layer(router="stablemoe", top_k=2, stablemoe_stage1_steps=5, dispatcher=dispatcher)
+@pytest.mark.parametrize("experts", ["loop", "grouped"])
+def test_stablemoe_stage2_routes_with_frozen_snapshot(experts):
+    layer = make_layer(router="stablemoe", top_k=2, stablemoe_stage1_steps=5, expert_impl=experts)
     layer.router.set_step(5)
     assert layer.router.stage == 2
     snap = [w.detach().clone() for w in (layer.router.distilled[0].weight, layer.router.distilled[1].weight)]
@@ -138,10 +138,10 @@ def test_stablemoe_stage2_routes_with_frozen_snapshot(dispatcher):
     assert torch.equal(before, torch.stack([F.softmax(x @ snap[0].t() @ snap[1].t(), 1).topk(2, 1).indices[:, i] for i in range(2)]))
 
 
-@pytest.mark.parametrize("dispatcher", ["sorted", "deepspeed", "grouped"])
-def test_smoe_dropout_k_schedule(dispatcher):
+@pytest.mark.parametrize("experts", ["loop", "grouped"])
+def test_smoe_dropout_k_schedule(experts):
     layer = make_layer(router="smoe_dropout", smoe_dropout_k_start=1, smoe_dropout_k_end=4, smoe_dropout_k_steps=9,
-                       dispatcher=dispatcher)
+                       expert_impl=experts)
     assert layer.router.current_k() == 1
     layer.router.set_step(4)  # 1 + floor(3 * 4/9) = 2
     assert layer.router.current_k() == 2

@@ -1,5 +1,5 @@
 """The discrete baselines beside VQ routing -- hash routing and the clustering router -- inside the MoE layer
-against loop-over-tokens references (outputs, input and parameter gradients to 1e-5, both dispatchers), their
+against loop-over-tokens references (outputs, input and parameter gradients to 1e-5, the expert loop and the grouped GEMM), their
 tables and centroids checked from the definitions, and the models and drivers that use them."""
 import pytest
 import torch
@@ -22,10 +22,10 @@ def _run(layer, reference, ids=None, T=24, seed=1):
     assert max(diffs.values()) <= TOL, diffs
 
 
-@pytest.mark.parametrize("dispatcher", ["sorted", "deepspeed", "grouped"])
+@pytest.mark.parametrize("experts", ["loop", "grouped"])
 @pytest.mark.parametrize("drop", [False, True])
-def test_hash_routing_matches_a_table_lookup(dispatcher, drop):
-    layer = make_layer(router="hash", vocab_size=50, hash_seed=3, dispatcher=dispatcher, drop_tokens=drop,
+def test_hash_routing_matches_a_table_lookup(experts, drop):
+    layer = make_layer(router="hash", vocab_size=50, hash_seed=3, expert_impl=experts, drop_tokens=drop,
                        capacity_factor=0.75, min_capacity=1)
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(0, 50, (24,), generator=g)
@@ -88,10 +88,10 @@ def _nearest(z, centroids, distance):
     return out
 
 
-@pytest.mark.parametrize("dispatcher", ["sorted", "deepspeed", "grouped"])
+@pytest.mark.parametrize("experts", ["loop", "grouped"])
 @pytest.mark.parametrize("distance", ["cosine", "l2"])
-def test_cluster_router_routes_to_the_nearest_fixed_centroid(dispatcher, distance):
-    layer = make_layer(router="cluster", cluster_distance=distance, cluster_warmup_steps=2, dispatcher=dispatcher)
+def test_cluster_router_routes_to_the_nearest_fixed_centroid(experts, distance):
+    layer = make_layer(router="cluster", cluster_distance=distance, cluster_warmup_steps=2, expert_impl=experts)
     router = layer.router
     g = torch.Generator().manual_seed(2)
     clusters = torch.randn(4, 16, generator=g) * 3

@@ -1,5 +1,5 @@
 """The VQ router and the VQMoE layer (eq. 4-5 and eq. 7) against loop references: outputs, aux loss and all
-gradients to 1e-5 under both dispatchers and the grouped-GEMM experts; K != N mapping, low capacity, frozen VQ,
+gradients to 1e-5 with the expert loop and the grouped-GEMM experts; K != N mapping, low capacity, frozen VQ,
 discrete input choice.
 
 The references see only the layer's raw tensors (``run_raw``: weights detached and cloned once, by name) and write
@@ -98,11 +98,11 @@ def shipped_capacity():
             if f.name in ("drop_tokens", "capacity_factor", "min_capacity")}
 
 
-@pytest.mark.parametrize("dispatcher", ["sorted", "deepspeed", "grouped"])
+@pytest.mark.parametrize("experts", ["loop", "grouped"])
 @pytest.mark.parametrize("variant", list(VARIANTS) + ["shipped"])
-def test_vqmoe_pretrain_matches_reference(dispatcher, variant):
+def test_vqmoe_pretrain_matches_reference(experts, variant):
     kw = shipped_capacity() if variant == "shipped" else VARIANTS[variant]
-    layer = make_layer(router="vqmoe", codebook_size=6, dispatcher=dispatcher, **kw)
+    layer = make_layer(router="vqmoe", codebook_size=6, expert_impl=experts, **kw)
     diffs, _ = run_raw(layer, vqmoe_ref)
     check(diffs)
     grads = dict(layer.named_parameters())
@@ -110,9 +110,9 @@ def test_vqmoe_pretrain_matches_reference(dispatcher, variant):
         assert grads[name].grad is not None and grads[name].grad.abs().max() > 0, name  # all of them learn
 
 
-@pytest.mark.parametrize("dispatcher", ["sorted", "deepspeed", "grouped"])
-def test_vqmoe_low_capacity_drops_like_reference(dispatcher):
-    layer = make_layer(router="vqmoe", codebook_size=6, dispatcher=dispatcher, drop_tokens=True,
+@pytest.mark.parametrize("experts", ["loop", "grouped"])
+def test_vqmoe_low_capacity_drops_like_reference(experts):
+    layer = make_layer(router="vqmoe", codebook_size=6, expert_impl=experts, drop_tokens=True,
                        capacity_factor=0.5, min_capacity=1)
     info = {}
     g = torch.Generator().manual_seed(1)
@@ -122,22 +122,21 @@ def test_vqmoe_low_capacity_drops_like_reference(dispatcher):
     stats = layer.stats()
     assert info["num_routes"] == 24 * 3 and int(stats["expert_load"].sum()) == 24 * 3
     assert len(info["kept"]) < 0.6 * 24 * 3  # the capacity (half the routes) did drop routes
-    if dispatcher in ("sorted", "grouped"):
-        assert float(stats["dropped_fraction"]) == pytest.approx(1 - len(info["kept"]) / (24 * 3))
+    assert float(stats["dropped_fraction"]) == pytest.approx(1 - len(info["kept"]) / (24 * 3))
 
 
-@pytest.mark.parametrize("dispatcher", ["sorted", "deepspeed", "grouped"])
-def test_vqmoe_token_input_variant(dispatcher):
-    layer = make_layer(router="vqmoe", codebook_size=5, discrete_input="token", dispatcher=dispatcher,
+@pytest.mark.parametrize("experts", ["loop", "grouped"])
+def test_vqmoe_token_input_variant(experts):
+    layer = make_layer(router="vqmoe", codebook_size=5, discrete_input="token", expert_impl=experts,
                        drop_tokens=True, capacity_factor=0.75, min_capacity=1)
     check(run_raw(layer, vqmoe_ref)[0])
 
 
 @pytest.mark.parametrize("router,mode", [("vq", "pretrain"), ("vqmoe", "discrete_only")])
-@pytest.mark.parametrize("dispatcher", ["sorted", "deepspeed", "grouped"])
-def test_discrete_only_matches_reference(router, mode, dispatcher):
+@pytest.mark.parametrize("experts", ["loop", "grouped"])
+def test_discrete_only_matches_reference(router, mode, experts):
     layer = make_layer(router=router, vqmoe_mode=mode, codebook_size=7, vq_distance="cosine", codebook_dim=5,
-                       dispatcher=dispatcher)
+                       expert_impl=experts)
     assert layer.router is None and layer.mix is None
     check(run_raw(layer, vqmoe_ref)[0])
 

@@ -376,7 +376,10 @@ class CommandLine:
                 raise ArgError(f"{where}: section {sec} is a {type(body).__name__}, not a mapping: write it as "
                                f"{sec}: {{setting: value}}")
             specs = {s.name: s for s in self.specs[sec] if not s.cli_only}
+            retired = getattr(next((s.cls for s in self.sections if s.name == sec), None), "RETIRED", ())
             for name, value in body.items():
+                if name in retired and name not in specs:  # a setting earlier versions wrote, without effect now
+                    continue
                 if name not in specs:
                     raise ArgError(f"{where}: unknown key {sec}.{name}{_near(name, specs)}: remove it or fix its "
                                    f"spelling (see --help for the settings of {sec})")

@@ -35,7 +35,7 @@ CASES = {
 SEQ = 8  # tokens per sequence where a case needs sequences
 
 
-def compare(case, dispatcher):
+def compare(case, experts):
     rank, world = dist.get_rank(), dist.get_world_size()
     T, D = 16, 12
     g = torch.Generator().manual_seed(123)
@@ -46,7 +46,7 @@ def compare(case, dispatcher):
     for ep in (1, world):
         torch.manual_seed(7)
         cfg = MoEConfig(hidden_size=D, ffn_hidden_size=20, num_experts=4, ep_size=ep, drop_tokens=False,
-                        dispatcher=dispatcher, **CASES[case])
+                        expert_impl=experts, **CASES[case])
         layers[ep] = cfg.build()
         if ep > 1:
             setup_expert_parallel(layers[ep])
@@ -132,9 +132,9 @@ def main(out_path, *specs):
     rank, _ = init()
     results = {}
     for spec in specs:
-        case, dispatcher = spec.split(":")
+        case, experts = spec.split(":")
         try:
-            results[spec] = compare(case, dispatcher)
+            results[spec] = compare(case, experts)
         except Exception:  # noqa: BLE001 -- reported per case; the other cases still run
             results[spec] = {"error": traceback.format_exc()}
         print(f"rank {rank} {spec}: {results[spec]}", flush=True)

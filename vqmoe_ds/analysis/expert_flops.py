@@ -1,13 +1,13 @@
 """Expert FLOPs per token, counted from what the MoE layers actually ran.
 
 Why measured and not computed from the config: the point of the discrete path (eq. 7) is that a token costs one
-expert instead of k; whether a run really saves that depends on the dispatch (capacity drops, DeepSpeed's
-dispatcher padding every expert to its capacity, VQMoE's pretrain mode adding a discrete route).  So forward
+expert instead of k; whether a run really saves that depends on the dispatch (capacity drops, a dispatch that
+pads every expert to its capacity, VQMoE's pretrain mode adding a discrete route).  So forward
 hooks count, per MoE layer:
 
   * ``tokens``: rows of the layer's input;
   * ``routes``: the routes the layer decided (``stats()["expert_load"]``) and how many of them capacity dropped
-    (``stats()["dropped_fraction"]``, sorted dispatcher);
+    (``stats()["dropped_fraction"]``);
   * ``expert_rows``: rows every local expert MLP was really called on (a hook on each expert), which is what
     the FLOPs are counted from: each row costs 2 x (D x F + F x D) = 4 D F forward FLOPs (two matmuls,
     2 FLOPs per multiply-add; biases and the activation are ignored).

@@ -37,7 +37,7 @@ from .states import read_states, save_states, use_safe_loading
 # other field must match.
 MAY_CHANGE_ON_RESUME = {"dropout", "attn_dropout", "init_std"}
 MOE_MAY_CHANGE_ON_RESUME = {"dropout", "capacity_factor", "eval_capacity_factor", "min_capacity", "drop_tokens",
-                            "dispatcher", "expert_impl", "router_jitter", "balance_loss_coef", "vq_alpha", "vq_beta",
+                            "expert_impl", "router_jitter", "balance_loss_coef", "vq_alpha", "vq_beta",
                             "stablemoe_distill_coef", "init_std", "output_init_std"}
 
 
@@ -291,8 +291,11 @@ def check_architecture(saved: Optional[Dict[str, Any]], current: Dict[str, Any],
                                   f"the tokenizer (--data-path / --vocab-size) of the run that saved it")
         raise CheckpointError(f"{where} was saved from a model with {_flag('model', key)} {a!r} ({key}), this run "
                               f"has {b!r}: use the same model flags as the run that saved it")
+    from ..moe.config import MoEConfig
+
     defaults = _moe_defaults()
-    sm, cm = {**defaults, **(saved.get("moe") or {})}, {**defaults, **(current.get("moe") or {})}
+    sm, cm = ({k: v for k, v in {**defaults, **(c.get("moe") or {})}.items() if k not in MoEConfig.RETIRED}
+              for c in (saved, current))
     if sm.get("router") == "dense" and cm.get("router") == "dense":
         return
     for key in sorted(set(sm) | set(cm)):

@@ -81,8 +81,7 @@ class FinetuneConfig:
 
 
 # the pretrained layers' settings a fine-tuning run may change (everything else comes from the checkpoint)
-MOE_OVERRIDABLE = ("ep_size", "capacity_factor", "eval_capacity_factor", "min_capacity", "drop_tokens", "dispatcher",
-                  "expert_impl")
+MOE_OVERRIDABLE = ("ep_size", "capacity_factor", "eval_capacity_factor", "min_capacity", "drop_tokens", "expert_impl")
 RESUME_MUST_MATCH = ("load", "tag", "mode", "task", "train", "pooling", "classifier_hidden")
 
 

@@ -83,6 +83,8 @@ class ModelConfig:
                                                      "qk_norm": QK_NORMS}
 
     def __post_init__(self):
+        if any(k in MoEConfig.RETIRED for k in self.moe):  # a config of an earlier version (its checkpoint's marker)
+            self.moe = {k: v for k, v in self.moe.items() if k not in MoEConfig.RETIRED}
         self.validate()
 
     def validate(self) -> None:

@@ -1,12 +1,12 @@
-"""Moving routed tokens to their experts and back: capacity, the sorted (dropless-capable) dispatch over
-DeepSpeed's expert-parallel all-to-all, and the conversion to DeepSpeed's gate contract.
+"""Moving routed tokens to their experts and back: capacity and the sorted (dropless-capable) dispatch over
+DeepSpeed's expert-parallel all-to-all.
 
 A layer's routes are flat: route r reads row ``rows_R[r]`` of the layer's token matrix ``X_ND``, goes to
 expert ``experts_R[r]`` and is added, times ``weights_R[r]``, to output token ``tokens_R[r]``.  Route order
 is priority order: when an expert is over capacity, the routes that come first are kept.
 
-Why not DeepSpeed's ``MOELayer`` dispatch by default (it is kept, as ``dispatcher="deepspeed"``, through
-`DeepSpeedGate`): it pads every expert to the capacity C and runs the expert MLPs on the padding too
+Why not DeepSpeed's ``MOELayer`` dispatch (bench/deepspeed_gate.py runs our routing through it, for the
+comparison): it pads every expert to the capacity C and runs the expert MLPs on the padding too
 (with capacity factor 1.25, a quarter more expert FLOPs than the routed tokens need), and its equal-split
 all-to-all forces one capacity on every rank.  Here routes are sorted by expert, each expert runs on
 exactly its tokens, and the all-to-all is the uneven ``all_to_all_single`` of ``deepspeed.comm`` on
@@ -28,7 +28,7 @@ class RouteGrid:
     """Routes of the rows of a token matrix X: row s has up to k' routes; ``valid_KS`` marks real ones.
 
     Flattened choice-major (all rows' first route, then all second routes, ...), this is the priority
-    order under a capacity limit, the same for both dispatchers.
+    order under a capacity limit.
     """
 
     experts_KS: torch.Tensor  # long
@@ -175,10 +175,3 @@ class SortedDispatch:
             start += n
         return out_TD.to(y_chunks[0].dtype)
 
-
-def agree_capacity(counts_E: torch.Tensor, ep_group) -> int:
-    """Dropless capacity for an equal-split all-to-all: the largest expert load over the ep group."""
-    cap = counts_E.max().reshape(1).clone()
-    if ep_group is not None and dist.get_world_size(ep_group) > 1:
-        dist.all_reduce(cap, op=dist.ReduceOp.MAX, group=ep_group)
-    return int(cap.item())

@@ -26,7 +26,7 @@ from ..routers import Router, VQRouter, build_router
 from .config import MoEConfig
 from .dispatch import SortedDispatch, capacity_for, plan_routes
 from .dispatch import RouteGrid
-from .ds_gate import DeepSpeedGate
+from .container import deepspeed_experts
 from .grouped import grouped_experts, use_grouped
 from ..kernels.counts import bincount
 
@@ -73,17 +73,11 @@ class DenseFFN(nn.Module):
 class MoELayer(nn.Module):
     def __init__(self, cfg: MoEConfig):
         super().__init__()
-        from deepspeed.moe.layer import MoE
-
         self.cfg = cfg
         E, D = cfg.num_experts, cfg.hidden_size
         expert = ExpertMLP(D, cfg.ffn_hidden_size, cfg.activation, cfg.dropout, cfg.linear_bias)
-        self.moe = MoE(hidden_size=D, expert=expert, num_experts=E, ep_size=cfg.ep_size, k=1,
-                       capacity_factor=cfg.capacity_factor, eval_capacity_factor=cfg.eval_capacity_factor,
-                       min_capacity=cfg.min_capacity, drop_tokens=cfg.drop_tokens)
-        # DeepSpeed's stock TopKGate is replaced: routing is ours, the MoE container and experts stay DeepSpeed's
-        self.moe.deepspeed_moe.gate = DeepSpeedGate(E, cfg.capacity_factor, cfg.eval_capacity_factor,
-                                                    cfg.min_capacity, cfg.drop_tokens)
+        # routing and dispatch are ours; the container and its experts are DeepSpeed's (container.py says why)
+        self.moe = deepspeed_experts(expert, D, E, cfg.ep_size, owner="MoELayer")
         self.discrete = cfg.router == "vqmoe"
         self.continuous = not (self.discrete and cfg.vqmoe_mode == "discrete_only")
         self.router: Router = build_router(cfg) if self.continuous else None
@@ -178,12 +172,12 @@ class MoELayer(nn.Module):
         ids_T = ids.reshape(-1) if ids is not None else None
         if mask is None:
             seq_len = x.shape[-2] if x.dim() >= 3 else None  # for the per-sequence balance loss
-            y_TD, aux = self._forward_tokens(x_TD, ids_T, agree_capacity=False, seq_len=seq_len)
+            y_TD, aux = self._forward_tokens(x_TD, ids_T, seq_len=seq_len)
         else:
             keep_T = mask.reshape(-1).to(torch.bool).nonzero().squeeze(1)  # a host sync: masked batches only
             y_kD, aux = self._forward_tokens(x_TD.index_select(0, keep_T),
                                              ids_T.index_select(0, keep_T) if ids_T is not None else None,
-                                             agree_capacity=True, seq_len=None)
+                                             seq_len=None)
             y_TD = y_kD.new_zeros(x_TD.shape).index_copy(0, keep_T, y_kD)
         if self.shared is not None:
             y_TD = self._add_shared(x_TD, y_TD)
@@ -201,18 +195,12 @@ class MoELayer(nn.Module):
         c_T2 = F.softmax(self.shared_gate(x_TD).float(), dim=-1).to(y_TD.dtype)
         return y_TD * c_T2[:, :1] + s_TD * c_T2[:, 1:]
 
-    def _forward_tokens(self, x_TD: torch.Tensor, ids_T: Optional[torch.Tensor], agree_capacity: bool,
-                        seq_len: Optional[int] = None):
+    def _forward_tokens(self, x_TD: torch.Tensor, ids_T: Optional[torch.Tensor], seq_len: Optional[int] = None):
         T = x_TD.shape[0]
         X_SD, grid, aux, stats = self.route(x_TD, ids_T, seq_len)
         if T == 0:  # a rank with only padding still takes part in the all-to-all; its losses are means over nothing
             aux = torch.zeros_like(aux)
-        if self.cfg.dispatcher == "deepspeed":
-            # ranks may hold different numbers of real tokens: the equal-split all-to-all needs one capacity
-            self.moe.deepspeed_moe.gate.agree = agree_capacity
-            y_TD = self._forward_deepspeed(X_SD, grid, T, stats)
-        else:
-            y_TD = self._forward_sorted(X_SD, grid, T, stats)
+        y_TD = self._forward_sorted(X_SD, grid, T, stats)
         self._stats = stats
         return y_TD, aux
 
@@ -246,12 +234,6 @@ class MoELayer(nn.Module):
         # combine
         return dispatch.combine(y_chunks, rows_R % T, weights_R, T, unit_weights=grid.unit_weights)
 
-    def _forward_deepspeed(self, X_SD, grid: RouteGrid, T: int, stats):
-        self.moe.deepspeed_moe.gate.pending = grid
-        y_SD, _, exp_counts = self.moe(X_SD)
-        stats["expert_load"] = exp_counts
-        return y_SD.view(-1, T, X_SD.shape[1]).sum(0) if y_SD.shape[0] != T else y_SD
-
     def stats(self) -> Dict[str, torch.Tensor]:
         """Detached numbers of the last forward: expert_load (routes per expert, before capacity),
         dropped_fraction, balance_loss, vq_loss, code_counts, codes_used, discrete_gate, ..."""
@@ -284,8 +266,8 @@ def init_experts_by_global_id(experts: nn.ModuleList, ep_size: int, seed: int, i
 
 def expert_parallel_rank(ep_size: int) -> int:
     """This rank's position in its expert-parallel group, as DeepSpeed lays the groups out by default
-    (``use_data_before_expert_parallel_=False``: consecutive ranks form an ep group).  `DeepSpeedGate`
-    checks it against the real group once DeepSpeed creates it."""
+    (``use_data_before_expert_parallel_=False``: consecutive ranks form an ep group).  The container's gate
+    (`container.GroupOnlyGate`) checks it against the real group once DeepSpeed creates it."""
     import torch.distributed as dist
 
     if ep_size == 1 or not (dist.is_available() and dist.is_initialized()):

@@ -10,8 +10,8 @@ A router looks at the tokens ``x_TD`` of one MoE layer (and, if it routes by tok
     routing.stats        # detached numbers for logging
 
 Routers know nothing about capacity, dispatch or expert parallelism: the layer turns a routing into
-expert buffers (`vqmoe_ds.moe.dispatch`), so every router runs under every dispatcher and expert-parallel
-size unchanged.  Routers with a schedule (StableMoE's stages, SMoE-Dropout's growing k) keep the training
+expert buffers (`vqmoe_ds.moe.dispatch`), so every router runs with either expert implementation and at any
+expert-parallel size unchanged.  Routers with a schedule (StableMoE's stages, SMoE-Dropout's growing k) keep the training
 step in a buffer, so it is saved and restored with the model; the training loop calls
 ``set_step(model, step)`` once per optimizer step.
 """

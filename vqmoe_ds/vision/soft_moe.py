@@ -17,8 +17,9 @@ causal LM that mixing would leak the future; that is why it lives in the vision 
 
 Experts are DeepSpeed experts: the layer wraps a real ``deepspeed.moe.layer.MoE`` and uses its ``Experts``
 and expert-parallel group, so the engine builds MoE parameter groups and checkpoints one file per expert.
-DeepSpeed's gate is not used (a SoftMoE has no routing decision): it is replaced by a parameter-free stub
-that only receives the ep group.  The dispatch is DeepSpeed's: slot inputs laid out [E, C, D] with
+DeepSpeed's gate is not used (a SoftMoE has no routing decision): the container is built by
+``vqmoe_ds.moe.container.deepspeed_experts``, as for `MoELayer`, with a parameter-free gate that only receives the
+ep group.  The dispatch is DeepSpeed's: slot inputs laid out [E, C, D] with
 C = B * p (the same on every rank, so the equal-split ``_AllToAll`` fits exactly), experts on
 ``[ep, local, C, D]``, and the all-to-all back.
 
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..moe.config import ConfigError
+from ..moe.container import deepspeed_experts
 from ..moe.layer import ExpertMLP, init_experts_by_global_id
 
 
@@ -71,30 +73,13 @@ class SoftMoEConfig:
         return SoftMoE(self)
 
 
-class _GroupOnlyGate(nn.Module):
-    """Stands in DeepSpeed's gate slot: receives the ep group, has no parameters, never routes."""
-
-    def __init__(self):
-        super().__init__()
-        self.ep_group = None
-
-    def _set_ep_group(self, ep_group):
-        self.ep_group = ep_group
-
-    def forward(self, *args, **kwargs):
-        raise RuntimeError("SoftMoE does its own dispatch: call the SoftMoE layer, not its DeepSpeed MoE container")
-
-
 class SoftMoE(nn.Module):
     def __init__(self, cfg: SoftMoEConfig):
         super().__init__()
-        from deepspeed.moe.layer import MoE
-
         self.cfg = cfg
         E, p, D = cfg.num_experts, cfg.slots_per_expert, cfg.hidden_size
         expert = ExpertMLP(D, cfg.ffn_hidden_size, cfg.activation, cfg.dropout)
-        self.moe = MoE(hidden_size=D, expert=expert, num_experts=E, ep_size=cfg.ep_size, k=1)
-        self.moe.deepspeed_moe.gate = _GroupOnlyGate()
+        self.moe = deepspeed_experts(expert, D, E, cfg.ep_size, owner="SoftMoE")
         # Phi: LeCun-normal columns, as in the paper (logits start O(1) whatever D is)
         self.phi_DS = nn.Parameter(torch.randn(D, E * p) / math.sqrt(D))
         self.scale = nn.Parameter(torch.ones(1)) if cfg.normalize else None  # [1]: DeepSpeed cannot broadcast 0-dim
