@@ -50,7 +50,7 @@ def mm_peak(threads: int, n: int = 1024, reps: int = 8, trials: int = 5) -> floa
 def worker(args):
     import torch.distributed as dist
 
-    from vqmoe_ds.cli import ArgError
+    from vqmoe_ds.cli import ConfigError
     from vqmoe_ds.models import flops_per_token
     from vqmoe_ds.training.lm import command_line, make_task
     from vqmoe_ds.training.loop import Trainer
@@ -67,7 +67,7 @@ def worker(args):
         try:
             cmd = command_line()
             tr = Trainer(make_task(cmd.parse(argv)), cmd)
-        except ArgError as e:  # refused before any step, the same on every rank
+        except ConfigError as e:  # refused before any step, the same on every rank
             results.append({"router": router, "error": str(e)})
             continue
         for _ in range(args.warmup):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vqmoe_ds import checkpoint as ckpt
-from vqmoe_ds.cli import ArgError
+from vqmoe_ds.cli import ConfigError
 from vqmoe_ds.data import ArrayTokenStream, DataError
 from vqmoe_ds.training.config import check_save_dir, check_world, resolve_ds_config
 from vqmoe_ds.training.data import eval_sizes_ok, load_corpus, split_in_order
@@ -63,7 +63,7 @@ FLAGS = [
 
 @pytest.mark.parametrize("argv,words", FLAGS, ids=[" ".join(a) for a, _ in FLAGS])
 def test_flag(argv, words):
-    with pytest.raises(ArgError) as e:
+    with pytest.raises(ConfigError) as e:
         parse_args(argv)
     msg = str(e.value)
     assert words in msg and "\n" not in msg, msg
@@ -92,7 +92,7 @@ DS = [
 
 @pytest.mark.parametrize("cfg,words", DS, ids=[w for _, w in DS])
 def test_ds_config(tmp_path, cfg, words):
-    with pytest.raises(ArgError) as e:
+    with pytest.raises(ConfigError) as e:
         task = parse_args(["--deepspeed_config", _ds(tmp_path, cfg), "--micro-batch-size", "8", "--lr", "3e-3",
                            "--lr-warmup-iters", "1", "--clip-grad", "1"])
         resolve_ds_config(task.optim, task.parallel, world_size=2, on_cpu=True)
@@ -101,10 +101,10 @@ def test_ds_config(tmp_path, cfg, words):
 
 def test_world_checks():
     task = parse_args(["--router", "topk", "--moe-expert-parallel-size", "4"])
-    with pytest.raises(ArgError, match="does not divide the world size 2"):
+    with pytest.raises(ConfigError, match="does not divide the world size 2"):
         check_world(task.ep_size, task.is_moe, 2)
     task = parse_args(["--router", "dense", "--moe-expert-parallel-size", "2"])
-    with pytest.raises(ArgError, match="the model is dense"):
+    with pytest.raises(ConfigError, match="the model is dense"):
         check_world(task.ep_size, task.is_moe, 2)
 
 
@@ -122,7 +122,7 @@ def test_data_checks(tmp_path):
 def test_unwritable_save_folder(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file where the folder should go")
-    with pytest.raises(ArgError, match="is not writable.*give --save a folder"):
+    with pytest.raises(ConfigError, match="is not writable.*give --save a folder"):
         check_save_dir(str(blocker / "checkpoints"))
 
 

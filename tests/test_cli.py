@@ -13,7 +13,7 @@ import json
 
 import pytest
 
-from vqmoe_ds.cli import ArgError
+from vqmoe_ds.cli import ConfigError
 from vqmoe_ds.training.launch import ROOT
 from vqmoe_ds.finetune import task as finetune
 from vqmoe_ds.models import ModelConfig
@@ -218,10 +218,10 @@ def test_megatron_spellings_set_the_same_field(alias, canonical):
 
 def test_alias_and_flag_with_different_values_is_one_line():
     cmd = lm.command_line()
-    with pytest.raises(ArgError) as e:
+    with pytest.raises(ConfigError) as e:
         cmd.parse(["--top-k", "1", "--topk", "2"])
     assert str(e.value) == "--top-k 1 and --topk 2 both set moe.top_k to different values: give only one of them"
-    with pytest.raises(ArgError, match="both set moe.drop_tokens"):
+    with pytest.raises(ConfigError, match="both set moe.drop_tokens"):
         cmd.parse(["--drop-tokens", "--disable-moe-token-dropping"])
     assert cmd.parse(["--top-k", "2", "--topk", "2"]).given("moe") == {"top_k": 2}  # the same value twice is fine
 
@@ -257,7 +257,7 @@ BAD_FILES = [
 def test_bad_config_file_is_one_line(tmp_path, text, words):
     path = tmp_path / "c.yaml"
     path.write_text(text)
-    with pytest.raises(ArgError) as e:
+    with pytest.raises(ConfigError) as e:
         lm.make_task(lm.command_line().parse(["--config-file", str(path)]))
     msg = str(e.value)
     assert words.format(p=path) in msg and "\n" not in msg, msg
@@ -265,9 +265,9 @@ def test_bad_config_file_is_one_line(tmp_path, text, words):
 
 def test_config_file_that_is_not_there_or_not_json(tmp_path):
     cmd = lm.command_line()
-    with pytest.raises(ArgError, match="--config-file .*missing.json does not exist"):
+    with pytest.raises(ConfigError, match="--config-file .*missing.json does not exist"):
         cmd.parse(["--config-file", str(tmp_path / "missing.json")])
     bad = tmp_path / "c.json"
     bad.write_text('{"moe": {"top_k": 2,}}')
-    with pytest.raises(ArgError, match=r"is not valid JSON \(line 1"):
+    with pytest.raises(ConfigError, match=r"is not valid JSON \(line 1"):
         cmd.parse(["--config-file", str(bad)])

@@ -9,8 +9,10 @@
 import ast
 import os
 
+import pytest
+
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "vqmoe_ds")
-LAYER = {"quiet": -1, "cli": 0, "parallel": 0, "data": 1, "kernels": 1, "quantizers": 2, "routers": 3, "moe": 4, "models": 5,
+LAYER = {"quiet": -1, "errors": -1, "cli": 0, "parallel": 0, "data": 1, "kernels": 1, "quantizers": 2, "routers": 3, "moe": 4, "models": 5,
          "analysis": 6, "checkpoint": 6, "training": 7, "vision": 8, "finetune": 8, "experiments": 9}
 
 
@@ -74,6 +76,26 @@ def test_one_checkpoint_error_class():
 
     for mod in (store, read, reshard, convert, discrete, checkpoint):
         assert mod.CheckpointError is layout.CheckpointError
+
+
+def test_one_bad_setting_error_class():
+    """A bad flag, config-file value, ds_config field and config-dataclass field all raise one class, defined once."""
+    defined = [os.path.relpath(path, ROOT) for path, _, tree in modules() for node in ast.walk(tree)
+               if isinstance(node, ast.ClassDef) and node.name in ("ConfigError", "ArgError")]
+    assert defined == ["errors.py"]
+    from vqmoe_ds import cli, errors
+    from vqmoe_ds.moe import config
+    from vqmoe_ds.training import config as training_config
+
+    assert cli.ConfigError is config.ConfigError is training_config.ConfigError is errors.ConfigError
+    with pytest.raises(errors.ConfigError, match="n_layer=0"):  # a dataclass field
+        from vqmoe_ds.models import ModelConfig
+
+        ModelConfig(n_layer=0)
+    with pytest.raises(errors.ConfigError, match="--num-layers"):  # a flag
+        from vqmoe_ds.training.lm import command_line, make_task
+
+        make_task(command_line().parse(["--num-layers", "x"]))
 
 
 def test_no_fault_hooks_in_the_library():

@@ -6,7 +6,7 @@ contradicts the config is an error"), worked out here from the input alone:
     come from the flags or the documented defaults (micro-batch 8, accumulation 1, Adam, lr 3.5e-4, clipping 1.0,
     ZeRO 0, WarmupCosineLR over --train-iters), and DeepSpeed's own ``DeepSpeedConfig`` parses the resolved config to
     exactly those values;
-  * refused => one ``ArgError`` line that names a setting the input gave (a flag, its config field, or a ds_config
+  * refused => one ``ConfigError`` line that names a setting the input gave (a flag, its config field, or a ds_config
     key present in the file); one bad value put into a well-formed config is refused naming its key;
   * a well-formed config with flags that do not contradict it is always accepted.
 No other exception ever escapes."""
@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from vqmoe_ds.cli import ArgError
+from vqmoe_ds.cli import ConfigError
 from vqmoe_ds.training.config import resolve_ds_config
 from vqmoe_ds.training.lm import command_line, make_task
 
@@ -139,7 +139,7 @@ def check_refused(cfg, flags, error):
 def run_case(tmp_path, cfg, flags):
     try:
         ds = _preflight(tmp_path, cfg, flags)
-    except ArgError as e:
+    except ConfigError as e:
         check_refused(cfg, flags, e)
         return False
     check_accepted(cfg, flags, ds)
@@ -198,7 +198,7 @@ def test_a_bad_value_is_refused_in_one_line_naming_its_key(tmp_path, path, cfg, 
             node[key] = {"type": "Adam"} if key == "optimizer" else {}
         node = node[key]
     node[path[-1]] = value
-    with pytest.raises(ArgError) as e:
+    with pytest.raises(ConfigError) as e:
         _preflight(tmp_path, cfg, {})
     msg = str(e.value)
     assert msg and "\n" not in msg and any(k in msg for k in path), (path, value, msg)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from vqmoe_ds.cli import ArgError
+from vqmoe_ds.cli import ConfigError
 from vqmoe_ds.training.config import resolve_ds_config
 from vqmoe_ds.training.launch import DRIVER, env_for_ranks, free_port
 from vqmoe_ds.training.lm import command_line, make_task
@@ -19,7 +19,7 @@ ROOT = os.path.dirname(DRIVER)
 
 
 def one_line_error(argv, word):
-    with pytest.raises(ArgError) as e:
+    with pytest.raises(ConfigError) as e:
         parse_args(argv)
     msg = str(e.value)
     assert "\n" not in msg and word in msg, msg
@@ -64,7 +64,7 @@ def test_config_wins_flags_fill_conflicts_refused(tmp_path):
         ({"zero_optimization": {"stage": 3}}, {}, "ZeRO stage 3"),
         ({"fp16": {"enabled": True}}, {}, "fp16"),
     ]:
-        with pytest.raises(ArgError) as e:
+        with pytest.raises(ConfigError) as e:
             ds(tmp_path, cfg, **flags)
         assert word in str(e.value) and "\n" not in str(e.value)
 

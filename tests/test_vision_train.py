@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from vqmoe_ds.cli import ArgError
+from vqmoe_ds.cli import ConfigError
 from vqmoe_ds.training.launch import env_for_ranks, free_port, remove_new_shm, shm_files, torchrun_cmd
 from vqmoe_ds.vision import build_vit, vit_config
 from vqmoe_ds.vision.augment import channel_stats, normalize, random_crop_flip, to_tensor
@@ -83,15 +83,15 @@ def test_eval_shards_cover_every_image_once(n, world):
 
 
 def test_one_line_errors_before_training():
-    with pytest.raises(ArgError, match=r"dataset=cifar10 needs --data-path"):
+    with pytest.raises(ConfigError, match=r"dataset=cifar10 needs --data-path"):
         parse_args(["--dataset", "cifar10"])
-    with pytest.raises(ArgError, match=r"image size 30 is not a multiple of the patch size 4"):
+    with pytest.raises(ConfigError, match=r"image size 30 is not a multiple of the patch size 4"):
         parse_args(["--image-size", "30"])
-    with pytest.raises(ArgError, match=r"apply to router soft only"):
+    with pytest.raises(ConfigError, match=r"apply to router soft only"):
         parse_args(["--router", "topk", "--soft-slots", "2"])
-    with pytest.raises(ArgError, match=r"--micro-batch-size 0: micro_batch_size=0 must be >= 1"):
+    with pytest.raises(ConfigError, match=r"--micro-batch-size 0: micro_batch_size=0 must be >= 1"):
         parse_args(["--micro-batch-size", "0"])
-    with pytest.raises(ArgError, match=r"--router 'soft_moe': invalid choice, choose one of .*, soft"):
+    with pytest.raises(ConfigError, match=r"--router 'soft_moe': invalid choice, choose one of .*, soft"):
         parse_args(["--router", "soft_moe"])
     assert parse_args([]).data.augment == "crop"  # synthetic: no flip (it would swap 45 and 135 degree classes)
 

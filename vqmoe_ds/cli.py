@@ -14,7 +14,7 @@ A driver lists its *sections* -- (name, dataclass) pairs such as ``("moe", MoECo
 
 Checks of values live in the dataclasses' ``__post_init__`` and nowhere else; this module only checks what a
 command line or a file can get wrong by itself (unknown keys, wrong types, an alias contradicting its flag)
-and turns every error into one line (`ArgError`) before any process group starts.  Fields in a class's
+and turns every error into one line (`ConfigError`) before any process group starts.  Fields in a class's
 ``CLI_ONLY`` (set by launchers: ``--local_rank``) are flags but never read from or written to files.
 """
 from __future__ import annotations
@@ -30,9 +30,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-
-class ArgError(ValueError):
-    """A bad flag, config file or setting; the message is one line naming the problem and the fix."""
+from .errors import ConfigError
 
 
 # ---- what a dataclass says about its fields ------------------------------------------------------------------
@@ -112,7 +110,7 @@ class FieldSpec:
             value = self.type(text)
         except ValueError:
             example = self.default if self.default is not None else {int: 8, float: 0.5}.get(self.type, "x")
-            raise ArgError(f"{self.flag} {text!r} is not {'an' if self.type is int else 'a'} "
+            raise ConfigError(f"{self.flag} {text!r} is not {'an' if self.type is int else 'a'} "
                            f"{_type_name(self.type)}: give a number like {example}") from None
         return value
 
@@ -126,12 +124,12 @@ class FieldSpec:
               str: lambda v: isinstance(v, str)}.get(self.type, lambda v: True)
         if not ok(value):
             want = _type_name(self.type) + (" or null" if self.optional else "")
-            raise ArgError(f"{where}: {self.key} = {value!r} has type {type(value).__name__}, not {want}: write it as "
+            raise ConfigError(f"{where}: {self.key} = {value!r} has type {type(value).__name__}, not {want}: write it as "
                            f"{want} (e.g. {self.key.split('.')[-1]}: {json.dumps(self.default)})")
         if self.type is float:
             value = float(value)
         if self.choices is not None and value not in self.choices:
-            raise ArgError(f"{where}: {self.key} = {value!r} is not one of {', '.join(map(str, self.choices))}: "
+            raise ConfigError(f"{where}: {self.key} = {value!r} is not one of {', '.join(map(str, self.choices))}: "
                            f"choose one of them")
         return value
 
@@ -202,12 +200,12 @@ class _Store(argparse.Action):
         else:
             value = spec.convert(values)
             if spec.choices is not None and value not in spec.choices:
-                raise ArgError(f"{option_string} {values!r}: invalid choice, choose one of "
+                raise ConfigError(f"{option_string} {values!r}: invalid choice, choose one of "
                                f"{', '.join(map(str, spec.choices))}")
         given = namespace.__dict__.setdefault("_given", {})
         prev = given.get(spec.key)
         if prev is not None and prev[0] != option_string and prev[1] != value:
-            raise ArgError(f"{prev[0]} {_show(prev[1])} and {option_string} {_show(value)} both set {spec.key} to "
+            raise ConfigError(f"{prev[0]} {_show(prev[1])} and {option_string} {_show(value)} both set {spec.key} to "
                            f"different values: give only one of them")
         given[spec.key] = (option_string, value)
 
@@ -218,7 +216,7 @@ def _show(v) -> str:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse prints usage + error over several lines; one line instead
-        raise ArgError(f"{message} (see {self.prog} --help)")
+        raise ConfigError(f"{message} (see {self.prog} --help)")
 
 
 @dataclass
@@ -254,7 +252,7 @@ class Parsed:
         try:
             return make()
         except ValueError as e:
-            raise ArgError(self.explain(section, str(e))) from None
+            raise ConfigError(self.explain(section, str(e))) from None
 
     def explain(self, section: str, message: str) -> str:
         """Prefix a dataclass's error with where the offending value came from: the flag as typed, or the config
@@ -355,7 +353,7 @@ class CommandLine:
     def _read_file(self, data, path, values, origins) -> Optional[str]:
         where = f"config file {path}"
         if not isinstance(data, dict):
-            raise ArgError(f"{where} holds a {type(data).__name__}, not a mapping of sections: write it as "
+            raise ConfigError(f"{where} holds a {type(data).__name__}, not a mapping of sections: write it as "
                            f"{{section: {{setting: value}}}} with sections {', '.join(values)}")
         preset = None
         for sec, body in data.items():
@@ -365,15 +363,15 @@ class CommandLine:
                 if body is None:  # a resolved file that spells every setting out (e.g. an imported model's)
                     continue
                 if body not in self.presets:
-                    raise ArgError(f"{where}: config = {body!r} is not a named shape: choose one of "
+                    raise ConfigError(f"{where}: config = {body!r} is not a named shape: choose one of "
                                    f"{', '.join(self.presets)}")
                 preset = body
                 continue
             if sec not in values:
-                raise ArgError(f"{where}: unknown section {sec!r}{_near(sec, values)}: use "
+                raise ConfigError(f"{where}: unknown section {sec!r}{_near(sec, values)}: use "
                                f"{', '.join(values)}{', config' if self.presets else ''}")
             if not isinstance(body, dict):
-                raise ArgError(f"{where}: section {sec} is a {type(body).__name__}, not a mapping: write it as "
+                raise ConfigError(f"{where}: section {sec} is a {type(body).__name__}, not a mapping: write it as "
                                f"{sec}: {{setting: value}}")
             specs = {s.name: s for s in self.specs[sec] if not s.cli_only}
             retired = getattr(next((s.cls for s in self.sections if s.name == sec), None), "RETIRED", ())
@@ -381,7 +379,7 @@ class CommandLine:
                 if name in retired and name not in specs:  # a setting earlier versions wrote, without effect now
                     continue
                 if name not in specs:
-                    raise ArgError(f"{where}: unknown key {sec}.{name}{_near(name, specs)}: remove it or fix its "
+                    raise ConfigError(f"{where}: unknown key {sec}.{name}{_near(name, specs)}: remove it or fix its "
                                    f"spelling (see --help for the settings of {sec})")
                 values[sec][name] = specs[name].check(value, where)
                 origins[f"{sec}.{name}"] = where
@@ -429,7 +427,7 @@ def _yaml_loader():
 def load_file(path: str) -> Any:
     """A YAML (.yaml/.yml) or JSON file; one-line errors."""
     if not os.path.isfile(path):
-        raise ArgError(f"--config-file {path} does not exist: give a YAML or JSON file (e.g. a run's config.json)")
+        raise ConfigError(f"--config-file {path} does not exist: give a YAML or JSON file (e.g. a run's config.json)")
     with open(path) as f:
         text = f.read()
     if path.endswith((".yaml", ".yml")):
@@ -440,12 +438,12 @@ def load_file(path: str) -> Any:
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f" (line {mark.line + 1})" if mark is not None else ""
-            raise ArgError(f"--config-file {path} is not valid YAML{line}: fix the file") from None
+            raise ConfigError(f"--config-file {path} is not valid YAML{line}: fix the file") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise ArgError(f"--config-file {path} is not valid JSON (line {e.lineno}: {e.msg}): fix the file, or name "
+        raise ConfigError(f"--config-file {path} is not valid JSON (line {e.lineno}: {e.msg}): fix the file, or name "
                        f"it .yaml for YAML") from None
 
 
-__all__ = ["ArgError", "Section", "Shorthand", "CommandLine", "Parsed", "FieldSpec", "field_comments", "load_file"]
+__all__ = ["ConfigError", "Section", "Shorthand", "CommandLine", "Parsed", "FieldSpec", "field_comments", "load_file"]

@@ -118,13 +118,13 @@ class DriverSettings:
 
     def from_argv(self, argv: Sequence[str]) -> Dict[str, Any]:
         """Driver flags as a command line (after ``--``), read by the driver's parser, by config key."""
-        from ..cli import ArgError
+        from ..cli import ConfigError
 
         if not argv:
             return {}
         try:
             parsed = self.cmd.parse(list(argv))
-        except ArgError as e:
+        except ConfigError as e:
             raise SweepError(f"after --: {e}") from None
         out: Dict[str, Any] = {}
         for key, origin in parsed.origins.items():

@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar, Dict, Optional, Tuple
 
+from ..errors import ConfigError  # re-exported: the configs of every layer raise it
+
 ROUTERS = ("dense", "topk", "xmoe", "stablemoe", "smoe_dropout", "hash", "cluster", "vq", "vqmoe")
 HASH_TABLES = ("random", "balanced")
 BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
@@ -31,10 +33,6 @@ EXPERT_IMPLS = ("auto", "grouped", "loop")
 DISCRETE_INPUTS = ("quantized", "token")
 ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
 VQ_SCALES = ("token", "code")
-
-
-class ConfigError(ValueError):
-    """A bad setting; the message names the setting and the fix on one line."""
 
 
 @dataclass

@@ -16,14 +16,14 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, Optional, Tuple
 
-from ..cli import ArgError
+from ..cli import ConfigError
 
 DEFAULT_LR, DEFAULT_CLIP, DEFAULT_MICRO_BATCH = 3.5e-4, 1.0, 8
 
 
 def _finite(name: str, value: Optional[float]) -> None:
     if value is not None and not math.isfinite(value):
-        raise ArgError(f"{name}={value} is not a finite number: give a real value")
+        raise ConfigError(f"{name}={value} is not a finite number: give a real value")
 
 
 @dataclass
@@ -44,24 +44,24 @@ class OptimConfig:
         for name in ("micro_batch_size", "gradient_accumulation_steps"):
             v = getattr(self, name)
             if v is not None and v < 1:
-                raise ArgError(f"{name}={v} must be >= 1")
+                raise ConfigError(f"{name}={v} must be >= 1")
         if self.train_iters < 1:
-            raise ArgError(f"train_iters={self.train_iters} must be >= 1")
+            raise ConfigError(f"train_iters={self.train_iters} must be >= 1")
         if self.lr is not None and self.lr <= 0:
-            raise ArgError(f"lr={self.lr} must be > 0")
+            raise ConfigError(f"lr={self.lr} must be > 0")
         if self.min_lr is not None and self.min_lr < 0:
-            raise ArgError(f"min_lr={self.min_lr} must be >= 0")
+            raise ConfigError(f"min_lr={self.min_lr} must be >= 0")
         if self.min_lr is not None and self.lr is not None and self.min_lr > self.lr:
-            raise ArgError(f"min_lr={self.min_lr} exceeds lr={self.lr}: lower --min-lr")
+            raise ConfigError(f"min_lr={self.min_lr} exceeds lr={self.lr}: lower --min-lr")
         if self.lr_warmup_iters is not None and not 0 <= self.lr_warmup_iters <= self.train_iters:
-            raise ArgError(f"lr_warmup_iters={self.lr_warmup_iters} must lie in [0, train_iters={self.train_iters}]: "
+            raise ConfigError(f"lr_warmup_iters={self.lr_warmup_iters} must lie in [0, train_iters={self.train_iters}]: "
                            f"shorten the warmup")
         if self.weight_decay < 0:
-            raise ArgError(f"weight_decay={self.weight_decay} must be >= 0")
+            raise ConfigError(f"weight_decay={self.weight_decay} must be >= 0")
         if self.clip_grad is not None and self.clip_grad < 0:
-            raise ArgError(f"clip_grad={self.clip_grad} must be >= 0 (0: no clipping)")
+            raise ConfigError(f"clip_grad={self.clip_grad} must be >= 0 (0: no clipping)")
         if self.seed < 0:
-            raise ArgError(f"seed={self.seed} must be >= 0")
+            raise ConfigError(f"seed={self.seed} must be >= 0")
 
 
 @dataclass
@@ -87,14 +87,14 @@ class RunConfig:
     def __post_init__(self):
         for name in ("save_interval", "keep_last", "eval_interval", "eval_iters", "test_iters"):
             if getattr(self, name) < 0:
-                raise ArgError(f"{name}={getattr(self, name)} must be >= 0")
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
         for name in ("log_interval", "max_skipped_steps"):
             if getattr(self, name) < 1:
-                raise ArgError(f"{name}={getattr(self, name)} must be >= 1")
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
         if self.eval_batch_size is not None and self.eval_batch_size < 1:
-            raise ArgError(f"eval_batch_size={self.eval_batch_size} must be >= 1")
+            raise ConfigError(f"eval_batch_size={self.eval_batch_size} must be >= 1")
         if self.load is not None and not os.path.isdir(self.load):
-            raise ArgError(f"load={self.load} is not a folder: give the --save folder of an earlier run")
+            raise ConfigError(f"load={self.load} is not a folder: give the --save folder of an earlier run")
 
     @property
     def save_dir(self) -> str:
@@ -113,7 +113,7 @@ class RunConfig:
         """A run without --load must not write over an earlier run unless --overwrite says so."""
         found = None if self.load or self.overwrite else self.previous_run()
         if found:
-            raise ArgError(f"{found} belongs to an earlier run: resume it with --load {self.save_dir}, choose another "
+            raise ConfigError(f"{found} belongs to an earlier run: resume it with --load {self.save_dir}, choose another "
                            f"--out-dir (and --save), or give --overwrite to replace it")
 
     def clear_previous(self) -> None:
@@ -150,17 +150,17 @@ class ParallelConfig:
 
     def __post_init__(self):
         if self.deepspeed_config is not None and not os.path.isfile(self.deepspeed_config):
-            raise ArgError(f"deepspeed_config={self.deepspeed_config} does not exist: see ds_configs/")
+            raise ConfigError(f"deepspeed_config={self.deepspeed_config} does not exist: see ds_configs/")
         if not self.dist_timeout_minutes > 0 or not math.isfinite(self.dist_timeout_minutes):
-            raise ArgError(f"dist_timeout_minutes={self.dist_timeout_minutes} must be > 0")
+            raise ConfigError(f"dist_timeout_minutes={self.dist_timeout_minutes} must be > 0")
 
 
 def check_world(ep: int, is_moe: bool, world_size: int) -> None:
     if world_size % ep:
-        raise ArgError(f"--moe-expert-parallel-size {ep} does not divide the world size {world_size}: "
+        raise ConfigError(f"--moe-expert-parallel-size {ep} does not divide the world size {world_size}: "
                        f"launch a multiple of {ep} ranks or lower the expert-parallel size")
     if ep > 1 and not is_moe:
-        raise ArgError(f"--moe-expert-parallel-size {ep} needs MoE layers, but the model is dense: "
+        raise ConfigError(f"--moe-expert-parallel-size {ep} needs MoE layers, but the model is dense: "
                        f"set --router or drop the flag")
 
 
@@ -171,11 +171,11 @@ def load_ds_config(path: Optional[str]) -> Dict[str, Any]:
         with open(path) as f:
             ds = json.load(f)
     except json.JSONDecodeError as e:
-        raise ArgError(f"--deepspeed_config {path} is not valid JSON (line {e.lineno}: {e.msg}): fix the file") from None
+        raise ConfigError(f"--deepspeed_config {path} is not valid JSON (line {e.lineno}: {e.msg}): fix the file") from None
     except UnicodeDecodeError:
-        raise ArgError(f"--deepspeed_config {path} is not text: give a JSON file") from None
+        raise ConfigError(f"--deepspeed_config {path} is not text: give a JSON file") from None
     if not isinstance(ds, dict):
-        raise ArgError(f"--deepspeed_config {path} holds a {type(ds).__name__}, not a JSON object: write it as "
+        raise ConfigError(f"--deepspeed_config {path} holds a {type(ds).__name__}, not a JSON object: write it as "
                        f"{{\"zero_optimization\": {{...}}, ...}}")
     return ds
 
@@ -190,9 +190,9 @@ def _number(value, where: str, src: str, low: float = None, low_open: bool = Fal
     kind = "an integer" if integer else "a finite number"
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok or (not integer and not math.isfinite(value)):
-        raise ArgError(f"{where} = {value!r} in {src} is not {kind}: write it as {kind}")
+        raise ConfigError(f"{where} = {value!r} in {src} is not {kind}: write it as {kind}")
     if low is not None and (value <= low if low_open else value < low):
-        raise ArgError(f"{where} = {value!r} in {src} must be {'>' if low_open else '>='} {low}: fix the ds_config")
+        raise ConfigError(f"{where} = {value!r} in {src} must be {'>' if low_open else '>='} {low}: fix the ds_config")
     return value
 
 
@@ -200,31 +200,31 @@ def check_ds_shapes(ds: Dict[str, Any], src: str, on_cpu: bool) -> None:
     """The parts of a ds_config this driver reads, checked for type and range (one line each)."""
     for key in ("zero_optimization", "optimizer", "scheduler", "bf16", "fp16"):
         if key in ds and not isinstance(ds[key], dict):
-            raise ArgError(f"{key} in {src} is a {type(ds[key]).__name__}, not an object: write it as "
+            raise ConfigError(f"{key} in {src} is a {type(ds[key]).__name__}, not an object: write it as "
                            f"\"{key}\": {{...}}")
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
         if key in ds:
             _number(ds[key], key, src, low=1, integer=True)
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if isinstance(stage, bool) or not isinstance(stage, int):
-        raise ArgError(f"zero_optimization.stage = {stage!r} in {src} is not a stage number: use 0, 1 or 2")
+        raise ConfigError(f"zero_optimization.stage = {stage!r} in {src} is not a stage number: use 0, 1 or 2")
     if "gradient_clipping" in ds:
         _number(ds["gradient_clipping"], "gradient_clipping", src, low=0)
     opt = ds.get("optimizer")
     if opt is not None:
         kind = opt.get("type")
         if not isinstance(kind, str) or not kind:
-            raise ArgError(f"the optimizer block in {src} has no \"type\": name one, e.g. \"type\": \"AdamW\"")
+            raise ConfigError(f"the optimizer block in {src} has no \"type\": name one, e.g. \"type\": \"AdamW\"")
         import torch
 
         if kind.lower() not in DS_OPTIMIZERS and not hasattr(torch.optim, kind):
-            raise ArgError(f"optimizer type {kind!r} in {src} is neither DeepSpeed's ({', '.join(DS_OPTIMIZERS)}) "
+            raise ConfigError(f"optimizer type {kind!r} in {src} is neither DeepSpeed's ({', '.join(DS_OPTIMIZERS)}) "
                            f"nor a torch.optim class: fix its name")
         if on_cpu and kind.lower() in GPU_ONLY_OPTIMIZERS:
-            raise ArgError(f"optimizer {kind} in {src} needs a GPU (CUDA kernels): use Adam or AdamW on the CPU")
+            raise ConfigError(f"optimizer {kind} in {src} needs a GPU (CUDA kernels): use Adam or AdamW on the CPU")
         params = opt.get("params", {})
         if not isinstance(params, dict):
-            raise ArgError(f"optimizer.params in {src} is a {type(params).__name__}, not an object: fix the ds_config")
+            raise ConfigError(f"optimizer.params in {src} is a {type(params).__name__}, not an object: fix the ds_config")
         if "lr" in params:
             _number(params["lr"], "optimizer.params.lr", src, low=0, low_open=True)
         if "weight_decay" in params:
@@ -235,17 +235,17 @@ def check_ds_shapes(ds: Dict[str, Any], src: str, on_cpu: bool) -> None:
             b = params["betas"]
             if not (isinstance(b, list) and len(b) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                                  and 0 <= v < 1 for v in b)):
-                raise ArgError(f"optimizer.params.betas = {b!r} in {src} must be two numbers in [0, 1), e.g. "
+                raise ConfigError(f"optimizer.params.betas = {b!r} in {src} must be two numbers in [0, 1), e.g. "
                                f"[0.9, 0.999]: fix the ds_config")
     sched = ds.get("scheduler")
     if sched is not None:
         from deepspeed.runtime.lr_schedules import VALID_LR_SCHEDULES
 
         if sched.get("type") not in VALID_LR_SCHEDULES:
-            raise ArgError(f"scheduler type {sched.get('type')!r} in {src} is not one of DeepSpeed's "
+            raise ConfigError(f"scheduler type {sched.get('type')!r} in {src} is not one of DeepSpeed's "
                            f"({', '.join(VALID_LR_SCHEDULES)}): fix its name")
         if not isinstance(sched.get("params", {}), dict):
-            raise ArgError(f"scheduler.params in {src} is not an object: fix the ds_config")
+            raise ConfigError(f"scheduler.params in {src} is not an object: fix the ds_config")
 
 
 def check_with_deepspeed(ds: Dict[str, Any], src: str) -> None:
@@ -266,9 +266,9 @@ def check_with_deepspeed(ds: Dict[str, Any], src: str) -> None:
             block = {"DeepSpeedZeroConfig": "zero_optimization.", "DeepSpeedBF16Config": "bf16.",
                      "DeepSpeedFP16Config": "fp16."}.get(getattr(e, "title", ""), "")
             key = block + ".".join(str(p) for p in first.get("loc", ()))
-            raise ArgError(f"{key} = {first.get('input')!r} in {src}: {first.get('msg')}: fix the ds_config") from None
+            raise ConfigError(f"{key} = {first.get('input')!r} in {src}: {first.get('msg')}: fix the ds_config") from None
         line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ArgError(f"DeepSpeed refuses {src}: {line[:200]}: fix the ds_config") from None
+        raise ConfigError(f"DeepSpeed refuses {src}: {line[:200]}: fix the ds_config") from None
 
 
 def resolve_ds_config(optim: OptimConfig, parallel: ParallelConfig, world_size: int, on_cpu: bool,
@@ -279,13 +279,13 @@ def resolve_ds_config(optim: OptimConfig, parallel: ParallelConfig, world_size: 
     check_ds_shapes(ds, src, on_cpu)
 
     def conflict(flag, flag_value, key, cfg_value):
-        raise ArgError(f"{flag} {flag_value} contradicts {key}={cfg_value} in {src}: remove one of them")
+        raise ConfigError(f"{flag} {flag_value} contradicts {key}={cfg_value} in {src}: remove one of them")
 
     stage = int(ds.get("zero_optimization", {}).get("stage", 0))
     if stage == 3:
-        raise ArgError(f"ZeRO stage 3 in {src} is not supported: DeepSpeed's MoE layers refuse it; use stage 0, 1 or 2")
+        raise ConfigError(f"ZeRO stage 3 in {src} is not supported: DeepSpeed's MoE layers refuse it; use stage 0, 1 or 2")
     if stage not in (0, 1, 2):
-        raise ArgError(f"zero_optimization.stage={stage} in {src}: use 0, 1 or 2")
+        raise ConfigError(f"zero_optimization.stage={stage} in {src}: use 0, 1 or 2")
     # batch sizes: train_batch = micro x accumulation x data-parallel world (all ranks; experts are sharded
     # over the ep group but every rank reads its own data)
     micro = optim.micro_batch_size or ds.get("train_micro_batch_size_per_gpu") or default_micro_batch
@@ -296,7 +296,7 @@ def resolve_ds_config(optim: OptimConfig, parallel: ParallelConfig, world_size: 
         if val is not None and key in ds and ds[key] != val:
             conflict(flag, val, key, ds[key])
     if "train_batch_size" in ds and ds["train_batch_size"] != micro * accum * world_size:
-        raise ArgError(f"train_batch_size={ds['train_batch_size']} in {src} is not micro {micro} x accumulation "
+        raise ConfigError(f"train_batch_size={ds['train_batch_size']} in {src} is not micro {micro} x accumulation "
                        f"{accum} x world {world_size} = {micro * accum * world_size}: fix one of them")
     ds.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum,
               train_batch_size=micro * accum * world_size)
@@ -314,12 +314,12 @@ def resolve_ds_config(optim: OptimConfig, parallel: ParallelConfig, world_size: 
     if "scheduler" in ds:
         for flag, val in (("--lr-warmup-iters", optim.lr_warmup_iters), ("--min-lr", optim.min_lr)):
             if val is not None:
-                raise ArgError(f"{flag} {val} given but {src} has its own scheduler block, which wins: "
+                raise ConfigError(f"{flag} {val} given but {src} has its own scheduler block, which wins: "
                                f"remove the flag or the block")
     else:
         min_lr = optim.min_lr if optim.min_lr is not None else 0.1 * lr
         if min_lr > lr:
-            raise ArgError(f"--min-lr {min_lr} exceeds the peak lr {lr}: lower --min-lr")
+            raise ConfigError(f"--min-lr {min_lr} exceeds the peak lr {lr}: lower --min-lr")
         # DeepSpeed's WarmupCosineLR needs >= 1 warmup step; "no warmup" = one step at ratio 1
         warmup = optim.lr_warmup_iters or 0
         ds["scheduler"] = {"type": "WarmupCosineLR", "params": {
@@ -330,9 +330,9 @@ def resolve_ds_config(optim: OptimConfig, parallel: ParallelConfig, world_size: 
         conflict("--clip-grad", optim.clip_grad, "gradient_clipping", ds["gradient_clipping"])
     ds.setdefault("gradient_clipping", optim.clip_grad if optim.clip_grad is not None else DEFAULT_CLIP)
     if ds.get("fp16", {}).get("enabled"):
-        raise ArgError(f"fp16 in {src} is not supported (MoE routers need bf16 or fp32 range): use bf16")
+        raise ConfigError(f"fp16 in {src} is not supported (MoE routers need bf16 or fp32 range): use bf16")
     if on_cpu and ds.get("bf16", {}).get("enabled") and ds.get("zero_optimization", {}).get("offload_optimizer"):
-        raise ArgError(f"{src} offloads the optimizer, which needs a GPU: use ds_configs/cpu_fp32.json on CPU")
+        raise ConfigError(f"{src} offloads the optimizer, which needs a GPU: use ds_configs/cpu_fp32.json on CPU")
     ds.setdefault("steps_per_print", 10 ** 9)  # the driver logs; keep DeepSpeed's own step prints quiet
     ds.setdefault("wall_clock_breakdown", False)
     check_with_deepspeed(ds, src)
@@ -350,5 +350,5 @@ def check_save_dir(path: str, rank: int = 0) -> None:
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):  # not a bad input: the run cannot go on (exit 3)
             raise
-        raise ArgError(f"checkpoint folder {path} is not writable ({e.strerror}): give --save a folder you can "
+        raise ConfigError(f"checkpoint folder {path} is not writable ({e.strerror}): give --save a folder you can "
                        f"write to") from None

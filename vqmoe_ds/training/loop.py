@@ -31,9 +31,9 @@ import torch
 import torch.distributed as dist
 
 from .. import checkpoint as ckpt
-from ..cli import ArgError, CommandLine, Parsed
+from ..cli import CommandLine, Parsed
 from ..data import DataError
-from ..moe.config import ConfigError
+from ..errors import ConfigError
 from ..parallel import (announce_alive, any_rank, barrier, collective_failure, dead_ranks, init_distributed,
                         max_over_ranks, max_value, reduce_values, shutdown)
 from ..quiet import engine_start
@@ -47,7 +47,7 @@ from .run_log import (RoutingHealth, RunLog, complete_config, finite_json, gathe
                       moe_summary)
 
 # Bad input of any kind: one line, exit status 2, before any training step.
-INPUT_ERRORS = (ArgError, ConfigError, DataError, FileNotFoundError, ckpt.CheckpointError)
+INPUT_ERRORS = (ConfigError, DataError, FileNotFoundError, ckpt.CheckpointError)
 
 
 class TrainingStopped(RuntimeError):
@@ -296,7 +296,7 @@ class Trainer:
                 raise damaged or ckpt.CheckpointError(f"{where}: a file failed its checks on another rank (that "
                                                       f"rank names it): load the last good checkpoint")
             if marker.get("world_size", self.world) != self.world:
-                raise ArgError(f"{where} was made with {marker['world_size']} ranks, this run has {self.world}: "
+                raise ConfigError(f"{where} was made with {marker['world_size']} ranks, this run has {self.world}: "
                                f"resume with the same number of ranks (or tools/reshard_checkpoint.py)")
             task.check_checkpoint(marker, where)  # first: the task names its own settings (e.g. --mode)
             ckpt.check_architecture(marker.get("model_config"), task.model_config.to_dict(), where)
@@ -309,7 +309,7 @@ class Trainer:
         model = task.build_model()
         scalars = [n for n, p in model.named_parameters() if p.dim() == 0]
         if scalars:  # DeepSpeedEngine._broadcast_model does p.data.view(torch.uint8), at any world size
-            raise ArgError(f"parameter {scalars[0]} is 0-dimensional, which DeepSpeed's initial broadcast cannot "
+            raise ConfigError(f"parameter {scalars[0]} is 0-dimensional, which DeepSpeed's initial broadcast cannot "
                            f"send (engine._broadcast_model views it as bytes): give it shape [1] in its module")
         groups = split_params_into_different_moe_groups_for_optimizer(
             {"params": [p for p in model.parameters() if p.requires_grad], "name": "parameters"})
@@ -351,7 +351,7 @@ class Trainer:
         saved, total = marker.get("step"), self.optim.train_iters
         if isinstance(saved, int) and not marker.get("imported"):
             if saved > total:
-                raise ArgError(f"{where} is at step {saved}, beyond --train-iters {total}: give --train-iters "
+                raise ConfigError(f"{where} is at step {saved}, beyond --train-iters {total}: give --train-iters "
                                f"{saved} or more (it counts from step 0, not from the resumed step)")
             if saved == total and self.rank == 0:
                 print(f"notice: {where} is at --train-iters {total} already: no step to train, the test runs on it",
@@ -366,7 +366,7 @@ class Trainer:
         bf16 = bool(self.ds_config.get("bf16", {}).get("enabled", False))
         runs_as = "bf16" if bf16 else "ZeRO 1/2" if stage > 0 else "ZeRO 0 fp32"
         if saved_as != runs_as:
-            raise ArgError(f"{where} holds the optimizer state of a {saved_as} run (its files say so), this run's "
+            raise ConfigError(f"{where} holds the optimizer state of a {saved_as} run (its files say so), this run's "
                            f"ds_config is {runs_as} (stage {stage}, bf16 {'on' if bf16 else 'off'}): resume with the "
                            f"ds_config of the run that saved it (its OUT_DIR/ds_config.json)")
 
@@ -375,7 +375,7 @@ class Trainer:
         moe, total = self.task.model_config.moe or {}, self.optim.train_iters
         warmup = int(moe.get("cluster_warmup_steps", 0) or 0)
         if moe.get("router") == "cluster" and warmup >= total:
-            raise ArgError(f"--cluster-warmup-steps {warmup} is not below --train-iters {total}: the clustering "
+            raise ConfigError(f"--cluster-warmup-steps {warmup} is not below --train-iters {total}: the clustering "
                            f"router would never fit its centroids in this run; give a warm-up below {total}")
 
     def resolved_config(self) -> Dict[str, Any]:

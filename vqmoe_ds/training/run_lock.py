@@ -17,12 +17,12 @@ import os
 import socket
 from typing import Optional
 
-from ..cli import ArgError
+from ..cli import ConfigError
 
 LOCK_FILE = ".lock"
 
 
-class RunLockError(ArgError):
+class RunLockError(ConfigError):
     """The folder is in use by another run; one line naming it and the fix (a bad input: exit status 2)."""
 
 
