@@ -49,7 +49,7 @@ def test_every_model_and_moe_field_has_a_flag_with_help(cmd, model_cls):
         if f.name not in NOT_FLAGS[model_cls]:
             assert ("model", f.name) in have, f.name
     for spec in have.values():
-        assert len(spec.help) > 10, spec.key  # a help line from the field's comment
+        assert len(spec.help) > 10, spec.key  # a help line from the field's metadata
     text = cmd.parser().format_help()
     assert "--codebook-dim" in text and "--moe-expert-parallel-size" in text and "--config-file" in text
 
@@ -271,3 +271,26 @@ def test_config_file_that_is_not_there_or_not_json(tmp_path):
     bad.write_text('{"moe": {"top_k": 2,}}')
     with pytest.raises(ConfigError, match=r"is not valid JSON \(line 1"):
         cmd.parse(["--config-file", str(bad)])
+
+
+def test_help_and_choices_come_from_the_fields_not_their_source():
+    """Each flag's help is its field's ``metadata["help"]`` and its choices are the field's ``Literal[...]`` values
+    (no reading of source comments): a dataclass made at run time, with no source file, gets both."""
+    import typing
+
+    from vqmoe_ds.cli import CommandLine, Section
+    from vqmoe_ds.fields import setting
+
+    Made = dataclasses.make_dataclass("Made", [
+        ("kind", typing.Literal["a", "b"], setting("a", "which kind of thing")),
+        ("size", int, setting(3, "how many things"))])
+    cmd = CommandLine("made", "a config without source", [Section("made", Made, "made")])
+    specs = {s.name: s for s in cmd.specs["made"]}
+    assert specs["kind"].help == "which kind of thing" and tuple(specs["kind"].choices) == ("a", "b")
+    assert specs["kind"].type is str and specs["size"].help == "how many things" and specs["size"].choices is None
+    with pytest.raises(ConfigError, match="--kind 'c': invalid choice, choose one of a, b"):
+        cmd.parse(["--kind", "c"])
+    for f in dataclasses.fields(MoEConfig):  # the shipped config: every Literal field is checked by the parser
+        if typing.get_origin(typing.get_type_hints(MoEConfig)[f.name]) is typing.Literal:
+            spec = next(s for s in lm.command_line().specs["moe"] if s.name == f.name)
+            assert tuple(spec.choices) == typing.get_args(typing.get_type_hints(MoEConfig)[f.name])

@@ -12,7 +12,7 @@ import os
 import pytest
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "vqmoe_ds")
-LAYER = {"quiet": -1, "errors": -1, "cli": 0, "parallel": 0, "data": 1, "kernels": 1, "quantizers": 2, "routers": 3, "moe": 4, "models": 5,
+LAYER = {"quiet": -1, "errors": -1, "fields": -1, "cli": 0, "parallel": 0, "data": 1, "kernels": 1, "quantizers": 2, "routers": 3, "moe": 4, "models": 5,
          "analysis": 6, "checkpoint": 6, "training": 7, "vision": 8, "finetune": 8, "experiments": 9}
 
 

@@ -6,8 +6,8 @@ A driver lists its *sections* -- (name, dataclass) pairs such as ``("moe", MoECo
     e.g. ``n_layer`` -> ``--num-layers``); further spellings there are aliases (``--topk`` for ``--top-k``), and
     an alias written ``--flag=value`` sets that value (``--disable-moe-token-dropping=false``);
   * the flag's type from the field's annotation (``Optional[...]`` fields also take ``none``; booleans are
-    ``--x`` / ``--no-x``), its choices from the class's ``CHOICES``, and its help line from the comment on the
-    field's line (or the comment lines just above it) plus the default;
+    ``--x`` / ``--no-x``), its choices from a ``Literal[...]`` annotation, and its help line from the field's metadata
+    (``vqmoe_ds.fields.setting(default, "help")``) plus the default;
   * ``--config-file FILE`` (YAML or JSON): the same sections as keys, e.g. ``{"moe": {"top_k": 1}}``; flags
     override the file, the file overrides the defaults.  The resolved configuration a run writes
     (``OUT_DIR/config.json``) is such a file, so ``--config-file runs/a/config.json`` repeats run a.
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import inspect
 import json
 import os
 import re
@@ -31,43 +30,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import ConfigError
+from .fields import help_of
 
 
 # ---- what a dataclass says about its fields ------------------------------------------------------------------
-_FIELD_LINE = re.compile(r"^\s+(\w+)\s*:\s*[^#]*?(?:#\s*(.*))?$")
-
-
-def field_comments(cls) -> Dict[str, str]:
-    """Help text of each field: the comment on its line, else the comment lines right above it (MRO merged)."""
-    out: Dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        try:
-            lines = inspect.getsource(klass).splitlines()
-        except (OSError, TypeError):
-            continue
-        start = next(i for i, ln in enumerate(lines) if ln.lstrip().startswith("class "))
-        body = [ln for ln in lines[start + 1:] if ln.strip()]
-        indent = len(body[0]) - len(body[0].lstrip()) if body else 4
-        above: List[str] = []
-        for line in body:
-            stripped = line.strip()
-            if len(line) - len(line.lstrip()) != indent:
-                above = []
-                continue
-            if stripped.startswith("#"):
-                above.append(stripped.lstrip("#").strip())
-                continue
-            m = _FIELD_LINE.match(line)
-            if m and not stripped.startswith(("def ", "@", "return", "class ")):
-                name, comment = m.group(1), m.group(2)
-                if comment or above:
-                    out[name] = (comment or " ".join(above)).strip()
-            above = []
-    return out
-
-
 def _unwrap(tp) -> Tuple[type, bool]:
     """(base type, optional) of an annotation like ``Optional[int]``."""
     if typing.get_origin(tp) is typing.Union:
@@ -150,15 +116,17 @@ class Section:
 
     def specs(self) -> List[FieldSpec]:
         hints = typing.get_type_hints(self.cls)
-        comments = field_comments(self.cls)
         class_flags = getattr(self.cls, "FLAGS", {})
-        choices = {**getattr(self.cls, "CHOICES", {}), **self.choices}
+        choices = dict(self.choices)  # this driver's; else the field's Literal[...] values
         cli_only = set(getattr(self.cls, "CLI_ONLY", ()))
         out = []
         for f in dataclasses.fields(self.cls):
             if self.fields is not None and f.name not in self.fields or f.name in self.exclude:
                 continue
             tp, optional = _unwrap(hints[f.name])
+            if typing.get_origin(tp) is typing.Literal:
+                choices.setdefault(f.name, typing.get_args(tp))
+                tp = type(typing.get_args(tp)[0])
             if tp not in (int, float, str, bool):
                 continue  # nested structures (ModelConfig.moe) are sections of their own
             spellings = list(self.flags.get(f.name) or class_flags.get(f.name) or
@@ -179,7 +147,7 @@ class Section:
             else:
                 default = None
             out.append(FieldSpec(self.name, f.name, tp, optional, default, flags, consts, choices.get(f.name),
-                                 comments.get(f.name, ""), f.name in cli_only))
+                                 help_of(f), f.name in cli_only))
         return out
 
 
@@ -446,4 +414,4 @@ def load_file(path: str) -> Any:
                        f"it .yaml for YAML") from None
 
 
-__all__ = ["ConfigError", "Section", "Shorthand", "CommandLine", "Parsed", "FieldSpec", "field_comments", "load_file"]
+__all__ = ["ConfigError", "Section", "Shorthand", "CommandLine", "Parsed", "FieldSpec", "load_file"]

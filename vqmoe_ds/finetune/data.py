@@ -10,8 +10,9 @@ example 0 of weight 0.
 from __future__ import annotations
 
 import os
+import typing
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Literal, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -19,7 +20,8 @@ import torch
 from ..data import DataError
 from ..data import classification as cls
 
-TASKS = ("sst2", "sst5", "imdb", "banking77", "tsv", "csv")
+TaskName = Literal["sst2", "sst5", "imdb", "banking77", "tsv", "csv"]
+TASKS = typing.get_args(TaskName)
 
 
 def read_task(task: str, path: str, label_names: Optional[Sequence[str]] = None, text_column: str = "text",

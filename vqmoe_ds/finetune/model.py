@@ -8,13 +8,15 @@ logits, so nothing of the model code is duplicated here.
 """
 from __future__ import annotations
 
-from typing import Optional
+import typing
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-POOLINGS = ("mean", "last")
+Pooling = Literal["mean", "last"]
+POOLINGS = typing.get_args(Pooling)
 
 
 def pool(h_BTD: torch.Tensor, mask_BT: torch.Tensor, pooling: str) -> torch.Tensor:

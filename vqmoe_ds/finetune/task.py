@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import itertools
 import os
+import typing
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, List, Optional, Tuple
+from typing import Any, ClassVar, Dict, List, Literal, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from ..fields import setting
 from .. import checkpoint as ckpt
 from ..analysis.expert_flops import ExpertFlopsCounter
 from ..cli import CommandLine, Section
@@ -34,32 +36,36 @@ from ..parallel import all_reduce_sum
 from ..training.loop import Task, run
 from . import data as ftdata
 from .discrete import absent_path_keys, discrete_only_config, freeze_routing
-from .model import POOLINGS, SequenceClassifier
+from .model import POOLINGS, Pooling, SequenceClassifier
 
-MODES = ("discrete", "full", "frozen_router")
+Mode = Literal["discrete", "full", "frozen_router"]
+MODES = typing.get_args(Mode)
 
 
 @dataclass
 class FinetuneConfig:
-    load: Optional[str] = None  # the pretraining run: its --out-dir, its checkpoints folder or one tag folder (required)
-    tag: Optional[str] = None  # checkpoint tag of --load (default: the folder's latest; e.g. best)
-    run_config: Optional[str] = None  # the run's config.json when it does not lie beside the checkpoints folder
-    tokenizer_meta: Optional[str] = None  # PREFIX.tokenizer.json of the pretraining data (default: the checkpoint's)
-    mode: str = "discrete"  # discrete: eq. 7, discrete path only, codebook frozen; full: both paths, all trained; frozen_router: routing frozen, experts trained
-    task: Optional[str] = None  # the task's format (required)
-    train: Optional[str] = None  # train split (IMDB: aclImdb/train) (required)
-    valid: Optional[str] = None  # validation split: picks the best checkpoint (optional)
-    test: Optional[str] = None  # test split: the accuracy reported (required)
-    text_column: str = "text"  # tsv/csv: header name of the text column
-    label_column: str = "label"  # tsv/csv: header name of the label column
-    max_length: Optional[int] = None  # tokens per text (default: the model's context); longer texts are cut
-    pooling: str = "mean"  # hidden states pooled over the real tokens (mean) or the last real token (last)
-    classifier_hidden: Optional[int] = None  # width of the classifier's hidden layer (default: d_model)
-    classifier_dropout: float = 0.1  # dropout of the classifier
-    aux_loss_coef: float = 1.0  # weight of the MoE layers' auxiliary losses
+    load: Optional[str] = setting(None, "the pretraining run: its --out-dir, its checkpoints folder or one tag folder "
+                                        "(required)")
+    tag: Optional[str] = setting(None, "checkpoint tag of --load (default: the folder's latest; e.g. best)")
+    run_config: Optional[str] = setting(None, "the run's config.json when it does not lie beside the checkpoints "
+                                              "folder")
+    tokenizer_meta: Optional[str] = setting(None, "PREFIX.tokenizer.json of the pretraining data (default: the "
+                                                  "checkpoint's)")
+    mode: Mode = setting("discrete", "discrete: eq. 7, discrete path only, codebook frozen; full: both paths, all "
+                                    "trained; frozen_router: routing frozen, experts trained")
+    task: Optional[ftdata.TaskName] = setting(None, "the task's format (required)")
+    train: Optional[str] = setting(None, "train split (IMDB: aclImdb/train) (required)")
+    valid: Optional[str] = setting(None, "validation split: picks the best checkpoint (optional)")
+    test: Optional[str] = setting(None, "test split: the accuracy reported (required)")
+    text_column: str = setting("text", "tsv/csv: header name of the text column")
+    label_column: str = setting("label", "tsv/csv: header name of the label column")
+    max_length: Optional[int] = setting(None, "tokens per text (default: the model's context); longer texts are cut")
+    pooling: Pooling = setting("mean", "hidden states pooled over the real tokens (mean) or the last real token (last)")
+    classifier_hidden: Optional[int] = setting(None, "width of the classifier's hidden layer (default: d_model)")
+    classifier_dropout: float = setting(0.1, "dropout of the classifier")
+    aux_loss_coef: float = setting(1.0, "weight of the MoE layers' auxiliary losses")
 
     FLAGS: ClassVar[Dict[str, Tuple[str, ...]]] = {"load": ("--load", "--pretrained-checkpoint")}
-    CHOICES: ClassVar[Dict[str, Tuple[str, ...]]] = {"mode": MODES, "task": ftdata.TASKS, "pooling": POOLINGS}
 
     def __post_init__(self):
         for name, what in (("load", "the pretraining run's folder"), ("task", f"one of {', '.join(ftdata.TASKS)}"),

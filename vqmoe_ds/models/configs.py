@@ -13,15 +13,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, List, Optional, Tuple
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar, Dict, List, Literal, Optional, Tuple
 
+from ..fields import setting
 from ..moe.config import ConfigError, MoEConfig
 
-MODEL_TYPES = ("gpt", "txl")
-NORMALIZATIONS = ("LayerNorm", "RMSNorm")
-POSITION_EMBEDDINGS = ("learned_absolute", "rope")
-QK_NORMS = ("none", "head", "hidden")
+ModelType = Literal["gpt", "txl"]
+MODEL_TYPES = typing.get_args(ModelType)
+Normalization = Literal["LayerNorm", "RMSNorm"]
+NORMALIZATIONS = typing.get_args(Normalization)
+PositionEmbedding = Literal["learned_absolute", "rope"]
+POSITION_EMBEDDINGS = typing.get_args(PositionEmbedding)
+QKNorm = Literal["none", "head", "hidden"]
+QK_NORMS = typing.get_args(QKNorm)
 # MoEConfig fields the model config sets (not MoE settings of their own)
 MOE_SET_BY_MODEL = ("hidden_size", "ffn_hidden_size", "init_std", "output_init_std", "vocab_size", "linear_bias")
 # the fields that shape the GPT block only (Transformer-XL keeps its LayerNorm / GELU / relative-position block)
@@ -46,29 +52,36 @@ def parse_moe_layers(pattern, n_layer: int) -> List[int]:
 
 @dataclass
 class ModelConfig:
-    model: str = "gpt"  # "gpt" (learned absolute positions, SDPA) or "txl" (Transformer-XL: relative positions + memory)
-    vocab_size: int = 256  # token vocabulary (the pretraining driver's default: the data's)
-    n_layer: int = 4  # transformer blocks
-    n_head: int = 8  # attention heads
-    d_model: int = 256  # model width d
-    d_inner: int = 512  # dense FFN width (and the experts' width unless --expert-ffn-hidden-size is set)
-    seq_len: int = 512  # GPT: context length; TXL: tgt_len (segment length)
-    mem_len: int = 0  # TXL: hidden states of previous segments kept per layer (the driver's default for txl: seq_len)
-    dropout: float = 0.0  # dropout on embeddings and residual branches
-    attn_dropout: float = 0.0  # dropout on attention weights
-    tie_embeddings: bool = True  # the output layer shares the token embedding
-    moe_layers: str = "all"  # blocks with an MoE FFN: all, every_other (1, 3, 5, ...), none, or a comma list "0,2"
-    expert_ffn: Optional[int] = None  # experts' hidden width; none: --ffn-hidden-size
-    moe: Dict[str, Any] = field(default_factory=lambda: {"router": "topk", "num_experts": 8, "top_k": 2})  # MoEConfig fields except hidden_size / ffn_hidden_size / init_std
-    init_std: float = 0.02  # standard deviation of the normal initialisation of the weights
-    # the GPT block (the defaults are the original block: LayerNorm, GELU MLPs with biases, learned positions)
-    normalization: str = "LayerNorm"  # GPT: the block's and the final norm, LayerNorm or RMSNorm (OLMoE, Mixtral, Qwen-MoE)
-    norm_epsilon: float = 1e-5  # GPT: epsilon of every norm
-    swiglu: bool = False  # GPT: SwiGLU MLPs, down(silu(gate x) * up x), for the dense FFN and the experts (OLMoE)
-    position_embedding_type: str = "learned_absolute"  # GPT: learned_absolute positions or rope (rotary, on queries and keys)
-    rotary_base: float = 10000.0  # GPT with rope: the base theta of the rotary frequencies
-    qk_norm: str = "none"  # GPT: norm of queries and keys before attention: none, head (each head, Megatron's --qk-layernorm) or hidden (the whole projection, OLMoE)
-    add_bias_linear: bool = True  # GPT: biases in the attention projections, the dense FFN and the experts
+    model: ModelType = setting("gpt", '"gpt" (learned absolute positions, SDPA) or "txl" (Transformer-XL: relative '
+                                "positions + memory)")
+    vocab_size: int = setting(256, "token vocabulary (the pretraining driver's default: the data's)")
+    n_layer: int = setting(4, "transformer blocks")
+    n_head: int = setting(8, "attention heads")
+    d_model: int = setting(256, "model width d")
+    d_inner: int = setting(512, "dense FFN width (and the experts' width unless --expert-ffn-hidden-size is set)")
+    seq_len: int = setting(512, "GPT: context length; TXL: tgt_len (segment length)")
+    mem_len: int = setting(0, "TXL: hidden states of previous segments kept per layer (the driver's default for txl: "
+                              "seq_len)")
+    dropout: float = setting(0.0, "dropout on embeddings and residual branches")
+    attn_dropout: float = setting(0.0, "dropout on attention weights")
+    tie_embeddings: bool = setting(True, "the output layer shares the token embedding")
+    moe_layers: str = setting("all", "blocks with an MoE FFN: all, every_other (1, 3, 5, ...), none, or a comma list "
+                                     '"0,2"')
+    expert_ffn: Optional[int] = setting(None, "experts' hidden width; none: --ffn-hidden-size")
+    moe: Dict[str, Any] = setting(factory=lambda: {"router": "topk", "num_experts": 8, "top_k": 2},
+                                  help="MoEConfig fields except hidden_size / ffn_hidden_size / init_std")
+    init_std: float = setting(0.02, "standard deviation of the normal initialisation of the weights")
+    normalization: Normalization = setting("LayerNorm", "GPT: the block's and the final norm, LayerNorm or RMSNorm (OLMoE, "
+                                              "Mixtral, Qwen-MoE)")
+    norm_epsilon: float = setting(1e-5, "GPT: epsilon of every norm")
+    swiglu: bool = setting(False, "GPT: SwiGLU MLPs, down(silu(gate x) * up x), for the dense FFN and the experts "
+                                  "(OLMoE)")
+    position_embedding_type: PositionEmbedding = setting("learned_absolute", "GPT: learned_absolute positions or rope (rotary, on "
+                                                               "queries and keys)")
+    rotary_base: float = setting(10000.0, "GPT with rope: the base theta of the rotary frequencies")
+    qk_norm: QKNorm = setting("none", "GPT: norm of queries and keys before attention: none, head (each head, Megatron's "
+                                   "--qk-layernorm) or hidden (the whole projection, OLMoE)")
+    add_bias_linear: bool = setting(True, "GPT: biases in the attention projections, the dense FFN and the experts")
 
     FLAGS: ClassVar[Dict[str, Tuple[str, ...]]] = {
         "n_layer": ("--num-layers",), "n_head": ("--num-attention-heads",), "d_model": ("--hidden-size",),
@@ -78,9 +91,6 @@ class ModelConfig:
         "init_std": ("--init-method-std", "--init-std"),
         "qk_norm": ("--qk-norm", "--qk-layernorm=head"),
         "add_bias_linear": ("--add-bias-linear", "--disable-bias-linear=false")}
-    CHOICES: ClassVar[Dict[str, Tuple[str, ...]]] = {"model": MODEL_TYPES, "normalization": NORMALIZATIONS,
-                                                     "position_embedding_type": POSITION_EMBEDDINGS,
-                                                     "qk_norm": QK_NORMS}
 
     def __post_init__(self):
         if any(k in MoEConfig.RETIRED for k in self.moe):  # a config of an earlier version (its checkpoint's marker)

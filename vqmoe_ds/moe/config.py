@@ -14,86 +14,129 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass
-from typing import ClassVar, Dict, Optional, Tuple
+from typing import ClassVar, Dict, Literal, Optional, Tuple
 
 from ..errors import ConfigError  # re-exported: the configs of every layer raise it
+from ..fields import setting
 
-ROUTERS = ("dense", "topk", "xmoe", "stablemoe", "smoe_dropout", "hash", "cluster", "vq", "vqmoe")
-HASH_TABLES = ("random", "balanced")
-BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
-SCORE_FUNCTIONS = ("softmax", "sigmoid")
-SHARED_EXPERT_MODES = ("add", "gate", "residual")
+Router = Literal["dense", "topk", "xmoe", "stablemoe", "smoe_dropout", "hash", "cluster", "vq", "vqmoe"]
+ROUTERS = typing.get_args(Router)
+HashTable = Literal["random", "balanced"]
+HASH_TABLES = typing.get_args(HashTable)
+BalancingType = Literal["aux_loss", "seq_aux_loss", "global_aux_loss", "none"]
+BALANCING_TYPES = typing.get_args(BalancingType)
+ScoreFunction = Literal["softmax", "sigmoid"]
+SCORE_FUNCTIONS = typing.get_args(ScoreFunction)
+SharedExpertMode = Literal["add", "gate", "residual"]
+SHARED_EXPERT_MODES = typing.get_args(SharedExpertMode)
 SCORED_ROUTERS = ("topk", "xmoe", "stablemoe", "smoe_dropout", "vqmoe")  # routers with router logits (z-loss)
 TRAINED_TOPK_ROUTERS = ("topk", "xmoe", "vqmoe")  # learned top-k selection: sigmoid scores, expert bias, forcing
-VQ_KINDS = ("codebook", "residual", "lfq")
-VQ_DISTANCES = ("l2", "cosine")
-VQMOE_MODES = ("pretrain", "discrete_only")
-EXPERT_IMPLS = ("auto", "grouped", "loop")
-DISCRETE_INPUTS = ("quantized", "token")
-ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
-VQ_SCALES = ("token", "code")
+VQKind = Literal["codebook", "residual", "lfq"]
+VQ_KINDS = typing.get_args(VQKind)
+Distance = Literal["l2", "cosine"]
+VQ_DISTANCES = typing.get_args(Distance)
+VQMoEMode = Literal["pretrain", "discrete_only"]
+VQMOE_MODES = typing.get_args(VQMoEMode)
+ExpertImpl = Literal["auto", "grouped", "loop"]
+EXPERT_IMPLS = typing.get_args(ExpertImpl)
+DiscreteInput = Literal["quantized", "token"]
+DISCRETE_INPUTS = typing.get_args(DiscreteInput)
+Activation = Literal["gelu", "relu", "silu", "swiglu"]
+ACTIVATIONS = typing.get_args(Activation)
+VQScale = Literal["token", "code"]
+VQ_SCALES = typing.get_args(VQScale)
 
 
 @dataclass
 class MoEConfig:
-    hidden_size: int  # the model width d (set by the model: --hidden-size)
-    ffn_hidden_size: int  # each expert's hidden width (set by the model: --expert-ffn-hidden-size)
-    router: str = "topk"  # "dense" (no MoE); learned: topk, xmoe, stablemoe, smoe_dropout; discrete, one expert per token: hash, cluster; "vqmoe" (eq. 4-5; "vq" = vqmoe in discrete_only mode, eq. 7)
-    num_experts: int = 8  # experts N of every MoE layer
-    top_k: int = 2  # experts per token of the learned router (VQMoE's continuous path)
-    norm_topk_prob: bool = True  # k >= 2: renormalise the chosen probabilities to sum to 1 (GShard); off: as is (OLMoE). k = 1 never does (Switch)
-    ep_size: int = 1  # expert-parallel size: ranks that share one layer's experts (a divisor of N and of the world size)
-    activation: str = "gelu"  # expert MLP activation; swiglu: fc1 holds gate and up, down(silu(gate x) * up x) (OLMoE, Mixtral)
-    linear_bias: bool = True  # biases in the experts' and the dense FFN's linears (set by the model: --add-bias-linear)
-    init_std: float = 0.02  # experts: N(0, init_std) weights, zero biases, drawn per *global* expert id (set by the model)
-    output_init_std: Optional[float] = None  # std of the experts' output projection fc2 (the model sets init_std / sqrt(2 n_layer)); none: init_std
-    dropout: float = 0.0  # dropout after the FFN / expert output
-    capacity_factor: float = 1.25  # training capacity per expert = ceil(factor x routes / N), at least --min-capacity
-    eval_capacity_factor: float = 2.0  # the capacity factor in evaluation
-    min_capacity: int = 4  # the smallest capacity of an expert
-    drop_tokens: bool = True  # drop routes beyond capacity; --no-drop-tokens: dropless (capacity = the largest load)
-    expert_impl: str = "auto"  # local experts as one grouped GEMM per projection (grouped) or a loop over experts (loop); auto: grouped for bf16 on CUDA sm90+, else loop
-    balance_loss_coef: float = 0.01  # weight of the Switch/GShard load-balancing loss
-    load_balancing_type: str = "aux_loss"  # the balance loss over the micro-batch (aux_loss), each sequence (seq_aux_loss), the load of the global batch (global_aux_loss), or none
-    z_loss_coef: float = 0.0  # weight of the router z-loss, mean logsumexp(logits)^2 (ST-MoE)
-    score_function: str = "softmax"  # router scores: softmax over experts, or an independent sigmoid per expert (DeepSeek-V3)
-    topk_scaling_factor: float = 1.0  # the combine weights are multiplied by this (DeepSeek-V3: 2.5)
-    expert_bias: bool = False  # aux-loss-free balancing: a per-expert bias on the scores, for selection only, nudged after each step towards even load (DeepSeek-V3)
-    bias_update_rate: float = 1e-3  # expert bias: the step of each update, bias += rate * sign(mean load - load)
-    force_load_balancing: bool = False  # benchmarking: tokens go round-robin to experts whatever their scores (weights still from the scores)
-    shared_expert_size: int = 0  # >0: a dense shared expert of this width every token passes through, added to the routed output (DeepSeek-MoE, Qwen-MoE)
-    shared_expert_mode: str = "add"  # shared expert: "add" it, "gate" it by sigmoid(w x) (Qwen2-MoE), or "residual": mix it with the routed output by softmax(W x) (DeepSpeed's PR-MoE)
-    router_jitter: float = 0.0  # multiplicative uniform noise (1 +- eps) on the router input in training
-    codebook_size: int = 16  # VQ codes K; the discrete path sends code c to expert c mod N, so K need not equal N
-    codebook_dim: Optional[int] = None  # none: quantize in the model dim; else project down to this dim (VQGAN-style)
-    vq_kind: str = "codebook"  # quantizer: our codebook, residual VQ, or lookup-free quantization (LFQ)
-    vq_distance: str = "cosine"  # nearest code by "l2" (VQ-VAE) or "cosine" distance
-    vq_scale: str = "token"  # cosine codebook in the model dim: x~ = |x| v_code ("token", the token's scale) or the unit code ("code")
-    vq_alpha: float = 0.08  # weight alpha of the VQ loss (eq. 8)
-    vq_beta: float = 0.25  # commitment weight beta (eq. 8)
-    vq_ema: bool = False  # EMA codebook updates instead of gradient updates
-    vq_ema_decay: float = 0.99  # decay of the EMA codebook updates
-    vq_kmeans_init: bool = False  # initialise the codebook by k-means on the first batch
-    vq_kmeans_iters: int = 10  # k-means iterations of that initialisation
-    vq_dead_code_threshold: float = 0.0  # >0: restart codes whose EMA usage falls below this many tokens per step
-    vq_num_quantizers: int = 2  # residual VQ depth
-    vqmoe_mode: str = "pretrain"  # "pretrain": both paths (eq. 4-5); "discrete_only": only the discrete path (eq. 7)
-    freeze_vq: bool = False  # the codebook and its projections receive no updates
-    discrete_input: str = "quantized"  # expert input of the discrete path: "quantized" (x~, eq. 5) or "token" (x)
-    xmoe_dim: int = 16  # XMoE: dimension of the low-dimensional routing space
-    xmoe_init_temperature: float = 0.07  # XMoE: initial temperature of its cosine router
-    stablemoe_stage1_steps: int = 1000  # StableMoE: steps of stage 1 (learned routing) before routing is frozen
-    stablemoe_distill_dim: int = 16  # StableMoE: dimension of the distilled router
-    stablemoe_distill_coef: float = 1.0  # StableMoE: weight of the distillation loss
-    smoe_dropout_k_start: int = 1  # SMoE-Dropout: k at step 0 (k grows linearly to k_end)
-    smoe_dropout_k_end: Optional[int] = None  # SMoE-Dropout: k at the end of the schedule; none: num_experts
-    smoe_dropout_k_steps: int = 1000  # SMoE-Dropout: steps over which k grows
-    hash_table: str = "random"  # hash routing: a seeded random id -> expert table, or one balanced by the training data's token frequencies
-    hash_seed: int = 0  # hash routing: the seed of the random table
-    cluster_warmup_steps: int = 100  # clustering router: steps before k-means of the layer's inputs fixes the centroids
-    cluster_distance: str = "cosine"  # clustering router: nearest centroid by "cosine" or "l2" distance
-    vocab_size: Optional[int] = None  # the token vocabulary (set by the model; hash routing's table size)
+    hidden_size: int = setting(help="the model width d (set by the model: --hidden-size)")
+    ffn_hidden_size: int = setting(help="each expert's hidden width (set by the model: --expert-ffn-hidden-size)")
+    router: Router = setting("topk", '"dense" (no MoE); learned: topk, xmoe, stablemoe, smoe_dropout; discrete, one '
+                                  'expert per token: hash, cluster; "vqmoe" (eq. 4-5; "vq" = vqmoe in discrete_only '
+                                  "mode, eq. 7)")
+    num_experts: int = setting(8, "experts N of every MoE layer")
+    top_k: int = setting(2, "experts per token of the learned router (VQMoE's continuous path)")
+    norm_topk_prob: bool = setting(True, "k >= 2: renormalise the chosen probabilities to sum to 1 (GShard); off: as "
+                                         "is (OLMoE). k = 1 never does (Switch)")
+    ep_size: int = setting(1, "expert-parallel size: ranks that share one layer's experts (a divisor of N and of the "
+                              "world size)")
+    activation: Activation = setting("gelu", "expert MLP activation; swiglu: fc1 holds gate and up, down(silu(gate x) * up "
+                                      "x) (OLMoE, Mixtral)")
+    linear_bias: bool = setting(True, "biases in the experts' and the dense FFN's linears (set by the model: "
+                                      "--add-bias-linear)")
+    init_std: float = setting(0.02, "experts: N(0, init_std) weights, zero biases, drawn per *global* expert id (set "
+                                    "by the model)")
+    output_init_std: Optional[float] = setting(None, "std of the experts' output projection fc2 (the model sets "
+                                                     "init_std / sqrt(2 n_layer)); none: init_std")
+    dropout: float = setting(0.0, "dropout after the FFN / expert output")
+    capacity_factor: float = setting(1.25, "training capacity per expert = ceil(factor x routes / N), at least "
+                                           "--min-capacity")
+    eval_capacity_factor: float = setting(2.0, "the capacity factor in evaluation")
+    min_capacity: int = setting(4, "the smallest capacity of an expert")
+    drop_tokens: bool = setting(True, "drop routes beyond capacity; --no-drop-tokens: dropless (capacity = the "
+                                      "largest load)")
+    expert_impl: ExpertImpl = setting("auto", "local experts as one grouped GEMM per projection (grouped) or a loop over "
+                                       "experts (loop); auto: grouped for bf16 on CUDA sm90+, else loop")
+    balance_loss_coef: float = setting(0.01, "weight of the Switch/GShard load-balancing loss")
+    load_balancing_type: BalancingType = setting("aux_loss", "the balance loss over the micro-batch (aux_loss), each sequence "
+                                                   "(seq_aux_loss), the load of the global batch (global_aux_loss), "
+                                                   "or none")
+    z_loss_coef: float = setting(0.0, "weight of the router z-loss, mean logsumexp(logits)^2 (ST-MoE)")
+    score_function: ScoreFunction = setting("softmax", "router scores: softmax over experts, or an independent sigmoid per "
+                                             "expert (DeepSeek-V3)")
+    topk_scaling_factor: float = setting(1.0, "the combine weights are multiplied by this (DeepSeek-V3: 2.5)")
+    expert_bias: bool = setting(False, "aux-loss-free balancing: a per-expert bias on the scores, for selection only, "
+                                       "nudged after each step towards even load (DeepSeek-V3)")
+    bias_update_rate: float = setting(1e-3, "expert bias: the step of each update, bias += rate * sign(mean load - "
+                                            "load)")
+    force_load_balancing: bool = setting(False, "benchmarking: tokens go round-robin to experts whatever their scores "
+                                                "(weights still from the scores)")
+    shared_expert_size: int = setting(0, ">0: a dense shared expert of this width every token passes through, added "
+                                         "to the routed output (DeepSeek-MoE, Qwen-MoE)")
+    shared_expert_mode: SharedExpertMode = setting("add", 'shared expert: "add" it, "gate" it by sigmoid(w x) (Qwen2-MoE), or '
+                                             "\"residual\": mix it with the routed output by softmax(W x) (DeepSpeed's "
+                                             "PR-MoE)")
+    router_jitter: float = setting(0.0, "multiplicative uniform noise (1 +- eps) on the router input in training")
+    codebook_size: int = setting(16, "VQ codes K; the discrete path sends code c to expert c mod N, so K need not "
+                                     "equal N")
+    codebook_dim: Optional[int] = setting(None, "none: quantize in the model dim; else project down to this dim "
+                                                "(VQGAN-style)")
+    vq_kind: VQKind = setting("codebook", "quantizer: our codebook, residual VQ, or lookup-free quantization (LFQ)")
+    vq_distance: Distance = setting("cosine", 'nearest code by "l2" (VQ-VAE) or "cosine" distance')
+    vq_scale: VQScale = setting("token", "cosine codebook in the model dim: x~ = |x| v_code (\"token\", the token's scale) "
+                                     'or the unit code ("code")')
+    vq_alpha: float = setting(0.08, "weight alpha of the VQ loss (eq. 8)")
+    vq_beta: float = setting(0.25, "commitment weight beta (eq. 8)")
+    vq_ema: bool = setting(False, "EMA codebook updates instead of gradient updates")
+    vq_ema_decay: float = setting(0.99, "decay of the EMA codebook updates")
+    vq_kmeans_init: bool = setting(False, "initialise the codebook by k-means on the first batch")
+    vq_kmeans_iters: int = setting(10, "k-means iterations of that initialisation")
+    vq_dead_code_threshold: float = setting(0.0, ">0: restart codes whose EMA usage falls below this many tokens per "
+                                                 "step")
+    vq_num_quantizers: int = setting(2, "residual VQ depth")
+    vqmoe_mode: VQMoEMode = setting("pretrain", '"pretrain": both paths (eq. 4-5); "discrete_only": only the discrete path '
+                                          "(eq. 7)")
+    freeze_vq: bool = setting(False, "the codebook and its projections receive no updates")
+    discrete_input: DiscreteInput = setting("quantized", 'expert input of the discrete path: "quantized" (x~, eq. 5) or "token" '
+                                               "(x)")
+    xmoe_dim: int = setting(16, "XMoE: dimension of the low-dimensional routing space")
+    xmoe_init_temperature: float = setting(0.07, "XMoE: initial temperature of its cosine router")
+    stablemoe_stage1_steps: int = setting(1000, "StableMoE: steps of stage 1 (learned routing) before routing is "
+                                                "frozen")
+    stablemoe_distill_dim: int = setting(16, "StableMoE: dimension of the distilled router")
+    stablemoe_distill_coef: float = setting(1.0, "StableMoE: weight of the distillation loss")
+    smoe_dropout_k_start: int = setting(1, "SMoE-Dropout: k at step 0 (k grows linearly to k_end)")
+    smoe_dropout_k_end: Optional[int] = setting(None, "SMoE-Dropout: k at the end of the schedule; none: num_experts")
+    smoe_dropout_k_steps: int = setting(1000, "SMoE-Dropout: steps over which k grows")
+    hash_table: HashTable = setting("random", "hash routing: a seeded random id -> expert table, or one balanced by the "
+                                        "training data's token frequencies")
+    hash_seed: int = setting(0, "hash routing: the seed of the random table")
+    cluster_warmup_steps: int = setting(100, "clustering router: steps before k-means of the layer's inputs fixes the "
+                                             "centroids")
+    cluster_distance: Distance = setting("cosine", 'clustering router: nearest centroid by "cosine" or "l2" distance')
+    vocab_size: Optional[int] = setting(None, "the token vocabulary (set by the model; hash routing's table size)")
 
     # command-line spellings (first = the flag, the rest aliases; "--flag=value" sets that value), and choices
     FLAGS: ClassVar[Dict[str, Tuple[str, ...]]] = {
@@ -121,12 +164,6 @@ class MoEConfig:
     # keys that checkpoints and config files of earlier versions hold, read and ignored: "dispatcher" (DeepSpeed's
     # MOELayer dispatch computes the same layer; bench/deepspeed_gate.py runs it for the comparison)
     RETIRED: ClassVar[Tuple[str, ...]] = ("dispatcher",)
-    CHOICES: ClassVar[Dict[str, Tuple[str, ...]]] = {
-        "router": ROUTERS, "vq_kind": VQ_KINDS, "vq_distance": VQ_DISTANCES, "vqmoe_mode": VQMOE_MODES,
-        "expert_impl": EXPERT_IMPLS, "discrete_input": DISCRETE_INPUTS, "activation": ACTIVATIONS,
-        "vq_scale": VQ_SCALES, "hash_table": HASH_TABLES, "cluster_distance": VQ_DISTANCES,
-        "load_balancing_type": BALANCING_TYPES, "score_function": SCORE_FUNCTIONS,
-        "shared_expert_mode": SHARED_EXPERT_MODES}
 
     def __post_init__(self):
         if self.router == "vq":  # the short name of discrete-only VQMoE (eq. 7): one model, one implementation

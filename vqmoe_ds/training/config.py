@@ -13,9 +13,10 @@ import errno
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, Optional, Tuple
 
+from ..fields import setting
 from ..cli import ConfigError
 
 DEFAULT_LR, DEFAULT_CLIP, DEFAULT_MICRO_BATCH = 3.5e-4, 1.0, 8
@@ -28,15 +29,18 @@ def _finite(name: str, value: Optional[float]) -> None:
 
 @dataclass
 class OptimConfig:
-    micro_batch_size: Optional[int] = None  # examples per rank per micro-batch; default: the ds_config's, else the driver's
-    gradient_accumulation_steps: Optional[int] = None  # micro-batches per optimizer step; default: the ds_config's or 1
-    train_iters: int = 100  # optimizer steps
-    lr: Optional[float] = None  # peak learning rate; default: the ds_config's or 3.5e-4
-    min_lr: Optional[float] = None  # lr at the end of the cosine; default 0.1 x lr
-    lr_warmup_iters: Optional[int] = None  # linear warmup steps (default 0: step 1 trains at the peak)
-    weight_decay: float = 0.0  # the optimizer's weight decay
-    clip_grad: Optional[float] = None  # gradient-norm clipping; default: the ds_config's or 1.0
-    seed: int = 1234  # seeds the weights (the same on every rank), the data order and, offset by rank, dropout
+    micro_batch_size: Optional[int] = setting(None, "examples per rank per micro-batch; default: the ds_config's, "
+                                                    "else the driver's")
+    gradient_accumulation_steps: Optional[int] = setting(None, "micro-batches per optimizer step; default: the "
+                                                               "ds_config's or 1")
+    train_iters: int = setting(100, "optimizer steps")
+    lr: Optional[float] = setting(None, "peak learning rate; default: the ds_config's or 3.5e-4")
+    min_lr: Optional[float] = setting(None, "lr at the end of the cosine; default 0.1 x lr")
+    lr_warmup_iters: Optional[int] = setting(None, "linear warmup steps (default 0: step 1 trains at the peak)")
+    weight_decay: float = setting(0.0, "the optimizer's weight decay")
+    clip_grad: Optional[float] = setting(None, "gradient-norm clipping; default: the ds_config's or 1.0")
+    seed: int = setting(1234, "seeds the weights (the same on every rank), the data order and, offset by rank, "
+                              "dropout")
 
     def __post_init__(self):
         for name in ("lr", "min_lr", "weight_decay", "clip_grad"):
@@ -66,23 +70,28 @@ class OptimConfig:
 
 @dataclass
 class RunConfig:
-    out_dir: str = "runs/latest"  # logs, TensorBoard, plots, the resolved config.json, results.json
-    save: Optional[str] = None  # checkpoint folder; default OUT_DIR/checkpoints
-    load: Optional[str] = None  # resume from the latest checkpoint in this folder (a --save folder)
-    overwrite: bool = False  # a fresh run in a folder that holds a run replaces it (its logs, results and checkpoints)
-    save_interval: int = 0  # save every N steps (0: only best and final)
-    keep_last: int = 0  # keep only the newest N regular checkpoints (0: all); best is always kept
-    eval_interval: int = 0  # validate every N steps (0: only at the end)
-    eval_iters: int = 0  # validation batches per rank (0: the whole split)
-    test_iters: int = 0  # test batches per rank (0: the whole split)
-    eval_batch_size: Optional[int] = None  # default: the micro-batch size
-    log_interval: int = 10  # steps between training log lines
-    max_skipped_steps: int = 10  # stop after this many steps in a row with a non-finite loss (each is skipped)
-    progress: bool = True  # a tqdm bar on rank 0
-    plots: bool = True  # PNG plots at the end
-    tensorboard: bool = True  # TensorBoard scalars beside log.jsonl
-    moe_per_layer_logging: bool = False  # TensorBoard: every MoE layer's routing metrics too, not only their summary
-    eval_only: bool = False  # evaluate the weights (those --load gives, e.g. an imported model's: a baseline at its step) on the validation and test splits, write OUT_DIR/eval.json and stop: no training, no checkpoint
+    out_dir: str = setting("runs/latest", "logs, TensorBoard, plots, the resolved config.json, results.json")
+    save: Optional[str] = setting(None, "checkpoint folder; default OUT_DIR/checkpoints")
+    load: Optional[str] = setting(None, "resume from the latest checkpoint in this folder (a --save folder)")
+    overwrite: bool = setting(False, "a fresh run in a folder that holds a run replaces it (its logs, results and "
+                                     "checkpoints)")
+    save_interval: int = setting(0, "save every N steps (0: only best and final)")
+    keep_last: int = setting(0, "keep only the newest N regular checkpoints (0: all); best is always kept")
+    eval_interval: int = setting(0, "validate every N steps (0: only at the end)")
+    eval_iters: int = setting(0, "validation batches per rank (0: the whole split)")
+    test_iters: int = setting(0, "test batches per rank (0: the whole split)")
+    eval_batch_size: Optional[int] = setting(None, "default: the micro-batch size")
+    log_interval: int = setting(10, "steps between training log lines")
+    max_skipped_steps: int = setting(10, "stop after this many steps in a row with a non-finite loss (each is "
+                                         "skipped)")
+    progress: bool = setting(True, "a tqdm bar on rank 0")
+    plots: bool = setting(True, "PNG plots at the end")
+    tensorboard: bool = setting(True, "TensorBoard scalars beside log.jsonl")
+    moe_per_layer_logging: bool = setting(False, "TensorBoard: every MoE layer's routing metrics too, not only their "
+                                                 "summary")
+    eval_only: bool = setting(False, "evaluate the weights (those --load gives, e.g. an imported model's: a baseline "
+                                     "at its step) on the validation and test splits, write OUT_DIR/eval.json and "
+                                     "stop: no training, no checkpoint")
 
     def __post_init__(self):
         for name in ("save_interval", "keep_last", "eval_interval", "eval_iters", "test_iters"):
@@ -137,11 +146,14 @@ class RunConfig:
 
 @dataclass
 class ParallelConfig:
-    deepspeed_config: Optional[str] = None  # DeepSpeed JSON (ZeRO stage, precision, optimizer, batch); see ds_configs/
-    dist_timeout_minutes: float = 30.0  # a collective waiting longer than this (a rank died or hangs) fails the run
-    distributed_port: int = field(default_factory=lambda: int(os.environ.get("MASTER_PORT", 29500)))  # rendezvous port when ranks are found through MPI (mpirun)
-    local_rank: int = field(default_factory=lambda: int(os.environ.get("LOCAL_RANK", 0)))  # set by the launchers
-    deepspeed: bool = False  # accepted for DeepSpeed's launch examples; the engine is always DeepSpeed
+    deepspeed_config: Optional[str] = setting(None, "DeepSpeed JSON (ZeRO stage, precision, optimizer, batch); see "
+                                                    "ds_configs/")
+    dist_timeout_minutes: float = setting(30.0, "a collective waiting longer than this (a rank died or hangs) fails "
+                                                "the run")
+    distributed_port: int = setting(factory=lambda: int(os.environ.get("MASTER_PORT", 29500)),
+                                    help="rendezvous port when ranks are found through MPI (mpirun)")
+    local_rank: int = setting(factory=lambda: int(os.environ.get("LOCAL_RANK", 0)), help="set by the launchers")
+    deepspeed: bool = setting(False, "accepted for DeepSpeed's launch examples; the engine is always DeepSpeed")
 
     FLAGS: ClassVar[Dict[str, Tuple[str, ...]]] = {
         "deepspeed_config": ("--deepspeed_config", "--deepspeed-config"),

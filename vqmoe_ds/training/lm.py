@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from ..fields import setting
 from ..cli import CommandLine, Parsed, Section, Shorthand
 from ..models import NAMED, ModelConfig, build_model, count_params, flops_per_token, named_config, param_report
 from ..models.configs import MOE_SET_BY_MODEL
@@ -26,11 +27,15 @@ from .metrics import NLLMeter
 
 @dataclass
 class LMDataConfig:
-    data_path: Optional[str] = None  # prefix written by tools/preprocess_data.py (PREFIX.{train,valid,test}.bin/.idx)
-    data_file: Optional[str] = None  # a text file read as bytes (vocab 256), split 90/5/5 in order
-    corpus_bytes: int = 2_000_000  # size of the default synthetic corpus, used when neither of the above is given
-    eval_seq_length: Optional[int] = None  # evaluation window (TXL: tgt_len); default: --seq-length
-    upcycle_from: Optional[str] = None  # a dense model's checkpoint: every expert starts as its layer's FFN (Megatron-core's --moe-use-upcycling); not read when resuming with --load
+    data_path: Optional[str] = setting(None, "prefix written by tools/preprocess_data.py "
+                                             "(PREFIX.{train,valid,test}.bin/.idx)")
+    data_file: Optional[str] = setting(None, "a text file read as bytes (vocab 256), split 90/5/5 in order")
+    corpus_bytes: int = setting(2_000_000, "size of the default synthetic corpus, used when neither of the above is "
+                                           "given")
+    eval_seq_length: Optional[int] = setting(None, "evaluation window (TXL: tgt_len); default: --seq-length")
+    upcycle_from: Optional[str] = setting(None, "a dense model's checkpoint: every expert starts as its layer's FFN "
+                                                "(Megatron-core's --moe-use-upcycling); not read when resuming with "
+                                                "--load")
 
     def __post_init__(self):
         if self.data_path and self.data_file:

@@ -7,13 +7,15 @@ rank draws its own crops.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import typing
+from typing import Literal, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-AUGMENTS = ("standard", "crop", "none")  # crop+flip, crop only (sets whose labels a flip changes), nothing
+Augment = Literal["standard", "crop", "none"]  # crop+flip, crop only (sets whose labels a flip changes), nothing
+AUGMENTS = typing.get_args(Augment)
 
 
 def random_crop_flip(x_BCHW: torch.Tensor, padding: int = 4, flip: bool = True,

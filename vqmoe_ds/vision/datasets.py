@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import os
 import pickle
+import typing
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import List, Literal, Sequence
 
 import numpy as np
 
 from ..data.errors import DataError, require_file
 
-DATASETS = ("synthetic", "cifar10", "cifar100", "stl10", "svhn", "folder")
+Dataset = Literal["synthetic", "cifar10", "cifar100", "stl10", "svhn", "folder"]
+DATASETS = typing.get_args(Dataset)
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "stl10": 10, "svhn": 10}
 NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "svhn": 32}
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".npy")

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..fields import setting
 from ..moe.config import ConfigError
 from ..moe.container import deepspeed_experts
 from ..moe.layer import ExpertMLP, init_experts_by_global_id
@@ -46,13 +47,15 @@ class SoftMoEConfig:
     hidden_size: int
     ffn_hidden_size: int
     num_experts: int = 8
-    slots_per_expert: int = 1  # SoftMoE: slots p per expert; the paper sets E * p ~ the number of tokens
+    slots_per_expert: int = setting(1, "SoftMoE: slots p per expert; the paper sets E * p ~ the number of tokens")
     ep_size: int = 1
     activation: str = "gelu"
     dropout: float = 0.0
-    init_std: float = 0.02  # experts: N(0, init_std) per global expert id, as MoELayer does
-    output_init_std: Optional[float] = None  # the experts' fc2 (the model sets its depth-scaled std); none: init_std
-    normalize: bool = False  # SoftMoE: l2-normalise X and Phi and learn a scalar scale (the paper, for large D)
+    init_std: float = setting(0.02, "experts: N(0, init_std) per global expert id, as MoELayer does")
+    output_init_std: Optional[float] = setting(None, "the experts' fc2 (the model sets its depth-scaled std); none: "
+                                                     "init_std")
+    normalize: bool = setting(False, "SoftMoE: l2-normalise X and Phi and learn a scalar scale (the paper, for large "
+                                     "D)")
 
     FLAGS: ClassVar[Dict[str, Tuple[str, ...]]] = {"slots_per_expert": ("--soft-slots",),
                                                    "normalize": ("--soft-normalize",)}

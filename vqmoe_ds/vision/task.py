@@ -18,14 +18,15 @@ from typing import Any, ClassVar, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from ..fields import setting
 from ..cli import CommandLine, Parsed, Section, Shorthand
 from ..data.errors import DataError
 from ..moe.config import ROUTERS, ConfigError, MoEConfig
 from ..training.config import OptimConfig, ParallelConfig, RunConfig
 from ..parallel import all_reduce_sum
 from ..training.loop import Task, run
-from .augment import AUGMENTS, channel_stats, normalize, random_crop_flip, to_tensor
-from .datasets import DATASETS, ImageSet, load_dataset
+from .augment import AUGMENTS, Augment, channel_stats, normalize, random_crop_flip, to_tensor
+from .datasets import DATASETS, Dataset, ImageSet, load_dataset
 from .soft_moe import SoftMoEConfig
 from .vit import NAMED, ViTConfig, build_vit, count_params, moe_ffn_layers, vit_config
 
@@ -35,16 +36,18 @@ SYNTHETIC_CLASSES = (4, 8, 12)
 
 @dataclass
 class VisionDataConfig:
-    dataset: str = "synthetic"  # synthetic (generated, no download), a downloaded set, or an image folder tree
-    data_path: Optional[str] = None  # folder written by tools/get_vision_data.py (or an image folder tree)
-    num_classes: int = 8  # synthetic: 4, 8 or 12 classes
-    synthetic_train_size: int = 8192  # synthetic: training images
-    synthetic_test_size: int = 2048  # synthetic: test images
-    valid_size: Optional[int] = None  # validation images (real sets: held out of train, default min(5000, 10%); synthetic: generated, default 1024); 0: none
-    augment: Optional[str] = None  # standard: crop (pad 4) + flip; crop: no flip; none; default: standard, but crop for synthetic (a flip changes its labels)
-    crop_padding: int = 4  # padding of the random crop, in pixels
+    dataset: Dataset = setting("synthetic", "synthetic (generated, no download), a downloaded set, or an image folder "
+                                        "tree")
+    data_path: Optional[str] = setting(None, "folder written by tools/get_vision_data.py (or an image folder tree)")
+    num_classes: int = setting(8, "synthetic: 4, 8 or 12 classes")
+    synthetic_train_size: int = setting(8192, "synthetic: training images")
+    synthetic_test_size: int = setting(2048, "synthetic: test images")
+    valid_size: Optional[int] = setting(None, "validation images (real sets: held out of train, default min(5000, "
+                                              "10%); synthetic: generated, default 1024); 0: none")
+    augment: Optional[Augment] = setting(None, "standard: crop (pad 4) + flip; crop: no flip; none; default: standard, "
+                                           "but crop for synthetic (a flip changes its labels)")
+    crop_padding: int = setting(4, "padding of the random crop, in pixels")
 
-    CHOICES: ClassVar[Dict[str, Tuple[Any, ...]]] = {"dataset": DATASETS, "augment": AUGMENTS}
 
     def __post_init__(self):
         for name in ("synthetic_train_size", "synthetic_test_size"):

@@ -11,47 +11,50 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, List, Optional, Tuple
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar, Dict, List, Literal, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..fields import setting
 from ..models.common import init_weights
 from ..models.configs import parse_moe_layers, routes_per_token, router_params
 from ..moe.config import ConfigError, MoEConfig
 from .soft_moe import SoftMoE, SoftMoEConfig
 
-POOLS = ("cls", "mean")
+Pool = Literal["cls", "mean"]
+POOLS = typing.get_args(Pool)
 
 
 @dataclass
 class ViTConfig:
-    image_size: int = 32  # input side in pixels
-    patch_size: int = 4  # patch side in pixels
-    in_chans: int = 3  # image channels (set by the data)
-    num_classes: int = 10  # output classes (set by the data)
-    n_layer: int = 6  # transformer blocks
-    n_head: int = 8  # attention heads
-    d_model: int = 256  # model width d
-    d_inner: int = 512  # dense FFN width (and the experts' unless --expert-ffn-hidden-size is set)
-    pool: str = "cls"  # "cls": a learned class token; "mean": average of the patch tokens
-    dropout: float = 0.0  # dropout on embeddings and residual branches
-    attn_dropout: float = 0.0  # dropout on attention weights
-    moe_layers: str = "every_other"  # blocks with an MoE FFN: all, every_other (1, 3, ...), none, or a comma list "0,2"
-    expert_ffn: Optional[int] = None  # experts' hidden width; none: --ffn-hidden-size
-    # MoEConfig fields except hidden/ffn sizes; router "soft" = SoftMoE, with "slots_per_expert" and "normalize"
-    moe: Dict[str, Any] = field(default_factory=lambda: {"router": "vqmoe", "num_experts": 8, "top_k": 2,
-                                                         "codebook_size": 16})
-    init_std: float = 0.02  # standard deviation of the normal initialisation of the weights
+    image_size: int = setting(32, "input side in pixels")
+    patch_size: int = setting(4, "patch side in pixels")
+    in_chans: int = setting(3, "image channels (set by the data)")
+    num_classes: int = setting(10, "output classes (set by the data)")
+    n_layer: int = setting(6, "transformer blocks")
+    n_head: int = setting(8, "attention heads")
+    d_model: int = setting(256, "model width d")
+    d_inner: int = setting(512, "dense FFN width (and the experts' unless --expert-ffn-hidden-size is set)")
+    pool: Pool = setting("cls", '"cls": a learned class token; "mean": average of the patch tokens')
+    dropout: float = setting(0.0, "dropout on embeddings and residual branches")
+    attn_dropout: float = setting(0.0, "dropout on attention weights")
+    moe_layers: str = setting("every_other", "blocks with an MoE FFN: all, every_other (1, 3, ...), none, or a comma "
+                                             'list "0,2"')
+    expert_ffn: Optional[int] = setting(None, "experts' hidden width; none: --ffn-hidden-size")
+    moe: Dict[str, Any] = setting(factory=lambda: {"router": "vqmoe", "num_experts": 8, "top_k": 2, "codebook_size": 16},
+                                  help='MoEConfig fields except hidden/ffn sizes; router "soft" = SoftMoE, with '
+                                       '"slots_per_expert" and "normalize"')
+    init_std: float = setting(0.02, "standard deviation of the normal initialisation of the weights")
 
     FLAGS: ClassVar[Dict[str, Tuple[str, ...]]] = {
         "n_layer": ("--num-layers",), "n_head": ("--num-attention-heads",), "d_model": ("--hidden-size",),
         "d_inner": ("--ffn-hidden-size",), "expert_ffn": ("--expert-ffn-hidden-size",),
         "dropout": ("--hidden-dropout",), "attn_dropout": ("--attention-dropout",),
         "init_std": ("--init-method-std", "--init-std")}
-    CHOICES: ClassVar[Dict[str, Tuple[str, ...]]] = {"pool": POOLS}
 
     def __post_init__(self):
         def bad(msg):
