@@ -217,3 +217,16 @@ def test_a_checkpoint_of_the_earlier_format_still_resumes(runs, tmp_path):
     assert rc == 0
     log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["kind"] == "train"] == [3]
+
+
+def test_tools_verify_a_checkpoint_once(runs, tmp_path, monkeypatch, capsys):
+    """A tool reads (and hashes) a checkpoint's files once: read_run verifies, and the model is loaded from that
+    verified run, not read again."""
+    from vqmoe_ds.checkpoint import layout
+
+    calls = []
+    real = layout.file_digest
+    monkeypatch.setattr(layout, "file_digest", lambda path, *a, **k: calls.append(path) or real(path, *a, **k))
+    assert load_tool("generate").main(["--load", str(runs["moe"]), "--tokens", "2"]) == 0
+    capsys.readouterr()
+    assert calls and len(calls) == len(set(calls)), sorted(calls)

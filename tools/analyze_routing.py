@@ -158,7 +158,8 @@ def analyse(args):
     os.makedirs(args.out_dir, exist_ok=True)
     assign, summary, plots = [], {"checkpoints": [], "tags": tags}, []
     for k, tag in enumerate(tags):
-        model, r, _ = load_lm(save_dir, tag, run_config=args.run_config)
+        model, r, _ = load_lm(save_dir, tag, run_config=args.run_config,
+                              run=run if k == len(tags) - 1 else None)  # the last tag was read (verified) above
         p = probe(model, batches)
         assign.append({(i, path): rec.top1(path) for i, rec in enumerate(p.records) for path in rec.paths()})
         summary["checkpoints"].append({"tag": tag, "step": r.client_state.get("step")})

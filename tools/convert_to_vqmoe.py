@@ -108,7 +108,7 @@ def convert(args):
     if origin.get("hf_config"):
         meta["hf_config"] = origin["hf_config"]  # token ids etc. of an imported model, for the export
     # ---- convert and write ------------------------------------------------------------------------------
-    src, run, _ = load_lm(args.load, args.tag, run_config=args.run_config)
+    src, run, _ = load_lm(args.load, args.tag, run_config=args.run_config, run=run)  # verified once, above
     torch.manual_seed(0)
     dst = build_model(cfg)
     dst.load_state_dict(convert_state(src.state_dict(), src_cfg, dst.state_dict(), args.discrete_share), strict=True)

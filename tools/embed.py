@@ -79,7 +79,8 @@ def run(args):
         src = info.model_config.replace(moe=dict(info.model_config.moe, ep_size=1))
         cfg = discrete_only_config(src)
         drop = absent_path_keys(src, cfg)
-    model, info, _ = load_lm(args.load, args.tag, cfg=cfg, run_config=args.run_config, may_drop=drop)
+    model, info, _ = load_lm(args.load, args.tag, cfg=cfg, run_config=args.run_config, may_drop=drop,
+                             run=info)  # verified once, above
     L = args.max_length or model.cfg.seq_len
     emb = lambda texts: embed_texts(model, tok, texts, L, args.batch_size, args.pooling)  # noqa: E731
     out = {"checkpoint": info.path, "pooling": args.pooling, "discrete_only": args.discrete_only}

@@ -81,7 +81,8 @@ def evaluate(args):
         one = cfg.replace(moe=dict(cfg.moe, ep_size=1))
         want = discrete_only_config(one)
         drop = absent_path_keys(one, want)
-    model, run, _ = load_lm(args.load, args.tag, cfg=want, run_config=args.run_config, may_drop=drop)
+    model, run, _ = load_lm(args.load, args.tag, cfg=want, run_config=args.run_config, may_drop=drop,
+                            run=run)  # verified once, above
     out = {"checkpoint": run.path, "step": int(run.client_state.get("step", 0)), "data": corpus.source,
            "discrete_only": args.discrete_only, "splits": {}}
     for s in splits:

@@ -79,7 +79,7 @@ def load(args):
         print(notice, file=sys.stderr, flush=True)
     run = read_run(args.load, tag)  # verifies the checkpoint first
     tok = tokenizer_for(run, args.tokenizer_meta)
-    model, cfg, _ = load_for_inference(run.save_dir, run.tag)
+    model, cfg, _ = load_for_inference(run.save_dir, run.tag, run=run)  # verified once, by read_run
     return model, cfg, tok
 
 

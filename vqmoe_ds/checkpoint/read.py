@@ -160,17 +160,18 @@ def minimal_ds_config(micro_batch: int = 1) -> Dict[str, Any]:
 
 
 def load_lm(path: str, tag: Optional[str] = None, cfg: Optional[ModelConfig] = None, run_config: Optional[str] = None,
-            may_drop: Sequence[str] = ()):
+            may_drop: Sequence[str] = (), run: Optional[PretrainedRun] = None):
     """For single-process tools: (model in eval mode, run, engine) with the run's weights, through a DeepSpeed
     engine without optimizer, at expert parallelism 1 (DeepSpeed names expert files by global id, so any ep
     size loads).  ``cfg``: another config to build (e.g. discrete-only) -- ``may_drop`` then names the source
-    keys it lacks on purpose."""
+    keys it lacks on purpose.  ``run``: the checkpoint as `read_run` returned it (verified), so that a tool that
+    read it already does not verify it twice; else ``path`` and ``tag`` are read here."""
     import deepspeed
 
     from ..models import build_model
     from ..parallel import init_single_process
 
-    run = read_run(path, tag, run_config)
+    run = run or read_run(path, tag, run_config)
     init_single_process()
     cfg = cfg or run.model_config.replace(moe=dict(run.model_config.moe, ep_size=1))
     torch.manual_seed(0)
@@ -182,10 +183,10 @@ def load_lm(path: str, tag: Optional[str] = None, cfg: Optional[ModelConfig] = N
     return model, run, engine
 
 
-def load_for_inference(load_dir: str, tag: Optional[str] = None):
-    """The model of a checkpoint, rebuilt in one process at expert parallelism 1.  Returns (model in eval mode,
-    ModelConfig, tag)."""
-    model, run, _ = load_lm(load_dir, tag)
+def load_for_inference(load_dir: str, tag: Optional[str] = None, run: Optional[PretrainedRun] = None):
+    """The model of a checkpoint, rebuilt in one process at expert parallelism 1 (``run``: already read, see
+    `load_lm`).  Returns (model in eval mode, ModelConfig, tag)."""
+    model, run, _ = load_lm(load_dir, tag, run=run)
     return model, model.cfg, run.tag
 
 
