@@ -374,9 +374,10 @@ class Trainer:
         """Settings that only act after a number of steps must act within --train-iters."""
         moe, total = self.task.model_config.moe or {}, self.optim.train_iters
         warmup = int(moe.get("cluster_warmup_steps", 0) or 0)
-        if moe.get("router") == "cluster" and warmup >= total:
+        last = self.task.router_step(total)  # the routers' schedule step at the end of this run (fine-tuning
+        if moe.get("router") == "cluster" and warmup >= last:  # continues the pretraining run's schedule)
             raise ConfigError(f"--cluster-warmup-steps {warmup} is not below --train-iters {total}: the clustering "
-                           f"router would never fit its centroids in this run; give a warm-up below {total}")
+                              f"router would never fit its centroids in this run; give a warm-up below {last}")
 
     def resolved_config(self) -> Dict[str, Any]:
         """The configuration as the run uses it (`run_log.complete_config`): ``--config-file`` of it repeats the run."""
