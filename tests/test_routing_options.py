@@ -167,7 +167,7 @@ def test_load_metrics_and_summary_by_hand():
 
 
 def test_driver_logs_the_routing_metrics_and_moves_the_expert_bias(tmp_path):
-    """One process, 12 steps of the tiny model with the expert bias and the z-loss: every train record carries the
+    """One process, 6 steps of the tiny model with the expert bias and the z-loss: every train record carries the
     model-wide routing summary, and the bias range grows by at most 2 x rate per step (two experts moving apart)."""
     import json
     import subprocess
@@ -180,12 +180,12 @@ def test_driver_logs_the_routing_metrics_and_moves_the_expert_bias(tmp_path):
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, DRIVER, "--router", "topk", "--moe-router-enable-expert-bias",
                         "--moe-router-bias-update-rate", "0.01", "--moe-z-loss-coeff", "0.001",
-                        "--moe-per-layer-logging", "--train-iters", "12", "--log-interval", "4", "--eval-iters", "1",
+                        "--moe-per-layer-logging", "--train-iters", "6", "--log-interval", "2", "--eval-iters", "1",
                         "--test-iters", "1", "--corpus-bytes", "100000", "--no-progress", "--no-plots",
                         "--out-dir", str(out)], env=env, capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     train = [x for x in map(json.loads, open(out / "log.jsonl")) if x["kind"] == "train"]
-    assert [x["step"] for x in train] == [4, 8, 12]
+    assert [x["step"] for x in train] == [2, 4, 6]
     for rec in train:
         s = rec["moe_summary"]
         assert {"balance_loss", "z_loss", "load_max_over_mean", "load_cv", "expert_bias_range"} <= set(s)
