@@ -90,3 +90,36 @@ def test_each_rank_makes_its_local_device_current(monkeypatch):
     monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: FakeCpu())
     parallel.bind_local_device()
     assert calls == [3]
+
+
+def test_a_lone_process_takes_a_free_rendezvous_port(monkeypatch):
+    """Started without a launcher or MPI, a process forms a one-rank group on a free port, not DeepSpeed's default
+    29500 (two such runs on one machine would collide there); under a launcher its variables are left alone."""
+    import os
+    import socket
+
+    import deepspeed
+
+    from vqmoe_ds import parallel
+
+    for v in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+              *parallel.MPI_RANK_VARIABLES):
+        monkeypatch.delenv(v, raising=False)
+    seen = {}
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: seen.update(os.environ, port=kw.get("distributed_port")))
+    busy = socket.socket()
+    try:
+        busy.bind(("127.0.0.1", 29500))  # another run holds the default port
+    except OSError:
+        pass  # it is already taken
+    try:
+        parallel.init_distributed(distributed_port=29500)
+    finally:
+        busy.close()
+    assert (seen["RANK"], seen["WORLD_SIZE"], seen["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
+    assert seen["MASTER_PORT"] != "29500"
+    seen.clear()
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("MASTER_PORT", "12345")
+    parallel.init_distributed(distributed_port=29500)
+    assert seen["RANK"] == "1" and seen["MASTER_PORT"] == "12345"

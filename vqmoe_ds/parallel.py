@@ -200,7 +200,7 @@ def init_distributed(**kwargs) -> None:
 
     from .quiet import SHM_BUILT, stdout_without
 
-    if "RANK" not in os.environ and not any(v in os.environ for v in MPI_RANK_VARIABLES):
+    if not any(v in os.environ for v in ("RANK", "LOCAL_RANK", "WORLD_SIZE", *MPI_RANK_VARIABLES)):
         # a lone process (no launcher, no MPI): DeepSpeed's MPI discovery would take --distributed-port (29500), and
         # two such runs on one machine would collide on it; a one-process group can use any free port
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
