@@ -24,10 +24,10 @@ def _kernel_build_kwargs():
 # the command-line tools (tools/*.py) install as the package vqmoe_tools, each with a console script
 TOOLS = ("analyze_routing", "convert_hf", "convert_to_vqmoe", "embed", "estimate_memory", "evaluate", "export_checkpoint",
          "generate", "get_data", "get_vision_data", "make_default_corpus", "preprocess_data", "reshard_checkpoint",
-         "train_tokenizer")
+         "sweep", "train_tokenizer")
 CONSOLE_SCRIPTS = ([f"vqmoe-{t.replace('_', '-')} = vqmoe_tools.{t}:cli" for t in TOOLS] +
                    ["vqmoe-pretrain = vqmoe_ds.training.lm:cli", "vqmoe-finetune = vqmoe_ds.finetune.task:cli",
-                    "vqmoe-train-vision = vqmoe_ds.vision.task:cli", "vqmoe-sweep = vqmoe_ds.experiments.cli:main"])
+                    "vqmoe-train-vision = vqmoe_ds.vision.task:cli"])
 
 setup(
     name="vqmoe-ds",

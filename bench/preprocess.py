@@ -87,8 +87,7 @@ def main():
         print(f"corpus: {os.path.basename(a.text_file)} repeated to {size / 1e6:.1f} MB; {os.cpu_count()} CPU(s)")
         sp_model = None
         if "sentencepiece" in a.tokenizers:
-            sys.path.insert(0, os.path.join(ROOT, "tools"))
-            from train_tokenizer import train
+            from vqmoe_tools.train_tokenizer import train
 
             sample = os.path.join(tmp, "sample.txt")
             make_corpus(a.text_file, min(3.0, a.mb), sample)

@@ -144,12 +144,12 @@ def test_console_scripts_load_and_run():
     setup_py = open(os.path.join(os.path.dirname(ROOT), "setup.py")).read()
     tools = re.findall(r'"(\w+)"', setup_py[setup_py.index("TOOLS = ("):setup_py.index("CONSOLE_SCRIPTS")])
     on_disk = sorted(n[:-3] for n in os.listdir(os.path.join(os.path.dirname(ROOT), "tools"))
-                     if n.endswith(".py") and n not in ("__init__.py", "sweep.py"))
+                     if n.endswith(".py") and n != "__init__.py")
     assert sorted(tools) == on_disk  # every tool script has its console script
     installed = {ep.name: ep for ep in importlib.metadata.entry_points(group="console_scripts")
                  if ep.name.startswith("vqmoe-")}
     expected = {f"vqmoe-{t.replace('_', '-')}" for t in tools} | {"vqmoe-pretrain", "vqmoe-finetune",
-                                                                  "vqmoe-train-vision", "vqmoe-sweep"}
+                                                                  "vqmoe-train-vision"}
     assert set(installed) == expected, set(installed) ^ expected
     for ep in installed.values():
         assert callable(ep.load()), ep.name

@@ -4,11 +4,14 @@
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/vqmoe_ds/torch_extensions"))
 
 from vqmoe_ds.experiments.cli import main  # noqa: E402
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script ``vqmoe-sweep`` (setup.py)."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()
