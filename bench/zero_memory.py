@@ -71,7 +71,7 @@ def run(config, stage, ep, steps, micro, tmp):
     out = os.path.join(tmp, f"{config}_{stage}_{ep}")
     args = ["--config", config, "--deepspeed_config", ds_path, "--train-iters", str(steps), "--micro-batch-size",
             str(micro), "--eval-iters", "1", "--test-iters", "1", "--corpus-bytes", "300000", "--no-progress",
-            "--no-plots", "--no-tensorboard", "--log-interval", "1", "--moe-expert-parallel-size", str(ep),
+            "--no-plots", "--log-interval", "1", "--moe-expert-parallel-size", str(ep),
             "--out-dir", out]
     before = shm_files()
     t0 = time.time()

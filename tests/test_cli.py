@@ -92,7 +92,7 @@ LM_VALUES = {
     "--data-file": "corpus.txt", "--corpus-bytes": "12345", "--eval-seq-length": "12",
     "--out-dir": "runs/x", "--save": "ck", "--save-interval": "5", "--keep-last": "2", "--eval-interval": "10",
     "--eval-iters": "3", "--test-iters": "4", "--eval-batch-size": "6", "--log-interval": "2",
-    "--max-skipped-steps": "4", "--progress": None, "--plots": None, "--tensorboard": None,
+    "--max-skipped-steps": "4", "--progress": None, "--plots": None,
     "--dist-timeout-minutes": "5.0", "--deepspeed_config": CPU_CFG, "--data-path": None, "--load": ROOT,
     "--overwrite": None, "--upcycle-from": ROOT, "--eval-only": None,
 }
@@ -100,7 +100,7 @@ LM_VALUES = {
 GPT_VALUES = {"--normalization": "RMSNorm", "--norm-epsilon": "1e-06", "--swiglu": None,
               "--position-embedding-type": "rope", "--rotary-base": "5000.0", "--qk-norm": "hidden",
               "--add-bias-linear": None}
-NEGATED = {"--tie-embeddings", "--drop-tokens", "--progress", "--plots", "--tensorboard", "--norm-topk-prob",
+NEGATED = {"--tie-embeddings", "--drop-tokens", "--progress", "--plots", "--norm-topk-prob",
            "--add-bias-linear"}  # default True: --no-...
 
 

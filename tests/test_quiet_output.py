@@ -70,7 +70,7 @@ def test_megatron_import_is_silent():
 
 
 def test_progress_is_plain_lines_without_a_terminal(tmp_path, capsys):
-    log = RunLog(str(tmp_path), rank=0, total_steps=40, progress=True, tensorboard=False)
+    log = RunLog(str(tmp_path), rank=0, total_steps=40, progress=True)
     assert log.bar is None  # pytest's captured output is not a terminal
     for _ in range(40):
         log.progress(1, loss=1.5, **{"tokens/s": "2100"})

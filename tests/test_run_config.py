@@ -14,7 +14,7 @@ from test_finetune_support import CPU_CFG, run_cmd
 from vqmoe_ds.training.launch import ROOT, env_for_ranks, free_port, torchrun_cmd
 
 TINY = ["--config", "tiny", "--corpus-bytes", "60000", "--micro-batch-size", "4", "--log-interval", "1",
-        "--eval-iters", "2", "--test-iters", "2", "--no-progress", "--no-plots", "--no-tensorboard"]
+        "--eval-iters", "2", "--test-iters", "2", "--no-progress", "--no-plots"]
 
 
 def _strict(path):

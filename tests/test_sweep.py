@@ -376,7 +376,7 @@ def test_one_real_run_is_read_back(tmp_path, capsys):
     out = tmp_path / "sweep"
     argv = ["--preset", "seeds", "--routers", "vqmoe", "--seeds", "1", "--out", str(out), "--launcher", "none",
             "--set", "train-iters=2", "eval-interval=2", "eval-iters=1", "save-interval=2", "micro-batch-size=4",
-            "--", "--corpus-bytes", "50000", "--no-plots", "--no-tensorboard", "--test-iters", "1"]
+            "--", "--corpus-bytes", "50000", "--no-plots", "--test-iters", "1"]
     before = shm_files()
     try:
         assert sweep.main(argv) == 0, capsys.readouterr()

@@ -21,7 +21,7 @@ def test_a_preempted_job_is_requeued_and_resumes(tmp_path):
     grid = build_grid("seeds", routers=["topk"], seeds=[1],
                       sets=["train-iters=60", "eval-interval=30", "eval-iters=2", "save-interval=2", "log-interval=2",
                             "micro-batch-size=4"],
-                      extra=["--corpus-bytes", "50000", "--no-plots", "--no-tensorboard"], settings=DriverSettings())
+                      extra=["--corpus-bytes", "50000", "--no-plots"], settings=DriverSettings())
     spec = grid.runs[0]
     write_config(out, spec)
     before = shm_files()
@@ -59,8 +59,7 @@ def test_the_command_line_runs_a_sweep_as_jobs(tmp_path, capsys):
         assert sweep.main(["--preset", "seeds", "--routers", "vqmoe", "--seeds", "2", "--out", str(out),
                            "--launcher", "slurm", "--slurm", "cluster=local", "timeout_min=10",
                            "--set", "train-iters=2", "eval-interval=2", "eval-iters=1", "save-interval=2",
-                           "micro-batch-size=4", "--", "--corpus-bytes", "50000", "--no-plots",
-                           "--no-tensorboard"]) == 0, capsys.readouterr()
+                           "micro-batch-size=4", "--", "--corpus-bytes", "50000", "--no-plots"]) == 0, capsys.readouterr()
         assert "vqmoe_s2: submitted as job" in capsys.readouterr().out
         assert (out / "vqmoe_s2" / "results.json").exists() and (out / "sweep.md").exists()
         assert list((out / "slurm").iterdir())  # submitit's job folder

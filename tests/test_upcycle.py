@@ -7,7 +7,7 @@ import pytest
 import torch
 
 BASE = ["--corpus-bytes", "60000", "--train-iters", "1", "--eval-iters", "1", "--test-iters", "1", "--no-progress",
-        "--no-plots", "--no-tensorboard", "--micro-batch-size", "2", "--seq-length", "32"]
+        "--no-plots", "--micro-batch-size", "2", "--seq-length", "32"]
 BLOCKS = {"gpt": [], "olmoe-block": ["--normalization", "RMSNorm", "--swiglu", "--position-embedding-type", "rope",
                                       "--qk-norm", "hidden", "--disable-bias-linear"]}
 

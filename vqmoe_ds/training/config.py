@@ -86,12 +86,15 @@ class RunConfig:
                                          "skipped)")
     progress: bool = setting(True, "a tqdm bar on rank 0")
     plots: bool = setting(True, "PNG plots at the end")
-    tensorboard: bool = setting(True, "TensorBoard scalars beside log.jsonl")
-    moe_per_layer_logging: bool = setting(False, "TensorBoard: every MoE layer's routing metrics too, not only their "
-                                                 "summary")
+    moe_per_layer_logging: bool = setting(False, "the monitor (TensorBoard ...): every MoE layer's routing metrics "
+                                                 "too, not only their summary")
     eval_only: bool = setting(False, "evaluate the weights (those --load gives, e.g. an imported model's: a baseline "
                                      "at its step) on the validation and test splits, write OUT_DIR/eval.json and "
                                      "stop: no training, no checkpoint")
+
+    # keys that config files of earlier versions hold, read and ignored: "tensorboard" (the monitor is the
+    # ds_config's: TensorBoard by default, `resolve_ds_config`)
+    RETIRED: ClassVar[Tuple[str, ...]] = ("tensorboard",)
 
     def __post_init__(self):
         for name in ("save_interval", "keep_last", "eval_interval", "eval_iters", "test_iters"):
@@ -283,9 +286,14 @@ def check_with_deepspeed(ds: Dict[str, Any], src: str) -> None:
         raise ConfigError(f"DeepSpeed refuses {src}: {line[:200]}: fix the ds_config") from None
 
 
+MONITORS = ("tensorboard", "wandb", "csv_monitor", "comet")  # DeepSpeed's monitor blocks
+
+
 def resolve_ds_config(optim: OptimConfig, parallel: ParallelConfig, world_size: int, on_cpu: bool,
-                      default_micro_batch: int = DEFAULT_MICRO_BATCH) -> Dict[str, Any]:
-    """The DeepSpeed config the engine gets: the file's settings, completed from the flags (see module doc)."""
+                      default_micro_batch: int = DEFAULT_MICRO_BATCH, out_dir: Optional[str] = None) -> Dict[str, Any]:
+    """The DeepSpeed config the engine gets: the file's settings, completed from the flags (see module doc).
+    ``out_dir``: a run's folder; when the file configures none of DeepSpeed's monitors, TensorBoard is turned on in
+    ``out_dir/tensorboard`` (the run's scalars go through the engine's monitor: `RunLog`)."""
     ds = copy.deepcopy(load_ds_config(parallel.deepspeed_config))
     src = parallel.deepspeed_config or "the default ds_config"
     check_ds_shapes(ds, src, on_cpu)
@@ -347,6 +355,8 @@ def resolve_ds_config(optim: OptimConfig, parallel: ParallelConfig, world_size: 
         raise ConfigError(f"{src} offloads the optimizer, which needs a GPU: use ds_configs/cpu_fp32.json on CPU")
     ds.setdefault("steps_per_print", 10 ** 9)  # the driver logs; keep DeepSpeed's own step prints quiet
     ds.setdefault("wall_clock_breakdown", False)
+    if out_dir is not None and not any(k in ds for k in MONITORS):
+        ds["tensorboard"] = {"enabled": True, "output_path": out_dir, "job_name": "tensorboard"}
     check_with_deepspeed(ds, src)
     return ds
 

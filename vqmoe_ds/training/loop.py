@@ -272,7 +272,8 @@ class Trainer:
         task, optim, run, par = self.task, self.optim, self.run, self.task.parallel
         # ---- checks, all before the model exists -------------------------------------------------------
         check_world(task.ep_size, task.is_moe, self.world)
-        self.ds_config = resolve_ds_config(optim, par, self.world, on_cpu, task.default_micro_batch)
+        self.ds_config = resolve_ds_config(optim, par, self.world, on_cpu, task.default_micro_batch,
+                                           out_dir=run.out_dir)
         self.micro = self.ds_config["train_micro_batch_size_per_gpu"]
         self.accum = self.ds_config["gradient_accumulation_steps"]
         task.shard(self.micro, run.eval_batch_size or self.micro)
@@ -331,7 +332,8 @@ class Trainer:
 
         def open_run_files():  # rank 0 writes them; every rank learns whether that worked (a full disk: exit 3)
             self.log = RunLog(run.out_dir, self.rank, optim.train_iters, self.step, progress=run.progress,
-                              tensorboard=run.tensorboard, per_layer=run.moe_per_layer_logging)
+                              monitor=self.engine.monitor, monitor_note=_monitor_note(self.ds_config),
+                              per_layer=run.moe_per_layer_logging)
             self.log.info(f"{task.describe()}; {self.world} rank(s), ep {task.ep_size}, "
                           f"ZeRO {self.ds_config.get('zero_optimization', {}).get('stage', 0)}, "
                           f"batch {self.micro} x {self.accum} x {self.world}")
@@ -680,6 +682,15 @@ class Trainer:
         plots = self.task.plots if self.run.plots and not self.run.eval_only else None
         agreed_io(lambda: self.log.finish(self.save_dir, plots))
         self.release_lock()
+
+
+def _monitor_note(ds_config: Dict[str, Any]) -> str:
+    """Where DeepSpeed's monitor writes the run's scalars, for the run's last line ('' when none is on)."""
+    tb = ds_config.get("tensorboard") or {}
+    parts = [f", TensorBoard: {os.path.join(tb.get('output_path', ''), tb.get('job_name', ''))}"] \
+        if tb.get("enabled") else []
+    parts += [f", {name}: on" for name in ("wandb", "csv_monitor", "comet") if (ds_config.get(name) or {}).get("enabled")]
+    return "".join(parts)
 
 
 def _to_host(state):

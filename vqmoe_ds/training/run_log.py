@@ -11,7 +11,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -206,11 +206,32 @@ def plain_progress(step: int, total: int, done: int, seconds: float, values: Dic
     return f"train: step {step}/{total} ({100 * step // max(total, 1)}%), {_hms(seconds)} elapsed{eta}{more}"
 
 
+def monitor_events(record: Dict[str, Any], per_layer: bool = False) -> List[Tuple[str, float, int]]:
+    """A log record's scalars as DeepSpeed monitor events (name, value, step): ``{kind}/{key}`` for its finite
+    numbers, ``moe/{key}`` for the model-wide routing summary, and with ``per_layer`` every MoE layer's metrics and
+    the largest share and count of used experts and codes."""
+    step, kind = record.get("step", 0), record.get("kind", "train")
+    out = [(f"{kind}/{k}", float(v), step) for k, v in record.items()
+           if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "time") and math.isfinite(v)]
+    out += [(f"moe/{k}", float(v), step) for k, v in record.get("moe_summary", {}).items()]
+    for i, layer in enumerate(record.get("moe", []) if per_layer else []):
+        for k, v in layer.items():
+            if isinstance(v, float):
+                out.append((f"moe_layer{i}/{k}", v, step))
+            elif k in ("expert_load", "code_counts") and sum(v) > 0:
+                out.append((f"moe_layer{i}/{k}_max_share", max(v) / sum(v), step))
+                out.append((f"moe_layer{i}/{k}_used", float(sum(1 for c in v if c > 0)), step))
+    return out
+
+
 class RunLog:
     def __init__(self, out_dir: str, rank: int, total_steps: int, start_step: int = 0, progress: bool = True,
-                 tensorboard: bool = True, per_layer: bool = False):
+                 monitor=None, monitor_note: str = "", per_layer: bool = False):
+        """``monitor``: DeepSpeed's ``engine.monitor`` (TensorBoard, W&B, CSV, Comet, as the ds_config says): every
+        record's scalars go to it beside log.jsonl; ``monitor_note``: where it writes, for the last line."""
         self.rank, self.out_dir, self.per_layer = rank, out_dir, per_layer
-        self.bar = self.tb = self.jsonl = None
+        self.monitor, self.monitor_note = monitor, monitor_note
+        self.bar = self.jsonl = None
         self.failed: Optional[OSError] = None  # the first write to log.jsonl that failed
         self.plain = None  # progress as plain lines: [every, start step, start time] (no terminal to redraw a bar on)
         self.step, self.total = start_step, total_steps
@@ -218,10 +239,6 @@ class RunLog:
             return
         os.makedirs(out_dir, exist_ok=True)
         self.jsonl = open(os.path.join(out_dir, "log.jsonl"), "a")
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
         if progress and interactive():
             from tqdm import tqdm
 
@@ -241,21 +258,8 @@ class RunLog:
         except OSError as e:  # a full disk: the loop stops all ranks at its next agreement (``failed``)
             self.failed = e
             return
-        if self.tb is not None:
-            step, kind = record.get("step", 0), record.get("kind", "train")
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step", "time") and math.isfinite(v):
-                    self.tb.add_scalar(f"{kind}/{k}", v, step)
-            for k, v in record.get("moe_summary", {}).items():
-                self.tb.add_scalar(f"moe/{k}", v, step)
-            for i, layer in enumerate(record.get("moe", []) if self.per_layer else []):
-                for k, v in layer.items():
-                    if isinstance(v, float):
-                        self.tb.add_scalar(f"moe_layer{i}/{k}", v, step)
-                    elif k in ("expert_load", "code_counts") and sum(v) > 0:
-                        used = sum(1 for c in v if c > 0)
-                        self.tb.add_scalar(f"moe_layer{i}/{k}_max_share", max(v) / sum(v), step)
-                        self.tb.add_scalar(f"moe_layer{i}/{k}_used", used, step)
+        if self.monitor is not None and getattr(self.monitor, "enabled", False):
+            self.monitor.write_events(monitor_events(record, self.per_layer))
 
     def progress(self, steps: int, **postfix) -> None:
         self.step += steps
@@ -282,16 +286,14 @@ class RunLog:
             return
         for p in make_plots(self.out_dir) if make_plots is not None else []:
             print(f"plot: {p}", flush=True)
-        print(f"logs: {os.path.join(self.out_dir, 'log.jsonl')}, TensorBoard: "
-              f"{os.path.join(self.out_dir, 'tensorboard')}, checkpoints: {save_dir}", flush=True)
+        print(f"logs: {os.path.join(self.out_dir, 'log.jsonl')}{self.monitor_note}, checkpoints: {save_dir}",
+              flush=True)
 
     def close(self) -> None:
         if self.rank != 0:
             return
         if self.bar is not None:
             self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
         try:
             self.jsonl.close()
         except OSError:  # what could not be written after a failed write (already reported)
