@@ -183,11 +183,11 @@ def test_skipped_step_does_not_advance_the_lr_schedule(tmp_path, stage):
     lrs, skips = _lr_run(tmp_path, stage, "nan@3@0")
     assert (clean_skips, skips) == (0, 1)
     assert sorted(lrs) == [1, 2, 4, 5, 6]
-    # logged after step s: the lr of step s+1 (peak 3e-3, 3 warmup steps, cosine to 3e-4 over steps 3..6)
-    cos = lambda p: 3e-4 + (3e-3 - 3e-4) * (1 + math.cos(math.pi * min(p, 1.0))) / 2  # noqa: E731
-    assert [clean[s] for s in range(1, 7)] == pytest.approx([2e-3, cos(1 / 3), cos(2 / 3), 3e-4, 3e-4, 3e-4])
+    # the lr step s trained at (peak 3e-3, 3 warmup steps, cosine from step 3 to 3e-4 at step 6)
+    cos = lambda p: 3e-4 + (3e-3 - 3e-4) * (1 + math.cos(math.pi * p)) / 2  # noqa: E731
+    assert [clean[s] for s in range(1, 7)] == pytest.approx([1e-3, 2e-3, 3e-3, cos(1 / 3), cos(2 / 3), 3e-4])
     assert [lrs[s] for s in (1, 2)] == [clean[1], clean[2]]
-    assert [lrs[s] for s in (4, 5, 6)] == [clean[3], clean[4], clean[5]]  # an advanced schedule: 3e-4 at 4
+    assert [lrs[s] for s in (4, 5, 6)] == [clean[3], clean[4], clean[5]]  # an advanced schedule: cos(1/3) at 4
 
 
 def test_full_disk_in_a_save_is_one_line_naming_the_last_good_checkpoint(tmp_path):

@@ -4,7 +4,7 @@ contradicts the config is an error"), worked out here from the input alone:
 
   * accepted => every value the input ds_config holds is in the resolved config unchanged, the values it leaves out
     come from the flags or the documented defaults (micro-batch 8, accumulation 1, Adam, lr 3.5e-4, clipping 1.0,
-    ZeRO 0, WarmupCosineLR over --train-iters), and DeepSpeed's own ``DeepSpeedConfig`` parses the resolved config to
+    ZeRO 0, the flags' warmup + cosine over --train-iters unless it has a scheduler block), and DeepSpeed's own ``DeepSpeedConfig`` parses the resolved config to
     exactly those values;
   * refused => one ``ConfigError`` line that names a setting the input gave (a flag, its config field, or a ds_config
     key present in the file); one bad value put into a well-formed config is refused naming its key;
@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from vqmoe_ds.cli import ConfigError
-from vqmoe_ds.training.config import resolve_ds_config
+from vqmoe_ds.training.config import flag_lr_schedule, resolve_ds_config
 from vqmoe_ds.training.lm import command_line, make_task
 
 leaf = (st.none() | st.booleans() | st.integers(-3, 64) | st.floats(allow_nan=True, allow_infinity=True, width=32)
@@ -90,11 +90,13 @@ def _preflight(tmp_path, cfg, flags):
     path.write_text(json.dumps(cfg))
     argv = ["--deepspeed_config", str(path)] + [f"{flag}={value}" for flag, value in flags.items()]
     task = make_task(command_line().parse(argv))
-    return resolve_ds_config(task.optim, task.parallel, world_size=1, on_cpu=True)
+    ds = resolve_ds_config(task.optim, task.parallel, world_size=1, on_cpu=True)
+    return ds, flag_lr_schedule(task.optim, ds)
 
 
-def check_accepted(cfg, flags, ds):
-    """The resolved config ``ds`` against the precedence rule, and DeepSpeed's parse of it."""
+def check_accepted(cfg, flags, ds, schedule):
+    """The resolved config ``ds`` and the flags' lr ``schedule`` against the precedence rule, and DeepSpeed's
+    parse of it."""
     from deepspeed.runtime.config import DeepSpeedConfig
 
     assert _holds(ds, cfg), (cfg, ds)  # the file wins: everything it holds comes through unchanged
@@ -112,12 +114,12 @@ def check_accepted(cfg, flags, ds):
     assert ds["optimizer"]["params"]["weight_decay"] == opt_params.get("weight_decay", flag.get("--weight-decay", 0.0))
     assert ds["gradient_clipping"] == clip
     if "scheduler" not in cfg:  # built from the flags: linear warmup, cosine to --min-lr (0.1 x lr) at --train-iters
-        sp = ds["scheduler"]["params"]
-        assert ds["scheduler"]["type"] == "WarmupCosineLR"
-        if "--train-iters" in flag:
-            assert sp["total_num_steps"] == flag["--train-iters"]
-        assert sp["warmup_num_steps"] == max(flag.get("--lr-warmup-iters", 0), 1)
-        assert sp["cos_min_ratio"] == pytest.approx(flag.get("--min-lr", 0.1 * lr) / lr)
+        warmup, total, min_ratio = schedule
+        assert "scheduler" not in ds  # the flags' schedule is handed to deepspeed.initialize, not written here
+        assert total == flag.get("--train-iters", 100) and warmup == flag.get("--lr-warmup-iters", 0)
+        assert min_ratio == pytest.approx(flag.get("--min-lr", 0.1 * lr) / lr)
+    else:
+        assert schedule is None and ds["scheduler"] == cfg["scheduler"]
     parsed = DeepSpeedConfig(ds)  # DeepSpeed reads the same numbers
     assert (parsed.train_micro_batch_size_per_gpu, parsed.gradient_accumulation_steps,
             parsed.train_batch_size) == (micro, accum, micro * accum)
@@ -138,11 +140,11 @@ def check_refused(cfg, flags, error):
 
 def run_case(tmp_path, cfg, flags):
     try:
-        ds = _preflight(tmp_path, cfg, flags)
+        ds, schedule = _preflight(tmp_path, cfg, flags)
     except ConfigError as e:
         check_refused(cfg, flags, e)
         return False
-    check_accepted(cfg, flags, ds)
+    check_accepted(cfg, flags, ds, schedule)
     return True
 
 

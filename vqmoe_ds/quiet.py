@@ -3,9 +3,9 @@
 Each filter matches one message exactly and is installed only around the call that produces it (or, for a
 warning raised at every step, for that one message), so anything else the libraries say still shows:
 
-* DeepSpeed's ``WarmupCosineLR`` logs "Attempting to get learning rate from scheduler before it has started"
-  from its constructor (inside ``deepspeed.initialize``, once per rank): it builds the schedule at iteration -1
-  and asks it for a learning rate.  ``training.lr_schedule.start_lr_schedule`` moves the schedule to its first
+* DeepSpeed's ``WarmupCosineLR`` (a ds_config's scheduler block) logs "Attempting to get learning rate from
+  scheduler before it has started" from its constructor (inside ``deepspeed.initialize``, once per rank): it
+  builds the schedule at iteration -1 and asks it for a learning rate.  ``training.lr_schedule.start_lr_schedule`` moves the schedule to its first
   iteration before any step, so the 0 it answers is never used.
 * DeepSpeed prints "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully" on every rank when
   ``deepspeed.init_distributed`` loads its CPU shared-memory collectives (``deepspeed/comm/torch.py``), and

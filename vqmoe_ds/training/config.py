@@ -20,6 +20,7 @@ from ..fields import setting
 from ..cli import ConfigError
 
 DEFAULT_LR, DEFAULT_CLIP, DEFAULT_MICRO_BATCH = 3.5e-4, 1.0, 8
+DEFAULT_MIN_LR_RATIO = 0.1  # --min-lr's default: this x the peak lr
 
 
 def _finite(name: str, value: Optional[float]) -> None:
@@ -289,6 +290,16 @@ def check_with_deepspeed(ds: Dict[str, Any], src: str) -> None:
 MONITORS = ("tensorboard", "wandb", "csv_monitor", "comet")  # DeepSpeed's monitor blocks
 
 
+def flag_lr_schedule(optim: OptimConfig, ds: Dict[str, Any]) -> Optional[Tuple[int, int, float]]:
+    """The flags' lr schedule of a resolved ds_config -- (warmup steps, train steps, min_lr / lr) for
+    `lr_schedule.flag_schedule` -- or None when the ds_config has its own ``"scheduler"`` block, which wins."""
+    if "scheduler" in ds:
+        return None
+    lr = ds["optimizer"]["params"]["lr"]
+    min_lr = optim.min_lr if optim.min_lr is not None else DEFAULT_MIN_LR_RATIO * lr
+    return optim.lr_warmup_iters or 0, optim.train_iters, min_lr / lr
+
+
 def resolve_ds_config(optim: OptimConfig, parallel: ParallelConfig, world_size: int, on_cpu: bool,
                       default_micro_batch: int = DEFAULT_MICRO_BATCH, out_dir: Optional[str] = None) -> Dict[str, Any]:
     """The DeepSpeed config the engine gets: the file's settings, completed from the flags (see module doc).
@@ -336,15 +347,8 @@ def resolve_ds_config(optim: OptimConfig, parallel: ParallelConfig, world_size: 
             if val is not None:
                 raise ConfigError(f"{flag} {val} given but {src} has its own scheduler block, which wins: "
                                f"remove the flag or the block")
-    else:
-        min_lr = optim.min_lr if optim.min_lr is not None else 0.1 * lr
-        if min_lr > lr:
-            raise ConfigError(f"--min-lr {min_lr} exceeds the peak lr {lr}: lower --min-lr")
-        # DeepSpeed's WarmupCosineLR needs >= 1 warmup step; "no warmup" = one step at ratio 1
-        warmup = optim.lr_warmup_iters or 0
-        ds["scheduler"] = {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": optim.train_iters, "warmup_num_steps": max(warmup, 1),
-            "warmup_min_ratio": 0.0 if warmup else 1.0, "warmup_type": "linear", "cos_min_ratio": min_lr / lr}}
+    elif optim.min_lr is not None and optim.min_lr > lr:  # the flags' schedule (`flag_lr_schedule`)
+        raise ConfigError(f"--min-lr {optim.min_lr} exceeds the peak lr {lr}: lower --min-lr")
     # clipping
     if "gradient_clipping" in ds and optim.clip_grad is not None and ds["gradient_clipping"] != optim.clip_grad:
         conflict("--clip-grad", optim.clip_grad, "gradient_clipping", ds["gradient_clipping"])

@@ -38,9 +38,9 @@ from ..parallel import (announce_alive, any_rank, barrier, collective_failure, d
                         max_over_ranks, max_value, reduce_values, shutdown)
 from ..quiet import engine_start
 from ..routers import set_step, update_expert_biases
-from .config import (OptimConfig, ParallelConfig, RunConfig, check_save_dir, check_world, load_ds_config,
-                     resolve_ds_config)
-from .lr_schedule import start_lr_schedule
+from .config import (OptimConfig, ParallelConfig, RunConfig, check_save_dir, check_world, flag_lr_schedule,
+                     load_ds_config, resolve_ds_config)
+from .lr_schedule import flag_schedule, start_lr_schedule
 from .preemption import StopRequest
 from .run_lock import RunLock, RunLockError
 from .run_log import (RoutingHealth, RunLog, complete_config, finite_json, gather_moe_stats, layer_stats,
@@ -315,11 +315,13 @@ class Trainer:
         groups = split_params_into_different_moe_groups_for_optimizer(
             {"params": [p for p in model.parameters() if p.requires_grad], "name": "parameters"})
         with engine_start():  # DeepSpeed's known set-up messages stay out of the run's output (vqmoe_ds/quiet.py)
-            self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=self.ds_config)
+            schedule = flag_lr_schedule(optim, self.ds_config)  # None: the ds_config's scheduler block
+            self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=self.ds_config,
+                                                        lr_scheduler=flag_schedule(*schedule) if schedule else None)
         self.model = model
         task.after_engine(self.engine, model, resuming=bool(run.load))
         torch.manual_seed(optim.seed + 1 + self.rank)  # dropout, jitter, augmentation: different per rank
-        start_lr_schedule(self.engine)  # step 1 at the schedule's first lr, not 0 (see lr_schedule.py)
+        start_lr_schedule(self.engine)  # a ds_config's WarmupCosineLR: step 1 at its first lr, not 0 (lr_schedule.py)
         self.step, self.skipped_total, self.skipped_in_row = 0, 0, 0
         self.doing = "starting"  # what the loop is doing, for messages: "training step 7", "saving step 6", ...
         self.best = -math.inf if task.higher_is_better else math.inf
@@ -508,6 +510,7 @@ class Trainer:
         Buffers the forward passes changed (router step, VQ EMA) and the task's own state are put back.
         Returns (mean loss, mean aux, extras summed over the micro-batches, skipped)."""
         self.doing = f"training step {self.step + 1}"
+        self.step_lr = float(self.engine.get_lr()[0])  # the lr this step trains at (the schedule moves after it)
         set_step(self.model, self.task.router_step(self.step))
         # device copies: put back if the step is skipped (a host copy would sync the device every step)
         buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
@@ -577,7 +580,7 @@ class Trainer:
         extras = dict(zip(keys, sums[3:]))
         gn = self.engine.get_global_grad_norm()
         record = {"kind": "train", "step": self.step, "loss": sums[0] / n, "aux_loss": sums[1] / n,
-                  "lr": float(self.engine.get_lr()[0]), "grad_norm": float(gn) if gn is not None else float("nan"),
+                  "lr": self.step_lr, "grad_norm": float(gn) if gn is not None else float("nan"),
                   f"{self.task.unit}_per_s": extras.get(self.task.unit, 0.0) / window["time"],
                   **self.task.train_record({**extras, "seconds": window["time"]})}
         record["moe"] = gather_moe_stats(self.model, self.task.stats_layers(self.model))

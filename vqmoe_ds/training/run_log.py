@@ -155,11 +155,11 @@ def complete_config(resolved: Dict[str, Any], cmd, ds_config: Dict[str, Any],
         optim.update(micro_batch_size=ds_config["train_micro_batch_size_per_gpu"],
                      gradient_accumulation_steps=ds_config["gradient_accumulation_steps"],
                      clip_grad=ds_config.get("gradient_clipping"), lr=lr if lr is not None else optim.get("lr"))
-        from .config import load_ds_config
+        from .config import DEFAULT_MIN_LR_RATIO, load_ds_config
 
         if "scheduler" not in load_ds_config(ds_config_file) and lr is not None:
             if optim.get("min_lr") is None:
-                optim["min_lr"] = 0.1 * lr  # resolve_ds_config's default, the same expression
+                optim["min_lr"] = DEFAULT_MIN_LR_RATIO * lr  # the schedule's (config.flag_lr_schedule)
             if optim.get("lr_warmup_iters") is None:
                 optim["lr_warmup_iters"] = 0
     return out
