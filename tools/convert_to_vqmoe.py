@@ -76,7 +76,8 @@ def convert(args):
     import deepspeed
 
     from vqmoe_ds.checkpoint import store
-    from vqmoe_ds.checkpoint.hf import copy_tokenizer, spelled_out
+    from vqmoe_ds.checkpoint.export import copy_tokenizer
+    from vqmoe_ds.checkpoint.hf import spelled_out
     from vqmoe_ds.data.errors import require_output
     from vqmoe_ds.models import build_model
 

@@ -54,7 +54,7 @@ def main(argv=None):
         if notice:
             print(notice, flush=True)
         if args.format == "hf":
-            from vqmoe_ds.checkpoint.hf import export_hf
+            from vqmoe_ds.checkpoint.export import export_hf
 
             n = export_hf(args.load, tag, args.out, overwrite=args.overwrite)
         else:
