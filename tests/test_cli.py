@@ -84,6 +84,7 @@ LM_VALUES = {
     "--cluster-warmup-steps": "9", "--cluster-distance": "l2",
     "--moe-router-load-balancing-type": "seq_aux_loss", "--moe-z-loss-coeff": "0.001",
     "--moe-router-score-function": "sigmoid", "--moe-router-topk-scaling-factor": "2.5",
+    "--moe-router-top1-weight": "one",
     "--moe-router-enable-expert-bias": None, "--moe-router-bias-update-rate": "0.01",
     "--moe-router-force-load-balancing": None, "--moe-shared-expert-intermediate-size": "32",
     "--moe-shared-expert-mode": "gate", "--moe-per-layer-logging": None, "--moe-expert-impl": "loop",

@@ -61,6 +61,8 @@ CASES = {
     "lowdim_l2_token_sigmoid_bias": dict(codebook_size=6, codebook_dim=8, vq_distance="l2", discrete_input="token",
                                          score_function="sigmoid", norm_topk_prob=True, topk_scaling_factor=1.5,
                                          expert_bias=True, z_loss_coef=0.0),
+    # the authors' top-1 + discrete route with the single route at weight 1 (OLMoE's norm_topk_prob at k = 1)
+    "top1_weight_one": dict(top_k=1, top1_weight="one", z_loss_coef=0.0),
     # eq. 7: the code's expert only, cosine codes at the token's norm
     "discrete_only": dict(codebook_size=8, vq_distance="cosine", vqmoe_mode="discrete_only", z_loss_coef=0.0),
 }

@@ -31,6 +31,8 @@ def route_ref(W, cfg, x_t, t):
         bias = W["router.expert_bias_E"] if cfg.expert_bias else torch.zeros(E)
         chosen = top_indices([scores[e] + bias[e] for e in range(E)], k)
     g = [scores[e] for e in chosen]
+    if k == 1 and cfg.top1_weight == "one":  # the softmax of the chosen logit alone: a constant 1
+        g = [torch.ones(())]
     if k > 1 and cfg.norm_topk_prob:
         tot = sum(g) + (1e-20 if cfg.score_function == "sigmoid" else 0)
         g = [v / tot for v in g]
@@ -94,6 +96,9 @@ OPTIONS = {
     "z-loss": dict(z_loss_coef=0.01),
     "sigmoid scores, normalised top-2, scaling 2.5": dict(score_function="sigmoid", topk_scaling_factor=2.5),
     "sigmoid scores, top-1": dict(score_function="sigmoid", top_k=1),
+    "top-1, weight one": dict(top_k=1, top1_weight="one"),
+    "top-1, weight one, capacity drops": dict(top_k=1, top1_weight="one", drop_tokens=True, capacity_factor=0.75,
+                                              min_capacity=1),
     "sigmoid, no normalisation": dict(score_function="sigmoid", norm_topk_prob=False),
     "balance loss per sequence": dict(load_balancing_type="seq_aux_loss"),
     "balance loss of the global batch, one rank": dict(load_balancing_type="global_aux_loss"),

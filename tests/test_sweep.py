@@ -154,6 +154,7 @@ def test_paper_preset_follows_the_authors_scripts(settings, tmp_path):
     assert diffs["vqmoe-k1-authors"]["moe.vq_distance"] == "l2"
     assert diffs["vqmoe-k1-authors"]["moe.discrete_input"] == "token"
     assert diffs["vqmoe-k1-authors"]["moe.balance_loss_coef"] == 0.0
+    assert diffs["vqmoe-k1-authors"]["moe.top1_weight"] == diffs["vqmoe-k1-w1"]["moe.top1_weight"] == "one"
     assert {k: v for k, v in diffs["vqmoe-k1"].items()} == \
         {k: v for k, v in next(r for r in grid.runs if r.arm == "vqmoe-k1").settings.items()}
 

@@ -125,6 +125,12 @@ def _moe_record(cfg: ModelConfig) -> Dict[str, Any]:
     return {f.name: getattr(m, f.name) for f in fields(m) if f.name not in MOE_SET_BY_MODEL and f.name != "ep_size"}
 
 
+def _hf_norm_topk_prob(m) -> bool:
+    """OLMoE's ``norm_topk_prob`` for our router: it renormalises the chosen probabilities at every k, so a single
+    route gets weight 1 under it (our ``top1_weight="one"``) and its own probability without it."""
+    return m.norm_topk_prob if m.top_k > 1 else m.top1_weight == "one"
+
+
 def hf_config_for(cfg: ModelConfig, original: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """config.json for ``cfg``: ``OlmoeForCausalLM``'s, or for a VQMoE model the same plus its VQ settings, the
     ``auto_map`` of the remote code and model_type ``vqmoe_olmoe`` (token ids and other fields of an imported
@@ -139,7 +145,7 @@ def hf_config_for(cfg: ModelConfig, original: Optional[Dict[str, Any]] = None) -
         "tie_word_embeddings": cfg.tie_embeddings, "rope_theta": cfg.rotary_base,
         "rope_parameters": {"rope_theta": cfg.rotary_base, "rope_type": "default"}, "attention_bias": False,
         "attention_dropout": cfg.attn_dropout, "clip_qkv": None, "num_experts_per_tok": m.top_k,
-        "num_experts": m.num_experts, "router_aux_loss_coef": m.balance_loss_coef, "norm_topk_prob": m.norm_topk_prob,
+        "num_experts": m.num_experts, "router_aux_loss_coef": m.balance_loss_coef, "norm_topk_prob": _hf_norm_topk_prob(m),
         "output_router_logits": False, "dtype": "float32", "torch_dtype": "float32", "vqmoe_ds": {"moe": _moe_record(cfg)}})
     if m.router == "vqmoe":
         theirs = {ours: hf for hf, ours in VQ_HF_FIELDS.items()}

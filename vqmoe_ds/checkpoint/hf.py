@@ -139,10 +139,12 @@ def model_config_from_hf(hf: Dict[str, Any], ep_size: int = 1) -> ModelConfig:
     E = int(need("num_experts"))
     if ep_size < 1 or E % ep_size:
         raise CheckpointError(f"--ep-size {ep_size} does not divide the {E} experts: choose a divisor of {E}")
-    moe = {"router": "topk", "num_experts": E, "top_k": int(need("num_experts_per_tok")),
-           "norm_topk_prob": bool(hf.get("norm_topk_prob", False)),
+    k, norm = int(need("num_experts_per_tok")), bool(hf.get("norm_topk_prob", False))
+    moe = {"router": "topk", "num_experts": E, "top_k": k, "norm_topk_prob": norm,
            "balance_loss_coef": float(hf.get("router_aux_loss_coef", 0.01)), "z_loss_coef": 0.001,
            "drop_tokens": False, "ep_size": ep_size}
+    if k == 1:  # OLMoE renormalises the chosen probabilities at every k: one route, weight 1
+        moe["top1_weight"] = "one" if norm else "score"
     if SUPPORTED[hf["_architecture"]] == "vqmoe_olmoe":
         moe.update(router="vqmoe", **{ours: need(theirs) for theirs, ours in VQ_HF_FIELDS.items()})
     ours = hf.get("vqmoe_ds")  # an export of this project: its training-only MoE settings (config.json wins)
@@ -158,6 +160,8 @@ def model_config_from_hf(hf: Dict[str, Any], ep_size: int = 1) -> ModelConfig:
             raise CheckpointError(f"config.json: its vqmoe_ds record is not a mapping of MoE settings (unknown: "
                                   f"{sorted(set(saved or {}) - known)[:3]}): export the model again")
         moe = {**saved, **moe, "z_loss_coef": saved.get("z_loss_coef", 0.0)}
+        if k == 1 and "norm_topk_prob" in saved:  # config.json's flag set top1_weight; k = 1 ignores this one
+            moe["norm_topk_prob"] = saved["norm_topk_prob"]
     try:
         return ModelConfig(model="gpt", vocab_size=int(need("vocab_size")), n_layer=int(need("num_hidden_layers")),
                            n_head=H, d_model=D, d_inner=int(need("intermediate_size")),

@@ -101,16 +101,18 @@ PAPER_CPU = {
 }
 # their VQMoE runs top-1 plus the discrete route (2 expert routes per token); their SMoE baseline is top-2
 PAPER_ARMS = {"vqmoe-k1": ("vqmoe", {"top-k": 1}), "topk-k2": ("topk", {"top-k": 2}), "topk-k1": ("topk", {"top-k": 1})}
-# the authors' choices that differ from ours, one at a time on VQMoE top-1, then all together: their balance loss is
-# never applied (its gate's flag is never set), their codebook is L2, and their discrete expert reads
-# LayerNorm(0.95 x + 0.05 (q - x).detach()), i.e. nearly the token itself
+# the authors' choices that differ from ours, one at a time on VQMoE top-1, then all together: their top-1 gate
+# weights its route by a softmax over the one chosen score (weight 1: the router learns nothing from the task),
+# their balance loss is never applied (its gate's flag is never set), their codebook is L2, and their discrete
+# expert reads LayerNorm(0.95 x + 0.05 (q - x).detach()), i.e. nearly the token itself
 PAPER_DIFF_ARMS = {
     "vqmoe-k1": PAPER_ARMS["vqmoe-k1"],
+    "vqmoe-k1-w1": ("vqmoe", {"top-k": 1, "moe-router-top1-weight": "one"}),
     "vqmoe-k1-nobal": ("vqmoe", {"top-k": 1, "balance-loss-coef": 0.0}),
     "vqmoe-k1-l2": ("vqmoe", {"top-k": 1, "vq-distance": "l2"}),
     "vqmoe-k1-xin": ("vqmoe", {"top-k": 1, "discrete-input": "token"}),
-    "vqmoe-k1-authors": ("vqmoe", {"top-k": 1, "balance-loss-coef": 0.0, "vq-distance": "l2",
-                                   "discrete-input": "token"}),
+    "vqmoe-k1-authors": ("vqmoe", {"top-k": 1, "moe-router-top1-weight": "one", "balance-loss-coef": 0.0,
+                                   "vq-distance": "l2", "discrete-input": "token"}),
     "topk-k2-nobal": ("topk", {"top-k": 2, "balance-loss-coef": 0.0}),
 }
 
@@ -129,10 +131,10 @@ PRESETS: Dict[str, Preset] = {
         tuple(PAPER_ARMS), (1, 2, 3), PAPER_CPU, arms=PAPER_ARMS,
         comparisons=(("vqmoe-k1", "topk-k2"), ("vqmoe-k1", "topk-k1"), ("topk-k1", "topk-k2"))),
     "paper_diffs": Preset(
-        "the paper preset's VQMoE with the authors' choices where ours differ (no balance loss, L2 codebook, the "
-        "token as the discrete expert's input), and top-2 SMoE without the balance loss",
+        "the paper preset's VQMoE with the authors' choices where ours differ (top-1 weight 1, no balance loss, L2 "
+        "codebook, the token as the discrete expert's input), and top-2 SMoE without the balance loss",
         tuple(PAPER_DIFF_ARMS), (1, 2, 3), PAPER_CPU, arms=PAPER_DIFF_ARMS,
-        comparisons=(("vqmoe-k1-nobal", "vqmoe-k1"), ("vqmoe-k1-l2", "vqmoe-k1"), ("vqmoe-k1-xin", "vqmoe-k1"),
+        comparisons=(("vqmoe-k1-w1", "vqmoe-k1"), ("vqmoe-k1-nobal", "vqmoe-k1"), ("vqmoe-k1-l2", "vqmoe-k1"), ("vqmoe-k1-xin", "vqmoe-k1"),
                      ("vqmoe-k1-authors", "vqmoe-k1"), ("vqmoe-k1-authors", "topk-k2-nobal"),
                      ("vqmoe-k1", "topk-k2-nobal"))),
     "discrete_only": Preset(

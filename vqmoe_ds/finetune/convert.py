@@ -52,8 +52,8 @@ def vqmoe_config(src: ModelConfig, distance: str = "l2") -> ModelConfig:
 
 
 # the top-k router's options and the layer settings around it that the conversion carries to the continuous path
-ROUTER_OPTIONS = ("top_k", "norm_topk_prob", "score_function", "topk_scaling_factor", "balance_loss_coef",
-                  "load_balancing_type", "z_loss_coef", "expert_bias", "bias_update_rate", "force_load_balancing",
+ROUTER_OPTIONS = ("top_k", "norm_topk_prob", "top1_weight", "score_function", "topk_scaling_factor",
+                  "balance_loss_coef", "load_balancing_type", "z_loss_coef", "expert_bias", "bias_update_rate", "force_load_balancing",
                   "shared_expert_size", "shared_expert_mode", "router_jitter", "drop_tokens", "capacity_factor",
                   "eval_capacity_factor", "min_capacity")
 

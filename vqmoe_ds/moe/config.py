@@ -29,6 +29,8 @@ BalancingType = Literal["aux_loss", "seq_aux_loss", "global_aux_loss", "none"]
 BALANCING_TYPES = typing.get_args(BalancingType)
 ScoreFunction = Literal["softmax", "sigmoid"]
 SCORE_FUNCTIONS = typing.get_args(ScoreFunction)
+Top1Weight = Literal["score", "one"]
+TOP1_WEIGHTS = typing.get_args(Top1Weight)
 SharedExpertMode = Literal["add", "gate", "residual"]
 SHARED_EXPERT_MODES = typing.get_args(SharedExpertMode)
 SCORED_ROUTERS = ("topk", "xmoe", "stablemoe", "smoe_dropout", "vqmoe")  # routers with router logits (z-loss)
@@ -60,6 +62,10 @@ class MoEConfig:
     top_k: int = setting(2, "experts per token of the learned router (VQMoE's continuous path)")
     norm_topk_prob: bool = setting(True, "k >= 2: renormalise the chosen probabilities to sum to 1 (GShard); off: as "
                                          "is (OLMoE). k = 1 never does (Switch)")
+    top1_weight: Top1Weight = setting("score", "k = 1: the route's combine weight: its router probability (score; Switch, "
+                                               "the router learns from the task) or 1 (one; softmax over the chosen "
+                                               "logit alone: Megatron-core's default and FastMoE's gates; the router "
+                                               "then learns only from its auxiliary losses)")
     ep_size: int = setting(1, "expert-parallel size: ranks that share one layer's experts (a divisor of N and of the "
                               "world size)")
     activation: Activation = setting("gelu", "expert MLP activation; swiglu: fc1 holds gate and up, down(silu(gate x) * up "
@@ -153,6 +159,7 @@ class MoEConfig:
         "load_balancing_type": ("--moe-router-load-balancing-type",),
         "z_loss_coef": ("--moe-z-loss-coeff",),
         "score_function": ("--moe-router-score-function",),
+        "top1_weight": ("--moe-router-top1-weight",),
         "topk_scaling_factor": ("--moe-router-topk-scaling-factor",),
         "expert_bias": ("--moe-router-enable-expert-bias",),
         "bias_update_rate": ("--moe-router-bias-update-rate",),
@@ -263,6 +270,8 @@ class MoEConfig:
             bad(f"unknown load_balancing_type {self.load_balancing_type!r}: choose one of {', '.join(BALANCING_TYPES)}")
         if self.score_function not in SCORE_FUNCTIONS:
             bad(f"unknown score_function {self.score_function!r}: choose one of {', '.join(SCORE_FUNCTIONS)}")
+        if self.top1_weight not in TOP1_WEIGHTS:
+            bad(f"unknown top1_weight {self.top1_weight!r}: choose one of {', '.join(TOP1_WEIGHTS)}")
         if self.shared_expert_mode not in SHARED_EXPERT_MODES:
             bad(f"unknown shared_expert_mode {self.shared_expert_mode!r}: choose one of "
                 f"{', '.join(SHARED_EXPERT_MODES)}")

@@ -16,9 +16,10 @@ def build_router(cfg, kind: str = None):
     kind = kind or cfg.router
     d, n = cfg.hidden_size, cfg.num_experts
     norm = cfg.norm_topk_prob
-    opts = TopKOptions(normalize=norm, score_function=cfg.score_function, scaling=cfg.topk_scaling_factor,
-                       balancing=cfg.load_balancing_type, z_loss_coef=cfg.z_loss_coef, expert_bias=cfg.expert_bias,
-                       bias_update_rate=cfg.bias_update_rate, force_balance=cfg.force_load_balancing)
+    opts = TopKOptions(normalize=norm, top1_weight=cfg.top1_weight, score_function=cfg.score_function,
+                       scaling=cfg.topk_scaling_factor, balancing=cfg.load_balancing_type, z_loss_coef=cfg.z_loss_coef,
+                       expert_bias=cfg.expert_bias, bias_update_rate=cfg.bias_update_rate,
+                       force_balance=cfg.force_load_balancing)
     if kind in ("topk", "vqmoe"):
         return TopKRouter(d, n, cfg.top_k, cfg.balance_loss_coef, cfg.router_jitter, normalize=norm, options=opts)
     if kind == "xmoe":

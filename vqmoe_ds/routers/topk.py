@@ -4,8 +4,9 @@ picks its experts from learned scores (XMoE, StableMoE, SMoE-Dropout and VQMoE's
 scores s = softmax(W_e x) (or an independent sigmoid per expert); each token goes to its k best experts.  The
 combine weight of a route:
 
-  * k = 1: the score s_e itself (Switch Transformer).  Renormalising a single score would make every weight
-    exactly 1, and the router would then get no gradient from the task at all;
+  * k = 1: the score s_e itself (Switch Transformer; ``top1_weight="score"``), or exactly 1 (``"one"``: the softmax
+    over the chosen logit alone, as Megatron-core's default post-softmax routing and FastMoE's gates compute it);
+    with weight 1 the router gets no gradient from the task, only from its auxiliary losses;
   * k >= 2: s_e / sum of the k chosen s (GShard, Mixtral, DeepSeek-V3; ``normalize=True``) or s_e as is (OLMoE,
     Qwen-MoE; ``normalize=False``);
   * times ``scaling`` (DeepSeek-V3's routed scaling factor).
@@ -41,6 +42,7 @@ from ..kernels.counts import bincount
 @dataclass
 class TopKOptions:
     normalize: bool = True  # k >= 2: renormalise the chosen scores
+    top1_weight: str = "score"  # k = 1: "score" (the route's score) or "one" (weight 1)
     score_function: str = "softmax"  # "softmax" or "sigmoid"
     scaling: float = 1.0  # combine weights x this
     balancing: str = "aux_loss"  # aux_loss | seq_aux_loss | global_aux_loss | none
@@ -83,7 +85,9 @@ class TopKRouter(Router):
 
     def combine_weights(self, top_TK: torch.Tensor) -> torch.Tensor:
         """The chosen experts' scores as combine weights (see the module docstring)."""
-        if self.normalize and top_TK.shape[1] > 1:
+        if top_TK.shape[1] == 1 and self.options.top1_weight == "one":
+            top_TK = torch.ones_like(top_TK)  # no path back to the scores: no task gradient for the router
+        elif self.normalize and top_TK.shape[1] > 1:
             top_TK = top_TK / (top_TK.sum(-1, keepdim=True) + (1e-20 if self.options.score_function == "sigmoid" else 0))
         return top_TK * self.options.scaling if self.options.scaling != 1.0 else top_TK
 

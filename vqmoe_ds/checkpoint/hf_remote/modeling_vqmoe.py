@@ -86,7 +86,7 @@ class VQMoEBlock(nn.Module):
         select = scores + self.expert_bias if self.config.router_expert_bias else scores
         experts = select.topk(k, dim=-1).indices
         w = scores.gather(1, experts)
-        if self.config.norm_topk_prob and k > 1:
+        if self.config.norm_topk_prob:  # as OLMoE: at k = 1 every weight becomes 1
             w = w / (w.sum(-1, keepdim=True) + (1e-20 if sigmoid else 0.0))
         if self.config.router_topk_scaling_factor != 1.0:
             w = w * self.config.router_topk_scaling_factor
