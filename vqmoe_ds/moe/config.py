@@ -9,6 +9,11 @@ where ``aux_loss`` is a scalar tensor holding all auxiliary losses of the layer,
 (balance loss x ``balance_loss_coef``, VQ loss x ``vq_alpha``, StableMoE distillation, ...), so that the
 model's training loss is ``task_loss + sum(aux_loss over layers)``.  Detached numbers for logging come from
 ``ffn.stats()`` (expert counts, code usage, the separate loss terms).
+
+A config whose ``hidden_size`` and ``ffn_hidden_size`` are unset holds the MoE *settings* of a model
+(``ModelConfig.moe``): the fields marked ``by_model`` are the model config's to fill in for each layer
+(``ModelConfig.moe_config``), and the settings are checked then, for the layers that are MoE layers.  Such a config
+remembers which settings were given (`MoEConfig.settings`), so that a record of it holds what it was made from.
 """
 from __future__ import annotations
 
@@ -16,10 +21,10 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass
-from typing import ClassVar, Dict, Literal, Optional, Tuple
+from typing import Any, ClassVar, Dict, Literal, Mapping, Optional, Tuple
 
 from ..errors import ConfigError  # re-exported: the configs of every layer raise it
-from ..fields import setting
+from ..fields import set_by_model, setting
 
 Router = Literal["dense", "topk", "xmoe", "stablemoe", "smoe_dropout", "hash", "cluster", "vq", "vqmoe"]
 ROUTERS = typing.get_args(Router)
@@ -53,8 +58,9 @@ VQ_SCALES = typing.get_args(VQScale)
 
 @dataclass
 class MoEConfig:
-    hidden_size: int = setting(help="the model width d (set by the model: --hidden-size)")
-    ffn_hidden_size: int = setting(help="each expert's hidden width (set by the model: --expert-ffn-hidden-size)")
+    hidden_size: Optional[int] = setting(None, "the model width d (set by the model: --hidden-size)", by_model=True)
+    ffn_hidden_size: Optional[int] = setting(None, "each expert's hidden width (set by the model: "
+                                                   "--expert-ffn-hidden-size)", by_model=True)
     router: Router = setting("topk", '"dense" (no MoE); learned: topk, xmoe, stablemoe, smoe_dropout; discrete, one '
                                   'expert per token: hash, cluster; "vqmoe" (eq. 4-5; "vq" = vqmoe in discrete_only '
                                   "mode, eq. 7)")
@@ -71,11 +77,11 @@ class MoEConfig:
     activation: Activation = setting("gelu", "expert MLP activation; swiglu: fc1 holds gate and up, down(silu(gate x) * up "
                                       "x) (OLMoE, Mixtral)")
     linear_bias: bool = setting(True, "biases in the experts' and the dense FFN's linears (set by the model: "
-                                      "--add-bias-linear)")
+                                      "--add-bias-linear)", by_model=True)
     init_std: float = setting(0.02, "experts: N(0, init_std) weights, zero biases, drawn per *global* expert id (set "
-                                    "by the model)")
+                                    "by the model)", by_model=True)
     output_init_std: Optional[float] = setting(None, "std of the experts' output projection fc2 (the model sets "
-                                                     "init_std / sqrt(2 n_layer)); none: init_std")
+                                                     "init_std / sqrt(2 n_layer)); none: init_std", by_model=True)
     dropout: float = setting(0.0, "dropout after the FFN / expert output")
     capacity_factor: float = setting(1.25, "training capacity per expert = ceil(factor x routes / N), at least "
                                            "--min-capacity")
@@ -142,7 +148,8 @@ class MoEConfig:
     cluster_warmup_steps: int = setting(100, "clustering router: steps before k-means of the layer's inputs fixes the "
                                              "centroids")
     cluster_distance: Distance = setting("cosine", 'clustering router: nearest centroid by "cosine" or "l2" distance')
-    vocab_size: Optional[int] = setting(None, "the token vocabulary (set by the model; hash routing's table size)")
+    vocab_size: Optional[int] = setting(None, "the token vocabulary (set by the model; hash routing's table size)",
+                                        by_model=True)
 
     # command-line spellings (first = the flag, the rest aliases; "--flag=value" sets that value), and choices
     FLAGS: ClassVar[Dict[str, Tuple[str, ...]]] = {
@@ -173,9 +180,56 @@ class MoEConfig:
     RETIRED: ClassVar[Tuple[str, ...]] = ("dispatcher",)
 
     def __post_init__(self):
+        # the given settings, in order (`settings`): made directly, those that differ from their defaults
+        self._given = tuple(f.name for f in dataclasses.fields(self) if not set_by_model(f)
+                            and getattr(self, f.name) != _default(f))
+        if not self.filled:
+            return  # a model's MoE settings, checked when it fills in a layer (ModelConfig.moe_config)
         if self.router == "vq":  # the short name of discrete-only VQMoE (eq. 7): one model, one implementation
             self.router, self.vqmoe_mode = "vqmoe", "discrete_only"
         self.validate()
+
+    @property
+    def filled(self) -> bool:
+        """Whether the model filled in the layer's sizes (a layer's config, not only a model's MoE settings)."""
+        return self.hidden_size is not None or self.ffn_hidden_size is not None
+
+    @classmethod
+    def model_set_fields(cls) -> Tuple[str, ...]:
+        """The fields the model config fills in for each layer (marked ``by_model``): no settings of their own."""
+        return tuple(f.name for f in dataclasses.fields(cls) if set_by_model(f))
+
+    @classmethod
+    def setting_names(cls) -> Tuple[str, ...]:
+        """The MoE settings: every field but those the model fills in."""
+        return tuple(f.name for f in dataclasses.fields(cls) if not set_by_model(f))
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> "MoEConfig":
+        """A model's MoE settings from a record of `settings` (a checkpoint's ``model_config.moe``) or from overrides
+        (a named shape's ``moe`` with the command line's on top): those given, every other at its default.  Retired
+        keys (`RETIRED`) are ignored; any other key that is no setting (unknown, or a field the model fills in) is a
+        TypeError."""
+        given = {k: v for k, v in settings.items() if k not in cls.RETIRED}
+        names = cls.setting_names()
+        wrong = [k for k in given if k not in names]
+        if wrong:
+            what = "is filled in by the model config" if wrong[0] in cls.model_set_fields() else "is no MoE setting"
+            raise TypeError(f"MoE settings: {wrong[0]!r} {what}: remove it (MoEConfig.setting_names() lists the "
+                            f"settings)")
+        cfg = cls(**given)
+        cfg._given = tuple(given)
+        return cfg
+
+    def settings(self) -> Dict[str, Any]:
+        """The given settings as a plain dict, for JSON records (a checkpoint's ``model_config.moe``, config.json's
+        ``moe`` section): those of `from_settings` and those changed since by `replace`, in that order (a config made
+        directly: those that differ from their defaults).  Every other setting is at its default."""
+        return {name: getattr(self, name) for name in self._given}
+
+    def all_settings(self) -> Dict[str, Any]:
+        """Every MoE setting, defaults spelled out."""
+        return {name: getattr(self, name) for name in self.setting_names()}
 
     def validate(self) -> None:
         def bad(msg):
@@ -187,7 +241,7 @@ class MoEConfig:
             v = getattr(self, f.name)
             if isinstance(v, float) and not math.isfinite(v):
                 bad(f"{f.name}={v} is not a finite number: give a real value")
-        if self.hidden_size < 1 or self.ffn_hidden_size < 1:
+        if any(size is None or size < 1 for size in (self.hidden_size, self.ffn_hidden_size)):
             bad(f"hidden_size={self.hidden_size}, ffn_hidden_size={self.ffn_hidden_size}: both must be >= 1")
         if not 0.0 <= self.dropout < 1.0:
             bad(f"dropout={self.dropout} must lie in [0, 1)")
@@ -301,10 +355,21 @@ class MoEConfig:
         return self.router != "dense"
 
     def replace(self, **changes) -> "MoEConfig":
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes``; the settings among them count as given (`settings`)."""
+        out = dataclasses.replace(self, **changes)
+        names = self.setting_names()
+        out._given = self._given + tuple(k for k in changes if k not in self._given and k in names)
+        return out
 
     def build(self):
         """The FFN module for one block: a dense MLP or an MoE layer."""
         from .layer import build_ffn
 
+        if not self.filled:
+            raise TypeError("MoEConfig.build: hidden_size and ffn_hidden_size are unset (a model's MoE settings): "
+                            "build the layer from ModelConfig.moe_config(layer), or give both sizes")
         return build_ffn(self)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
