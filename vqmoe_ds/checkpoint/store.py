@@ -17,7 +17,6 @@ files already require.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
@@ -260,10 +259,16 @@ def prune(save_dir: str, keep_last: int) -> List[str]:
     return removed
 
 
-def _moe_defaults() -> Dict[str, Any]:
+def _moe_settings(record: Dict[str, Any]) -> Dict[str, Any]:
+    """Every MoE setting of a model-config record, the ones it does not give at their defaults
+    (`MoEConfig.from_settings`); its keys that are no MoEConfig setting (a ViTConfig's SoftMoE keys) as they are,
+    retired keys left out."""
     from ..moe.config import MoEConfig
 
-    return {f.name: f.default for f in dataclasses.fields(MoEConfig) if f.default is not dataclasses.MISSING}
+    moe = {k: v for k, v in (record.get("moe") or {}).items() if k not in MoEConfig.RETIRED}
+    names = MoEConfig.setting_names()
+    given = MoEConfig.from_settings({k: v for k, v in moe.items() if k in names})
+    return {**given.all_settings(), **{k: v for k, v in moe.items() if k not in names}}
 
 
 def _flag(section: str, key: str) -> str:
@@ -291,11 +296,7 @@ def check_architecture(saved: Optional[Dict[str, Any]], current: Dict[str, Any],
                                   f"the tokenizer (--data-path / --vocab-size) of the run that saved it")
         raise CheckpointError(f"{where} was saved from a model with {_flag('model', key)} {a!r} ({key}), this run "
                               f"has {b!r}: use the same model flags as the run that saved it")
-    from ..moe.config import MoEConfig
-
-    defaults = _moe_defaults()
-    sm, cm = ({k: v for k, v in {**defaults, **(c.get("moe") or {})}.items() if k not in MoEConfig.RETIRED}
-              for c in (saved, current))
+    sm, cm = _moe_settings(saved), _moe_settings(current)
     if sm.get("router") == "dense" and cm.get("router") == "dense":
         return
     for key in sorted(set(sm) | set(cm)):
