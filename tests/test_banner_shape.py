@@ -10,11 +10,11 @@ from vqmoe_ds.training.lm import LanguageModelling, command_line, describe_shape
 def test_preset_values_and_flags_reach_the_model_config():
     tiny = model_config(command_line().parse(["--config", "tiny"]))
     assert (tiny.n_layer, tiny.d_model, tiny.n_head, tiny.d_inner, tiny.seq_len) == (2, 64, 4, 128, 64)
-    assert tiny.moe["num_experts"] == 4 and tiny.moe["codebook_size"] == 8 and tiny.moe["router"] == "vqmoe"
+    assert tiny.moe.num_experts == 4 and tiny.moe.codebook_size == 8 and tiny.moe.router == "vqmoe"
     assert MoEConfig(hidden_size=8, ffn_hidden_size=8).codebook_size == 16  # the class default differs: documented
     demo = model_config(command_line().parse(["--config", "tiny", "--num-layers", "4", "--hidden-size", "128",
                                               "--codebook-size", "16", "--num-experts", "8"]))
-    assert demo.n_layer == 4 and demo.d_model == 128 and demo.moe["codebook_size"] == 16
+    assert demo.n_layer == 4 and demo.d_model == 128 and demo.moe.codebook_size == 16
 
 
 def test_banner_prints_the_effective_shape(tmp_path):

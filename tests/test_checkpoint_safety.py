@@ -167,7 +167,7 @@ def test_deepspeed_engine_loads_through_the_safe_reader(runs, tmp_path, kind):
     marker = json.loads((src / "checkpoints" / "step2" / ckpt.MARKER).read_text())
     init_single_process()
     torch.manual_seed(0)
-    model = build_model(ModelConfig(**marker["model_config"]))
+    model = build_model(ModelConfig.from_dict(marker["model_config"]))
     ds_config = json.loads((runs["moe"] / "ds_config.json").read_text())
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     with pytest.raises(ckpt.CheckpointError, match="holds the Python object posix.mkdir"):

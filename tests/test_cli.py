@@ -129,12 +129,12 @@ def test_every_pretraining_flag_round_trips_through_the_resolved_file(tmp_path):
         ("txl", 3, 32, 16, 8, False)
     assert (cfg.dropout, cfg.attn_dropout, cfg.expert_ffn, cfg.init_std, cfg.moe_layers) == (0.1, 0.05, 40, 0.03, "0,2")
     m = cfg.moe
-    assert (m["top_k"], m["ep_size"], m["drop_tokens"], m["codebook_dim"], m["vq_kind"], m["dropout"]) == \
+    assert (m.top_k, m.ep_size, m.drop_tokens, m.codebook_dim, m.vq_kind, m.dropout) == \
         (3, 3, False, 8, "residual", 0.2)
-    assert (m["vq_ema"], m["vq_kmeans_init"], m["freeze_vq"], m["smoe_dropout_k_end"]) == (True, True, True, 5)
+    assert (m.vq_ema, m.vq_kmeans_init, m.freeze_vq, m.smoe_dropout_k_end) == (True, True, True, 5)
     assert (task.optim.lr, task.optim.seed, task.data.corpus_bytes, task.run.keep_last) == (0.001, 7, 12345, 2)
     assert (task.run.progress, task.run.plots, task.parallel.dist_timeout_minutes) == (False, False, 5.0)
-    assert (m["score_function"], m["expert_bias"], m["shared_expert_size"], task.run.moe_per_layer_logging) == \
+    assert (m.score_function, m.expert_bias, m.shared_expert_size, task.run.moe_per_layer_logging) == \
         ("sigmoid", True, 32, True)
     # to the resolved file (what a run writes to config.json) and back, as JSON and as YAML
     written = cmd.resolved(parsed.preset, task.config_objects())
@@ -232,7 +232,7 @@ def test_flags_override_the_config_file(tmp_path):
     path.write_text("config: base\nmoe:\n  router: topk\n  top_k: 1\noptim:\n  lr: 0.002\n  train_iters: 30\n")
     task = lm.make_task(lm.command_line().parse(["--config-file", str(path), "--top-k", "3"]))
     assert task.model_config.d_model == 256  # the file's named shape (base), not the default tiny
-    assert task.model_config.moe["router"] == "topk" and task.model_config.moe["top_k"] == 3  # the flag wins
+    assert task.model_config.moe.router == "topk" and task.model_config.moe.top_k == 3  # the flag wins
     assert task.optim.lr == 0.002 and task.optim.train_iters == 30
     task = lm.make_task(lm.command_line().parse(["--config-file", str(path), "--config", "tiny"]))
     assert task.model_config.d_model == 64

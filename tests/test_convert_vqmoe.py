@@ -69,7 +69,7 @@ def test_tool_converts_a_driver_checkpoint_and_evaluates():
     assert res["discrete_only"]["loss"] != res["source"]["loss"]  # a different (top-1 nearest-code) model
     cfg, sd = reference_state(os.path.join(out, "checkpoints", "converted"))
     _, src_sd = reference_state(os.path.join(pretrained("topk"), "checkpoints", "step20"))
-    assert cfg.moe["router"] == "vqmoe" and cfg.moe["codebook_size"] == 4
+    assert cfg.moe.router == "vqmoe" and cfg.moe.codebook_size == 4
     for i in range(2):
         assert torch.equal(sd[f"blocks.{i}.ffn.vq_router.quantizer.codebook"], src_sd[f"blocks.{i}.ffn.router.wg.weight"])
         assert sd[f"blocks.{i}.ffn.mix.bias"].tolist() == [0.0, OFF_LOGIT]
@@ -82,4 +82,4 @@ def test_tool_converts_a_driver_checkpoint_and_evaluates():
     # the (zero-weighted) discrete rows; a wrong conversion differs by O(1)
     assert (a - b).abs().max() < 1e-5, (a - b).abs().max()
     written = json.load(open(os.path.join(out, "config.json")))  # the resolved config, with the converted model
-    assert ModelConfig(**written["model"], moe=written["moe"]).moe["router"] == "vqmoe"
+    assert ModelConfig.from_dict({**written["model"], "moe": written["moe"]}).moe.router == "vqmoe"

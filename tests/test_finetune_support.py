@@ -72,7 +72,7 @@ def reference_state(tag_dir: str):
             sd.update(torch.load(os.path.join(tag_dir, fn), map_location="cpu", weights_only=False))
     with open(os.path.join(tag_dir, "vqmoe_complete.json")) as f:
         marker = json.load(f)
-    return ModelConfig(**marker["model_config"]), sd
+    return ModelConfig.from_dict(marker["model_config"]), sd
 
 
 def reference_model(tag_dir: str):

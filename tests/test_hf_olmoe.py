@@ -120,7 +120,7 @@ def _logits(out_dir, x):
     for name in os.listdir(run.path):
         if name.startswith("layer_") and "_expert_" in name:
             sd.update(torch.load(os.path.join(run.path, name), weights_only=False))
-    cfg = run.model_config.replace(moe=dict(run.model_config.moe, ep_size=1))
+    cfg = run.model_config.replace_moe(ep_size=1)
     torch.manual_seed(0)
     model = build_model(cfg)
     model.load_state_dict(sd, strict=True)
@@ -191,7 +191,7 @@ def test_training_free_vqmoe_and_embeddings_on_the_imported_model(hf, imported, 
 
     conv = converted
     ours, run = _logits(conv / "checkpoints", hf["x"])
-    assert run.model_config.moe["router"] == "vqmoe"
+    assert run.model_config.moe.router == "vqmoe"
     assert (ours - hf["logits"]).abs().max().item() < TOL
     sd = torch.load(conv / "checkpoints" / "converted" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     from safetensors.torch import load_file

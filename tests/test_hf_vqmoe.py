@@ -38,7 +38,7 @@ def _save(cfg, out, randomise):
 def _vq_options(router_cfg, **moe):
     from vqmoe_ds.checkpoint.hf import spelled_out
 
-    cfg = router_cfg.replace(moe=dict(router_cfg.moe, router="vqmoe", ep_size=1, **moe))
+    cfg = router_cfg.replace_moe(router="vqmoe", ep_size=1, **moe)
     return spelled_out(cfg)
 
 
@@ -139,7 +139,7 @@ def _our_model(src):
         if name.startswith("layer_") and "_expert_" in name:
             sd.update(torch.load(os.path.join(run.path, name), weights_only=False))
     torch.manual_seed(0)
-    model = build_model(run.model_config.replace(moe=dict(run.model_config.moe, ep_size=1)))
+    model = build_model(run.model_config.replace_moe(ep_size=1))
     model.load_state_dict(sd, strict=True)
     return model.eval()
 
@@ -162,8 +162,8 @@ def test_our_reader_imports_the_export_without_its_code(vq_checkpoints, hf, tmp_
     a, ra = _logits(src, hf["x"])
     b, rb = _logits(back, hf["x"])
     assert torch.equal(a, b)
-    keep = {k: v for k, v in ra.model_config.moe.items() if k not in ("drop_tokens", "ep_size")}
-    assert {k: rb.model_config.moe[k] for k in keep} == keep
+    keep = {k: v for k, v in ra.model_config.moe.settings().items() if k not in ("drop_tokens", "ep_size")}
+    assert {k: getattr(rb.model_config.moe, k) for k in keep} == keep
     assert read_run(str(back)).client_state["converted_from"]["architecture"] == "VQMoEOlmoeForCausalLM"
 
 

@@ -93,8 +93,8 @@ def test_flops_per_token_matches_torch_flop_counter(name):
         (loss + aux).backward()
     counted = counter.get_total_flops() / (B * T)
     vq_layers = sum(cfg.moe_config(i).router == "vqmoe" for i in range(cfg.n_layer))
-    C = cfg.moe.get("codebook_dim") or cfg.d_model
-    counted += vq_layers * 2 * C * cfg.moe.get("codebook_size", 0)
+    C = cfg.moe.codebook_dim or cfg.d_model
+    counted += vq_layers * 2 * C * cfg.moe.codebook_size
     assert flops_per_token(cfg, batch_size=B) == pytest.approx(counted, rel=1e-9), (flops_per_token(cfg, B), counted)
 
 

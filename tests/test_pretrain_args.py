@@ -106,7 +106,7 @@ def test_moe_flags_mean_the_same_in_every_driver():
     assert lm.given("moe") == vit.given("moe") == expected
     lm_moe, vit_moe = model_config(lm, 256).moe, vision.model_config(vit, 10).moe
     for k, v in expected.items():
-        assert lm_moe[k] == v and vit_moe[k] == v, k
+        assert getattr(lm_moe, k) == v and vit_moe[k] == v, k
     assert command_line().parse(["--config", "tiny"]).given("moe") == {}  # nothing given: the config's values
-    assert model_config(command_line().parse(["--config", "tiny"]), 256).moe == {
+    assert model_config(command_line().parse(["--config", "tiny"]), 256).moe.settings() == {
         "router": "vqmoe", "num_experts": 4, "top_k": 2, "codebook_size": 8}

@@ -23,6 +23,6 @@ def test_readme_config_file_is_read_as_shown(tmp_path):
     path.write_text(yaml_text)
     task = make_task(command_line().parse(["--config-file", str(path), "--top-k", "1"]))
     cfg = task.model_config
-    assert (cfg.d_model, cfg.moe["router"], cfg.moe["num_experts"], cfg.moe["vq_alpha"]) == (256, "vqmoe", 16, 0.1)
-    assert cfg.moe["top_k"] == 1
+    assert (cfg.d_model, cfg.moe.router, cfg.moe.num_experts, cfg.moe.vq_alpha) == (256, "vqmoe", 16, 0.1)
+    assert cfg.moe.top_k == 1
     assert (task.optim.lr, task.optim.lr_warmup_iters, task.optim.train_iters) == (3.5e-4, 2000, 100000)

@@ -3,14 +3,15 @@ and ignored: such a checkpoint passes the architecture check of the current mode
 such a config file starts a run with the same settings as one without the key."""
 from vqmoe_ds import checkpoint as ckpt
 from vqmoe_ds.models import ModelConfig
+from vqmoe_ds.moe import MoEConfig
 from vqmoe_ds.training.lm import command_line, make_task
 
 
 def test_a_marker_with_a_retired_moe_key_fits_the_current_model():
-    current = ModelConfig(moe={"router": "vqmoe", "num_experts": 4, "top_k": 2}).to_dict()
+    current = ModelConfig(moe=MoEConfig.from_settings({"router": "vqmoe", "num_experts": 4, "top_k": 2})).to_dict()
     saved = {**current, "moe": {**current["moe"], "dispatcher": "sorted"}}
     ckpt.check_architecture(saved, current, "checkpoint X")  # no error
-    assert ModelConfig(**saved).moe == current["moe"]
+    assert ModelConfig.from_dict(saved).moe.settings() == current["moe"]
 
 
 def test_a_config_file_with_a_retired_key_reads_as_without_it(tmp_path):

@@ -81,7 +81,7 @@ def test_imported_olmoe_to_vqmoe_evaluated_trained_and_exported(hf, data, tmp_pa
     assert conv["conversion"]["router_options"]["z_loss_coef"] == 0.001
     converted, run = _logits(vq, hf["x"])
     assert torch.equal(converted, ours)  # exact
-    assert run.model_config.moe["router"] == "vqmoe" and run.model_config.moe["z_loss_coef"] == 0.001
+    assert run.model_config.moe.router == "vqmoe" and run.model_config.moe.z_loss_coef == 0.001
     assert run.client_state["tokenizer"]["vocab_file"] == str(vq / "tokenizer" / "tokenizer.json")
     cfg = json.load(open(vq / "config.json"))
     assert cfg["config"] is None and cfg["run"]["out_dir"] == str(vq) and cfg["converted"]["from_import"]
@@ -131,7 +131,7 @@ def test_imported_olmoe_to_vqmoe_evaluated_trained_and_exported(hf, data, tmp_pa
     assert [v["step"] for v in _records(ft, "valid")] == [2, 4]
     assert json.load(open(ft / "results.json"))["test"]["tokens"] == scores["converted"]["test"]["tokens"]
     trained, trun = _logits(ft / "checkpoints", hf["x"])
-    assert trun.model_config.moe["ep_size"] == ep and not torch.equal(trained, converted)
+    assert trun.model_config.moe.ep_size == ep and not torch.equal(trained, converted)
 
     # ---- fine-tune a classifier on the discrete path (eq. 7, the imported z-loss has no router there) ---------
     cls = tmp_path / "classifier"

@@ -59,7 +59,7 @@ def test_top1_model_exports_to_olmoe_with_equal_logits_and_imports_back(hf, impo
 
     base = read_run(str(imported)).model_config
     # norm_topk_prob on, as MoEConfig ships it: it must not reach OLMoE's flag at k = 1
-    cfg = base.replace(moe=dict(base.moe, top_k=1, top1_weight=top1_weight, norm_topk_prob=True, ep_size=1))
+    cfg = base.replace_moe(top_k=1, top1_weight=top1_weight, norm_topk_prob=True, ep_size=1)
 
     def spread_router(model):
         for name, p in model.named_parameters():

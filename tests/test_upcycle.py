@@ -43,11 +43,13 @@ def test_upcycled_model_computes_the_dense_logits_with_uniform_routers(dense_run
     from vqmoe_ds.checkpoint import read_run
     from vqmoe_ds.checkpoint.upcycle import check_upcycle, upcycle
     from vqmoe_ds.models import build_model, moe_layers
+    from vqmoe_ds.moe import MoEConfig
 
     out, _ = dense_run
     run = read_run(str(out))
     dense = _dense_model(run)
-    cfg = run.model_config.replace(moe={"router": "topk", "num_experts": 4, "top_k": 2, "drop_tokens": False})
+    cfg = run.model_config.replace(moe=MoEConfig.from_settings({"router": "topk", "num_experts": 4, "top_k": 2,
+                                                                "drop_tokens": False}))
     torch.manual_seed(5)
     moe = build_model(cfg)
     report = upcycle(moe, check_upcycle(cfg, str(out)))

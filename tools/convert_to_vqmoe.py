@@ -63,7 +63,7 @@ def resolved_config(run, cfg, out_dir, meta):
     of the source's), and a record of the conversion; --config-file reads it back."""
     rc = json.loads(json.dumps(run.run_config or {}, default=str))
     rc["model"] = {k: v for k, v in cfg.to_dict().items() if k != "moe"}
-    rc["moe"] = dict(cfg.moe)
+    rc["moe"] = cfg.moe.settings()
     if isinstance(rc.get("run"), dict):
         rc["run"].update(out_dir=out_dir, save=None, load=None, overwrite=False)
     if "config" in rc:
@@ -87,9 +87,9 @@ def convert(args):
     require_output(args.out_dir, "--out-dir", "folder")
     gate_bias(args.discrete_share)  # checks the share before anything is built
     run = read_run(args.load, args.tag, args.run_config)
-    src_cfg = run.model_config.replace(moe=dict(run.model_config.moe, ep_size=1))
+    src_cfg = run.model_config.replace_moe(ep_size=1)
     cfg = spelled_out(vqmoe_config(src_cfg, args.distance))
-    E = cfg.moe["num_experts"]
+    E = cfg.moe.num_experts
     if args.ep_size < 1 or E % args.ep_size:
         raise CheckpointError(f"--ep-size {args.ep_size} does not divide the {E} experts: choose a divisor of {E}")
     corpus = None
@@ -157,7 +157,7 @@ def evaluate(args, corpus, src, dst, cfg):
 
     kw = dict(split=args.split, batch_size=args.eval_batch_size, max_batches=args.eval_iters)
     res = {"source": held_out_loss(src, corpus, **kw), "converted": held_out_loss(dst, corpus, **kw)}
-    d_cfg = discrete_only_config(cfg.replace(moe=dict(cfg.moe, ep_size=1)), freeze_vq=True)
+    d_cfg = discrete_only_config(cfg.replace_moe(ep_size=1), freeze_vq=True)
     torch.manual_seed(0)
     disc = build_model(d_cfg)  # the converted weights without what eq. 7 drops (continuous router, W_g)
     StrictRemap(may_drop=absent_path_keys(cfg, d_cfg), where="the converted model")(dst.state_dict(), disc)

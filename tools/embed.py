@@ -76,7 +76,7 @@ def run(args):
     clusters = read_labelled(args.cluster, args) if args.cluster else None
     cfg, drop = None, ()
     if args.discrete_only:
-        src = info.model_config.replace(moe=dict(info.model_config.moe, ep_size=1))
+        src = info.model_config.replace_moe(ep_size=1)
         cfg = discrete_only_config(src)
         drop = absent_path_keys(src, cfg)
     model, info, _ = load_lm(args.load, args.tag, cfg=cfg, run_config=args.run_config, may_drop=drop,

@@ -126,7 +126,7 @@ def estimate(cfg, zero: int, ep: int, gpus: int, micro: int, dtype: str, flash: 
 def search(cfg, a) -> list:
     """Per ZeRO stage (training) and expert-parallel size: the largest micro-batch (a power of two up to
     --max-micro-batch) whose estimate fits in --gpu-memory-gib, or None when micro-batch 1 does not fit."""
-    n_exp = cfg.moe.get("num_experts", 1) if cfg.is_moe else 1
+    n_exp = cfg.moe.num_experts if cfg.is_moe else 1
     eps = [e for e in range(1, a.gpus + 1) if a.gpus % e == 0 and n_exp % e == 0]
     micros = [m for m in (2 ** i for i in range(20)) if m <= a.max_micro_batch]
     rows = []
@@ -185,8 +185,8 @@ def main(argv=None):
     if a.model == "txl":
         over["mem_len"] = a.seq_length or NAMED[a.config]["seq_len"]
     cfg = named_config(a.config, **over)
-    if cfg.moe.get("num_experts", 1) % a.ep:
-        print(f"error: --ep {a.ep} does not divide {cfg.moe['num_experts']} experts", file=sys.stderr)
+    if cfg.moe.num_experts % a.ep:
+        print(f"error: --ep {a.ep} does not divide {cfg.moe.num_experts} experts", file=sys.stderr)
         return 2
     c = count_params(cfg)
     expert_local = c["experts"] / a.ep

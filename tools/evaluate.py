@@ -78,7 +78,7 @@ def evaluate(args):
         raise DataError(f"--seq-length {args.seq_length} exceeds the model's context {cfg.seq_len}: lower it")
     want, drop = None, ()
     if args.discrete_only:
-        one = cfg.replace(moe=dict(cfg.moe, ep_size=1))
+        one = cfg.replace_moe(ep_size=1)
         want = discrete_only_config(one)
         drop = absent_path_keys(one, want)
     model, run, _ = load_lm(args.load, args.tag, cfg=want, run_config=args.run_config, may_drop=drop,

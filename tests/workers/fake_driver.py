@@ -30,7 +30,7 @@ def main(argv):
     out, steps = run["out_dir"], optim["train_iters"]
     name = os.path.basename(out)
     cfg = model_config(parsed)
-    base = BASE[(cfg.moe["router"], optim["seed"])]
+    base = BASE[(cfg.moe.router, optim["seed"])]
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "argv.jsonl"), "a") as f:
         f.write(json.dumps(argv) + "\n")

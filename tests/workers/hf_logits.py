@@ -15,7 +15,7 @@ def main(save_dir, ref_path, out_path):
     from vqmoe_ds.models import ModelConfig, build_model
 
     marker = ckpt.verify(save_dir, ckpt.resolve(save_dir)[1])
-    cfg = ModelConfig(**marker["model_config"])
+    cfg = ModelConfig.from_dict(marker["model_config"])
     torch.manual_seed(0)
     model = build_model(cfg)
     engine, _, _, _ = deepspeed.initialize(model=model, config=ckpt.minimal_ds_config())
@@ -24,7 +24,7 @@ def main(save_dir, ref_path, out_path):
     ref = torch.load(ref_path)
     with torch.no_grad():
         logits = model(ref["x"])[0]
-    res = {"ep_size": cfg.moe["ep_size"], "max_diff": (logits - ref["logits"]).abs().max().item()}
+    res = {"ep_size": cfg.moe.ep_size, "max_diff": (logits - ref["logits"]).abs().max().item()}
     print(f"rank {rank}: {res}")
     torch.save(res, f"{out_path}.{rank}")
     finish()

@@ -18,7 +18,7 @@ from vqmoe_ds import checkpoint as ckpt  # noqa: E402
 def main(load_dir, ep, out_path):
     rank, world = init()
     marker = ckpt.verify(load_dir, ckpt.resolve(load_dir)[1])
-    cfg = ModelConfig(**{**marker["model_config"], "moe": {**marker["model_config"]["moe"], "ep_size": ep}})
+    cfg = ModelConfig.from_dict({**marker["model_config"], "moe": {**marker["model_config"]["moe"], "ep_size": ep}})
     torch.manual_seed(0)
     model = build_model(cfg)
     groups = split_params_into_different_moe_groups_for_optimizer(

@@ -117,12 +117,8 @@ def exportable(cfg: ModelConfig) -> str:
 
 def _moe_record(cfg: ModelConfig) -> Dict[str, Any]:
     """The model's MoE settings as the ``vqmoe_ds`` record of config.json (every field, defaults spelled out)."""
-    from dataclasses import fields
-
-    from ..models.configs import MOE_SET_BY_MODEL
-
     m = cfg.moe_config(cfg.moe_layer_ids()[0])
-    return {f.name: getattr(m, f.name) for f in fields(m) if f.name not in MOE_SET_BY_MODEL and f.name != "ep_size"}
+    return {k: v for k, v in m.all_settings().items() if k != "ep_size"}
 
 
 def _hf_norm_topk_prob(m) -> bool:
@@ -180,7 +176,7 @@ def hf_state(model: torch.nn.Module, cfg: ModelConfig) -> Dict[str, torch.Tensor
             out[p + "mlp.gate.weight"] = sd[q + "ffn.router.wg.weight"]
         for theirs, ours, _ in vq_keys(cfg, i):
             out[theirs] = sd[ours]
-        for j in range(cfg.moe["num_experts"]):
+        for j in range(cfg.moe.num_experts):
             e, x = expert_prefix(i, j), f"{p}mlp.experts.{j}."
             gate, up = sd[e + "fc1.weight"].split(F)
             out[x + "gate_proj.weight"], out[x + "up_proj.weight"] = gate, up

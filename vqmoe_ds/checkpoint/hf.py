@@ -56,6 +56,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from ..models import ModelConfig
+from ..moe.config import MoEConfig
 from .layout import CheckpointError
 
 SUPPORTED = {"OlmoeForCausalLM": "olmoe", "VQMoEOlmoeForCausalLM": "vqmoe_olmoe"}  # architecture -> model_type
@@ -150,12 +151,7 @@ def model_config_from_hf(hf: Dict[str, Any], ep_size: int = 1) -> ModelConfig:
     ours = hf.get("vqmoe_ds")  # an export of this project: its training-only MoE settings (config.json wins)
     if ours is not None:
         saved = ours.get("moe") if isinstance(ours, dict) else None
-        from dataclasses import fields
-
-        from ..models.configs import MOE_SET_BY_MODEL
-        from ..moe.config import MoEConfig
-
-        known = {f.name for f in fields(MoEConfig)} - set(MOE_SET_BY_MODEL)
+        known = set(MoEConfig.setting_names())  # a retired key is refused too: the record is the export's own
         if not isinstance(saved, dict) or set(saved) - known:
             raise CheckpointError(f"config.json: its vqmoe_ds record is not a mapping of MoE settings (unknown: "
                                   f"{sorted(set(saved or {}) - known)[:3]}): export the model again")
@@ -170,7 +166,7 @@ def model_config_from_hf(hf: Dict[str, Any], ep_size: int = 1) -> ModelConfig:
                            init_std=float(hf.get("initializer_range", 0.02)), normalization="RMSNorm",
                            norm_epsilon=float(hf.get("rms_norm_eps", 1e-5)), swiglu=True,
                            position_embedding_type="rope", rotary_base=_rope_theta(hf), qk_norm="hidden",
-                           add_bias_linear=False, moe=moe)
+                           add_bias_linear=False, moe=MoEConfig.from_settings(moe))
     except ValueError as e:
         raise CheckpointError(f"config.json describes no model this project can build: {e}") from None
 
@@ -248,7 +244,7 @@ def has_router(cfg: ModelConfig, i: int) -> bool:
 
 def expected_shapes(cfg: ModelConfig, fused: bool) -> Dict[str, Tuple[int, ...]]:
     """Every Hugging Face key of ``cfg``'s OLMoE (or VQMoE) layout with the shape its config.json implies."""
-    D, V, L, F, E = cfg.d_model, cfg.vocab_size, cfg.n_layer, cfg.expert_ffn or cfg.d_inner, cfg.moe["num_experts"]
+    D, V, L, F, E = cfg.d_model, cfg.vocab_size, cfg.n_layer, cfg.expert_ffn or cfg.d_inner, cfg.moe.num_experts
     out = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = (V, D)
@@ -314,7 +310,7 @@ def state_from_hf(weights: HFWeights, cfg: ModelConfig, fused: bool) -> Dict[str
             sd[ours] = g(theirs)
         if fused:
             gate_up, down = g(p + "mlp.experts.gate_up_proj"), g(p + "mlp.experts.down_proj")
-        for j in range(cfg.moe["num_experts"]):
+        for j in range(cfg.moe.num_experts):
             e = expert_prefix(i, j)
             if fused:
                 sd[e + "fc1.weight"], sd[e + "fc2.weight"] = gate_up[j].clone(), down[j].clone()
@@ -379,7 +375,7 @@ def import_hf(hf_dir: str, out_dir: str, ep_size: int = 1, tokenizer: Optional[s
             if os.path.isfile(os.path.join(tok_dir, name)):
                 shutil.copyfile(os.path.join(tok_dir, name), os.path.join(dst, name))
         tok_record = dict(tok_meta.__dict__, vocab_file=os.path.abspath(os.path.join(dst, "tokenizer.json")))
-    one = cfg.replace(moe=dict(cfg.moe, ep_size=1))
+    one = cfg.replace_moe(ep_size=1)
     init_single_process()
     torch.manual_seed(0)
     model = build_model(one)
@@ -395,7 +391,7 @@ def import_hf(hf_dir: str, out_dir: str, ep_size: int = 1, tokenizer: Optional[s
               "expert_layout": "fused" if fused else "per_expert",
               "hf_config": {k: v for k, v in hf.items() if not k.startswith("_")}}
     resolved = run_config or (lambda c, _: {"model": {k: v for k, v in c.to_dict().items() if k != "moe"},
-                                             "moe": dict(c.moe)})
+                                             "moe": c.moe.settings()})
     imported = {k: source[k] for k in ("format", "architecture", "source", "expert_layout")}
 
     def named(c):  # the resolved configuration names what was imported, not a named shape of this project
@@ -427,16 +423,11 @@ def import_hf(hf_dir: str, out_dir: str, ep_size: int = 1, tokenizer: Optional[s
     return {"checkpoint": path, "architecture": hf["_architecture"], "expert_layout": source["expert_layout"],
             "ep_size": ep_size, "parameters": c["total"], "active": c["active"],
             "tokenizer": tok_record["vocab_file"] if tok_record else None, "verified": verified,
-            "router": cfg.moe["router"]}
+            "router": cfg.moe.router}
 
 
 def spelled_out(cfg: ModelConfig) -> ModelConfig:
-    """``cfg`` with every MoE setting in its ``moe`` dict (not only those that differ from the defaults), so that a
-    run started from its config.json builds exactly this model whatever ``--config`` shape it names."""
-    from dataclasses import fields
-
-    from ..models.configs import MOE_SET_BY_MODEL
-    from ..moe.config import MoEConfig
-
+    """``cfg`` with every MoE setting of its first MoE layer given (not only those that differ from the defaults), so
+    that a run started from its config.json builds exactly this model whatever ``--config`` shape it names."""
     m = cfg.moe_config(cfg.moe_layer_ids()[0])
-    return cfg.replace(moe={f.name: getattr(m, f.name) for f in fields(MoEConfig) if f.name not in MOE_SET_BY_MODEL})
+    return cfg.replace(moe=MoEConfig.from_settings(m.all_settings()))

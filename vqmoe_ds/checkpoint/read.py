@@ -59,7 +59,7 @@ def read_run(path: str, tag: Optional[str] = None, run_config: Optional[str] = N
                               f"model_config): it was not written by a vqmoe-ds driver or tool")
     client = {k: v for k, v in state.items() if k in ("step", "best_valid", "world_size", "converted_from",
                                                        "finetune", "tokenizer")}
-    cfg = ModelConfig(**model_config)
+    cfg = ModelConfig.from_dict(model_config)
     if run_config is None:
         cand = os.path.join(os.path.dirname(os.path.normpath(save_dir)), "config.json")
         run_config = cand if os.path.isfile(cand) else None
@@ -173,7 +173,7 @@ def load_lm(path: str, tag: Optional[str] = None, cfg: Optional[ModelConfig] = N
 
     run = run or read_run(path, tag, run_config)
     init_single_process()
-    cfg = cfg or run.model_config.replace(moe=dict(run.model_config.moe, ep_size=1))
+    cfg = cfg or run.model_config.replace_moe(ep_size=1)
     torch.manual_seed(0)
     model = build_model(cfg)
     check_expert_files(run.save_dir, run.tag, model)
@@ -207,7 +207,7 @@ def load_exported(path: str):
     verify_manifest(file_manifest_path(path), os.path.dirname(os.path.abspath(path)), what=path)
     with open(cfg_path) as f:
         meta = json.load(f)
-    cfg = ModelConfig(**meta["model_config"])
+    cfg = ModelConfig.from_dict(meta["model_config"])
     init_single_process()
     model = build_model(cfg)
     missing, unexpected = model.load_state_dict(load_file(path), strict=False)

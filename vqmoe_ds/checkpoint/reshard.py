@@ -27,6 +27,7 @@ import shutil
 import torch
 
 from ..models import ModelConfig
+from ..moe.config import MoEConfig
 from ..parallel import init_single_process
 from .layout import (EXPERT_FILE, EXPERT_KEY, MARKER, MODEL_FILE, TMP_PREFIX, CheckpointError, digests, expert_file,
                      fsync_dir, fsync_file, list_files, rank_file, resolve, verify, write_atomic)
@@ -110,7 +111,7 @@ def reshard(load_dir, tag, out_dir, out_tag, world, ep):
     # the experts: every file must hold the expert its name gives, of the MoE layer its name gives
     init_single_process()
     one_process = {**cfg_dict, "moe": {**moe, "ep_size": 1}} if moe else cfg_dict
-    layers, expert_buffers = moe_prefixes(ModelConfig(**one_process))
+    layers, expert_buffers = moe_prefixes(ModelConfig.from_dict(one_process))
     if expert_buffers:
         raise CheckpointError(f"expert buffers ({expert_buffers[0]}) are per-ep-rank state this tool does not "
                                    f"convert: resume at the source's ep size")
@@ -128,8 +129,8 @@ def reshard(load_dir, tag, out_dir, out_tag, world, ep):
                               prefix, names)
 
     # the dense file: weights and scheduler kept, optimizer dropped, client state re-split
-    info = {"from_world_size": src_world, "from_ep_size": int(moe.get("ep_size", 1)), "world_size": world,
-            "ep_size": ep, "source": os.path.abspath(src), "optimizer": "fresh"}
+    info = {"from_world_size": src_world, "from_ep_size": int(MoEConfig.from_settings(moe).ep_size),
+            "world_size": world, "ep_size": ep, "source": os.path.abspath(src), "optimizer": "fresh"}
     cfg_out = {**cfg_dict, "moe": {**moe, "ep_size": ep}} if moe else cfg_dict
     model_state["optimizer"] = None
     model_state["param_shapes"] = None  # the old ZeRO partitions' shapes; no optimizer files go with this checkpoint

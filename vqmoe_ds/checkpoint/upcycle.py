@@ -32,7 +32,7 @@ def check_upcycle(cfg: ModelConfig, path: str, tag: Optional[str] = None) -> Pre
     dense = run.model_config
     where = f"--upcycle-from {path}"
     if dense.is_moe:
-        raise CheckpointError(f"{where} holds an MoE model (router {dense.moe.get('router')!r}): give the checkpoint "
+        raise CheckpointError(f"{where} holds an MoE model (router {dense.moe.router!r}): give the checkpoint "
                               f"of a dense model (--router dense)")
     if not cfg.is_moe:
         raise CheckpointError(f"{where}: this run's model is dense, there are no experts to upcycle: set --router "

@@ -68,7 +68,7 @@ def compute_of(path: str) -> Dict[str, Any]:
     ds = read_json(os.path.join(path, "ds_config.json"))
     if not cfg or not ds or "model" not in cfg:
         return {}
-    model = ModelConfig(**{**cfg["model"], "moe": dict(cfg.get("moe", {}))})
+    model = ModelConfig.from_dict({**cfg["model"], "moe": cfg.get("moe", {})})
     micro = int(ds.get("train_micro_batch_size_per_gpu", 1))
     routes = 0
     if model.is_moe:

@@ -40,15 +40,14 @@ def gate_bias(discrete_share: float) -> Tuple[float, float]:
 
 
 def vqmoe_config(src: ModelConfig, distance: str = "l2") -> ModelConfig:
-    if src.moe.get("router", "topk") != "topk" or not src.is_moe:
+    if src.moe.router != "topk" or not src.is_moe:
         raise CheckpointError(f"conversion needs a top-k SMoE checkpoint (router topk), this one has router "
-                              f"{src.moe.get('router')!r}: pretrain with --router topk")
+                              f"{src.moe.router!r}: pretrain with --router topk")
     if distance not in ("l2", "cosine"):
         raise CheckpointError(f"--distance {distance!r}: choose l2 or cosine")
-    n = src.moe.get("num_experts", 8)
-    moe = dict(src.moe, router="vqmoe", codebook_size=n, codebook_dim=None, vq_kind="codebook", vq_distance=distance,
-               vqmoe_mode="pretrain", vq_ema=False, vq_kmeans_init=False, freeze_vq=False)
-    return src.replace(moe=moe)
+    n = src.moe.num_experts
+    return src.replace_moe(router="vqmoe", codebook_size=n, codebook_dim=None, vq_kind="codebook", vq_distance=distance,
+                           vqmoe_mode="pretrain", vq_ema=False, vq_kmeans_init=False, freeze_vq=False)
 
 
 # the top-k router's options and the layer settings around it that the conversion carries to the continuous path

@@ -26,14 +26,13 @@ def discrete_only_config(cfg: ModelConfig, freeze_vq: bool = True) -> ModelConfi
     The continuous router's own options (`CONTINUOUS_ONLY`, e.g. an imported OLMoE's z-loss) go with it."""
     if not vqmoe_layer_ids(cfg):
         raise CheckpointError(f"the discrete path needs a VQMoE checkpoint (router vqmoe or vq), this model's router "
-                              f"is {cfg.moe.get('router', 'topk')!r}: use --mode full or frozen_router")
-    moe = dict(cfg.moe, freeze_vq=freeze_vq)
-    if moe.get("router") == "vqmoe":
-        moe["vqmoe_mode"] = "discrete_only"
-    for name, off in CONTINUOUS_ONLY.items():
-        if name in moe:
-            moe[name] = off
-    return cfg.replace(moe=moe)
+                              f"is {cfg.moe.router!r}: use --mode full or frozen_router")
+    changes = {"freeze_vq": freeze_vq}
+    if cfg.moe.router == "vqmoe":
+        changes["vqmoe_mode"] = "discrete_only"
+    given = cfg.moe.settings()
+    changes.update({name: off for name, off in CONTINUOUS_ONLY.items() if name in given})  # a default is off already
+    return cfg.replace_moe(**changes)
 
 
 def absent_path_keys(cfg_src: ModelConfig, cfg_dst: ModelConfig, prefix: str = "") -> List[str]:

@@ -118,9 +118,9 @@ class TextClassification(Task):
         self.pretrained = ckpt.read_run(a.load, a.tag, a.run_config)
         self.tokenizer = ckpt.tokenizer_for(self.pretrained, a.tokenizer_meta)
         src = self.pretrained.model_config
-        cfg = self.parsed.checked("moe", lambda: src.replace(moe=dict(src.moe, **self.parsed.given("moe"))))
-        if cfg.moe.get("ep_size", 1) > 1 and not src.is_moe:
-            raise ConfigError(f"--moe-expert-parallel-size {cfg.moe['ep_size']} needs MoE layers, but the pretrained "
+        cfg = self.parsed.checked("moe", lambda: src.replace_moe(**self.parsed.given("moe")))
+        if cfg.moe.ep_size > 1 and not src.is_moe:
+            raise ConfigError(f"--moe-expert-parallel-size {cfg.moe.ep_size} needs MoE layers, but the pretrained "
                               f"model is dense: drop the flag")
         if a.mode == "discrete":
             cfg = discrete_only_config(cfg)
@@ -236,12 +236,13 @@ class TextClassification(Task):
 
     # ---- reports -------------------------------------------------------------------------------------------
     def config_objects(self) -> Dict[str, Any]:
-        return {"finetune": self.ft, "moe": {k: v for k, v in self.model_config.moe.items() if k in MOE_OVERRIDABLE},
+        return {"finetune": self.ft,
+                "moe": {k: v for k, v in self.model_config.moe.settings().items() if k in MOE_OVERRIDABLE},
                 "optim": self.optim, "run": self.run, "parallel": self.parallel}
 
     def describe(self) -> str:
         cfg = self.model_config
-        return (f"fine-tuning {self.pretrained.path} ({cfg.model}, router {cfg.moe.get('router')}) in mode "
+        return (f"fine-tuning {self.pretrained.path} ({cfg.model}, router {cfg.moe.router}) in mode "
                 f"{self.ft.mode}: {len(self.train_set)} train / {len(self.test_set)} test examples, "
                 f"{len(self.label_names)} labels, {self.counts['trainable'] / 1e6:.3f}M trainable, "
                 f"{self.counts['frozen'] / 1e6:.3f}M frozen parameters; dropped from the checkpoint: "
@@ -253,7 +254,7 @@ class TextClassification(Task):
     def results(self) -> Dict[str, Any]:
         a = self.ft
         return {"mode": a.mode, "task": a.task, "pretrained": self.pretrained.path,
-                "router": self.model_config.moe.get("router"), "labels": self.label_names, "parameters": self.counts,
+                "router": self.model_config.moe.router, "labels": self.label_names, "parameters": self.counts,
                 "frozen_routing_parameters": self.frozen_routing, "dropped_keys": self.load_report["dropped"],
                 "truncated_texts": {"train": self.train_set.truncated, "test": self.test_set.truncated},
                 "expert_flops_per_token": getattr(self, "expert_flops_per_token", None)}

@@ -1,8 +1,10 @@
 """Model configs: one dataclass for both architectures, and the named shapes (tiny, base, large, olmoe,
 olmoe-1b-7b).
 
-`ModelConfig.moe_config(layer)` gives the `MoEConfig` of one block's FFN slot: the MoE settings for layers
-chosen by ``moe_layers`` and a dense FFN (``d_inner``) for the others.
+`ModelConfig.moe` holds the model's MoE settings (a `MoEConfig` without layer sizes);
+`ModelConfig.moe_config(layer)` gives the `MoEConfig` of one block's FFN slot: the MoE settings with the model's
+sizes filled in for layers chosen by ``moe_layers``, and a dense FFN (``d_inner``) for the others.  `to_dict` /
+`from_dict` are the JSON records of checkpoints and exports (``moe``: the given settings, `MoEConfig.settings`).
 
 Parameter counts (`count_params`) are closed-form, so they can be checked against the built model (on the
 meta device for large/olmoe) and printed before anything is allocated.  "Active per token" counts each
@@ -15,7 +17,7 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, List, Literal, Optional, Tuple
+from typing import Any, ClassVar, Dict, List, Literal, Mapping, Optional, Tuple
 
 from ..fields import setting
 from ..moe.config import ConfigError, MoEConfig
@@ -28,8 +30,6 @@ PositionEmbedding = Literal["learned_absolute", "rope"]
 POSITION_EMBEDDINGS = typing.get_args(PositionEmbedding)
 QKNorm = Literal["none", "head", "hidden"]
 QK_NORMS = typing.get_args(QKNorm)
-# MoEConfig fields the model config sets (not MoE settings of their own)
-MOE_SET_BY_MODEL = ("hidden_size", "ffn_hidden_size", "init_std", "output_init_std", "vocab_size", "linear_bias")
 # the fields that shape the GPT block only (Transformer-XL keeps its LayerNorm / GELU / relative-position block)
 GPT_BLOCK_FIELDS = ("normalization", "norm_epsilon", "swiglu", "position_embedding_type", "rotary_base", "qk_norm",
                     "add_bias_linear")
@@ -68,8 +68,8 @@ class ModelConfig:
     moe_layers: str = setting("all", "blocks with an MoE FFN: all, every_other (1, 3, 5, ...), none, or a comma list "
                                      '"0,2"')
     expert_ffn: Optional[int] = setting(None, "experts' hidden width; none: --ffn-hidden-size")
-    moe: Dict[str, Any] = setting(factory=lambda: {"router": "topk", "num_experts": 8, "top_k": 2},
-                                  help="MoEConfig fields except hidden_size / ffn_hidden_size / init_std")
+    moe: MoEConfig = setting(factory=lambda: MoEConfig.from_settings({"router": "topk", "num_experts": 8, "top_k": 2}),
+                             help="the MoE settings (moe_config fills in the fields MoEConfig marks by_model)")
     init_std: float = setting(0.02, "standard deviation of the normal initialisation of the weights")
     normalization: Normalization = setting("LayerNorm", "GPT: the block's and the final norm, LayerNorm or RMSNorm (OLMoE, "
                                               "Mixtral, Qwen-MoE)")
@@ -93,9 +93,22 @@ class ModelConfig:
         "add_bias_linear": ("--add-bias-linear", "--disable-bias-linear=false")}
 
     def __post_init__(self):
-        if any(k in MoEConfig.RETIRED for k in self.moe):  # a config of an earlier version (its checkpoint's marker)
-            self.moe = {k: v for k, v in self.moe.items() if k not in MoEConfig.RETIRED}
+        if not isinstance(self.moe, MoEConfig) or self.moe.filled:
+            what = "a layer's MoEConfig" if isinstance(self.moe, MoEConfig) else f"a {type(self.moe).__name__}"
+            raise TypeError(f"ModelConfig.moe is the model's MoE settings, not {what}: give "
+                            f"MoEConfig.from_settings({{...}}) (a record: ModelConfig.from_dict; a change: "
+                            f"replace_moe)")
         self.validate()
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> "ModelConfig":
+        """The config of a `to_dict` record (a checkpoint's ``model_config``, an export's, a config file's model and
+        moe sections): ``moe`` holds MoE settings (`MoEConfig.from_settings`: the others at their defaults, retired
+        keys ignored); without it, the default settings."""
+        kw = dict(record)
+        if "moe" in kw:
+            kw["moe"] = MoEConfig.from_settings(kw["moe"])
+        return cls(**kw)
 
     def validate(self) -> None:
         def bad(msg):
@@ -141,8 +154,9 @@ class ModelConfig:
             if changed:
                 bad(f"{changed[0]}={getattr(self, changed[0])!r} applies to --model gpt only (Transformer-XL keeps "
                     f"its own block): drop it or use --model gpt")
-        if self.swiglu and self.moe.get("activation", "swiglu") != "swiglu":
-            bad(f"swiglu=True and moe.activation={self.moe['activation']!r} disagree: --swiglu makes every MLP SwiGLU; "
+        given = self.moe.settings()  # an activation that was given (its default gives way to --swiglu)
+        if self.swiglu and given.get("activation", "swiglu") != "swiglu":
+            bad(f"swiglu=True and moe.activation={given['activation']!r} disagree: --swiglu makes every MLP SwiGLU; "
                 f"drop --moe-activation or --swiglu")
         self.moe_layer_ids()  # raises on a bad pattern
         self.moe_config(0)  # MoEConfig validates the MoE settings
@@ -156,24 +170,35 @@ class ModelConfig:
 
     @property
     def is_moe(self) -> bool:
-        return self.moe.get("router", "topk") != "dense" and bool(self.moe_layer_ids())
+        return self.moe.router != "dense" and bool(self.moe_layer_ids())
+
+    @property
+    def ep_size(self) -> int:
+        return self.moe.ep_size
 
     def moe_config(self, layer: int) -> MoEConfig:
         mlp = {"activation": "swiglu"} if self.swiglu else {}  # the block's MLP form (SwiGLU: every MLP)
         if not self.add_bias_linear:
             mlp["linear_bias"] = False
-        if layer in self.moe_layer_ids() and self.moe.get("router", "topk") != "dense":
-            return MoEConfig(hidden_size=self.d_model, ffn_hidden_size=self.expert_ffn or self.d_inner,
-                             init_std=self.init_std, output_init_std=self.init_std / math.sqrt(2 * self.n_layer),
-                             vocab_size=self.vocab_size, **{**self.moe, **mlp})
+        if layer in self.moe_layer_ids() and self.moe.router != "dense":
+            return dataclasses.replace(self.moe, hidden_size=self.d_model,
+                                       ffn_hidden_size=self.expert_ffn or self.d_inner, init_std=self.init_std,
+                                       output_init_std=self.init_std / math.sqrt(2 * self.n_layer),
+                                       vocab_size=self.vocab_size, **mlp)
         return MoEConfig(hidden_size=self.d_model, ffn_hidden_size=self.d_inner, router="dense",
-                         dropout=self.moe.get("dropout", 0.0), **mlp)
+                         dropout=self.moe.dropout, **mlp)
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
+    def replace_moe(self, **changes) -> "ModelConfig":
+        """A copy whose MoE settings have ``changes`` (given settings from then on, `MoEConfig.replace`)."""
+        return self.replace(moe=self.moe.replace(**changes))
+
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        """A plain record for JSON: every field, ``moe`` as its given settings (`MoEConfig.settings`)."""
+        return {f.name: self.moe.settings() if f.name == "moe" else getattr(self, f.name)
+                for f in dataclasses.fields(self)}
 
 
 # ---- parameter counts (closed form) ------------------------------------------------------------------------
@@ -284,10 +309,12 @@ NAMED: Dict[str, Dict[str, Any]] = {
 
 
 def named_config(name: str, **overrides) -> ModelConfig:
+    """The named shape with ``overrides`` on top (None values ignored; ``moe``: MoE settings, merged key by key
+    into the shape's)."""
     if name not in NAMED:
         raise ConfigError(f"unknown config {name!r}: choose one of {', '.join(NAMED)} (--config)")
     kw = dict(NAMED[name])
     moe = dict(kw.pop("moe"))
     moe.update(overrides.pop("moe", {}) or {})
     kw.update({k: v for k, v in overrides.items() if v is not None})
-    return ModelConfig(moe=moe, **kw)
+    return ModelConfig(moe=MoEConfig.from_settings(moe), **kw)

@@ -16,7 +16,6 @@ import torch
 from ..fields import setting
 from ..cli import CommandLine, Parsed, Section, Shorthand
 from ..models import NAMED, ModelConfig, build_model, count_params, flops_per_token, named_config, param_report
-from ..models.configs import MOE_SET_BY_MODEL
 from ..moe.config import ConfigError, MoEConfig
 from ..routers import fit_hash_tables
 from .config import OptimConfig, ParallelConfig, RunConfig
@@ -49,7 +48,7 @@ class LMDataConfig:
                               f"folder of a dense run")
 
 
-MOE_DERIVED = MOE_SET_BY_MODEL  # MoEConfig fields the model config sets
+MOE_DERIVED = MoEConfig.model_set_fields()  # MoEConfig fields the model config sets
 
 
 def command_line() -> CommandLine:
@@ -74,7 +73,7 @@ def resolved_config_for(cfg: ModelConfig, out_dir: str) -> Dict[str, Any]:
     parsed = cmd.parse(["--config", "olmoe-1b-7b", "--out-dir", out_dir])
     sections = {"optim": parsed.build("optim", OptimConfig), "data": parsed.build("data", LMDataConfig),
                 "run": parsed.build("run", RunConfig), "parallel": parsed.build("parallel", ParallelConfig)}
-    return cmd.resolved(parsed.preset, {"model": cfg, "moe": dict(cfg.moe), **sections})
+    return cmd.resolved(parsed.preset, {"model": cfg, "moe": cfg.moe.settings(), **sections})
 
 
 def model_config(parsed: Parsed, vocab_size: Optional[int] = None) -> ModelConfig:
@@ -128,7 +127,7 @@ class LanguageModelling(Task):
             from ..checkpoint.upcycle import upcycle
 
             self.upcycled = upcycle(self.model, self.upcycle_source)
-        if self.model_config.moe.get("hash_table") == "balanced":  # hash routing balanced by the data's ids
+        if self.model_config.moe.hash_table == "balanced":  # hash routing balanced by the data's ids
             fit_hash_tables(self.model, self.corpus.token_counts("train"))
         return self.model
 
@@ -181,7 +180,7 @@ class LanguageModelling(Task):
     # ---- reports -------------------------------------------------------------------------------------------
     def config_objects(self) -> Dict[str, Any]:
         cfg = self.model_config
-        return {"model": cfg, "moe": dict(cfg.moe), "optim": self.optim, "data": self.data, "run": self.run,
+        return {"model": cfg, "moe": cfg.moe.settings(), "optim": self.optim, "data": self.data, "run": self.run,
                 "parallel": self.parallel}
 
     def describe(self) -> str:

@@ -34,6 +34,7 @@ from .. import checkpoint as ckpt
 from ..cli import CommandLine, Parsed
 from ..data import DataError
 from ..errors import ConfigError
+from ..moe.config import MoEConfig
 from ..parallel import (announce_alive, any_rank, barrier, collective_failure, dead_ranks, init_distributed,
                         max_over_ranks, max_value, reduce_values, shutdown)
 from ..quiet import engine_start
@@ -72,7 +73,7 @@ class Task(abc.ABC):
     unit: str = "samples"  # what ``micro_step``'s extras count for the throughput (``{unit}_per_s``)
     default_micro_batch: int = 8
     section: Tuple[str, type] = ("data", object)  # the task's own command-line section and its config class
-    model_config: Any = None  # has ``to_dict()``; set by ``load``
+    model_config: Any = None  # has ``to_dict()``, ``ep_size`` and ``moe``; set by ``load``
     batches: Any = None  # this rank's training batches (``next``, ``state_dict``); set by ``shard``
 
     def __init__(self, parsed: Parsed, optim: OptimConfig, run: RunConfig, parallel: ParallelConfig, data: Any):
@@ -93,7 +94,7 @@ class Task(abc.ABC):
 
     @property
     def ep_size(self) -> int:
-        return int(self.model_config.moe.get("ep_size", 1))
+        return int(self.model_config.ep_size)
 
     @property
     def is_moe(self) -> bool:
@@ -376,10 +377,11 @@ class Trainer:
 
     def _check_horizon(self) -> None:
         """Settings that only act after a number of steps must act within --train-iters."""
-        moe, total = self.task.model_config.moe or {}, self.optim.train_iters
-        warmup = int(moe.get("cluster_warmup_steps", 0) or 0)
+        moe, total = self.task.model_config.moe, self.optim.train_iters
+        given = moe.settings() if isinstance(moe, MoEConfig) else moe or {}  # a ViTConfig's moe is a dict of them
+        warmup = int(given.get("cluster_warmup_steps", 0) or 0)  # a warm-up that was given (not the default)
         last = self.task.router_step(total)  # the routers' schedule step at the end of this run (fine-tuning
-        if moe.get("router") == "cluster" and warmup >= last:  # continues the pretraining run's schedule)
+        if given.get("router") == "cluster" and warmup >= last:  # continues the pretraining run's schedule)
             raise ConfigError(f"--cluster-warmup-steps {warmup} is not below --train-iters {total}: the clustering "
                               f"router would never fit its centroids in this run; give a warm-up below {last}")
 

@@ -66,7 +66,7 @@ class VisionDataConfig:
             self.augment = "crop" if self.dataset == "synthetic" else "standard"
 
 
-MOE_DERIVED = ("hidden_size", "ffn_hidden_size", "init_std", "output_init_std", "vocab_size", "linear_bias")
+MOE_DERIVED = MoEConfig.model_set_fields()  # MoEConfig fields the model config sets
 
 
 def command_line() -> CommandLine:

@@ -45,6 +45,8 @@ class ViTConfig:
     moe_layers: str = setting("every_other", "blocks with an MoE FFN: all, every_other (1, 3, ...), none, or a comma "
                                              'list "0,2"')
     expert_ffn: Optional[int] = setting(None, "experts' hidden width; none: --ffn-hidden-size")
+    # a dict, not a MoEConfig: it also holds SoftMoE's settings (router "soft", "slots_per_expert", "normalize"),
+    # which are no MoEConfig fields; ffn_config turns it into the MoEConfig or SoftMoEConfig of a layer
     moe: Dict[str, Any] = setting(factory=lambda: {"router": "vqmoe", "num_experts": 8, "top_k": 2, "codebook_size": 16},
                                   help='MoEConfig fields except hidden/ffn sizes; router "soft" = SoftMoE, with '
                                        '"slots_per_expert" and "normalize"')
@@ -97,6 +99,10 @@ class ViTConfig:
     @property
     def is_moe(self) -> bool:
         return self.router != "dense" and bool(self.moe_layer_ids())
+
+    @property
+    def ep_size(self) -> int:
+        return int(self.moe.get("ep_size", 1))
 
     def moe_layer_ids(self) -> List[int]:
         return parse_moe_layers(self.moe_layers, self.n_layer)
