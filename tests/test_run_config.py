@@ -2,6 +2,7 @@
 a resume leaves it as it was (appending a ``resumes`` record, and one line saying what changed), YAML exponent
 numbers are floats, a run without a validation split writes strict JSON and the tools fall back from ``best`` to
 ``latest`` with a notice, and routing health warnings name collapsed layers."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -122,3 +123,26 @@ def test_routing_health_names_the_layers_that_use_under_half(capsys):
     assert h.check(4) == []  # a new window
     h.add([{"expert_load": torch.tensor([1, 1, 0, 0])}])  # exactly half: no warning
     assert h.check(1) == []
+
+
+@pytest.mark.parametrize("argv", [["--config", "tiny", "--swiglu"], ["--config", "tiny", "--swiglu", "--router", "topk"],
+                                  ["--config", "tiny"]])
+def test_config_json_of_a_swiglu_model_reads_back_as_the_same_model(tmp_path, argv):
+    """The MoE section is spelled out with every default; a --swiglu model's experts run SwiGLU, so the file must say
+    so, or --config-file refuses it (swiglu against a gelu activation) instead of rebuilding the model."""
+    from vqmoe_ds.training import lm
+    from vqmoe_ds.training.run_log import complete_config
+
+    cmd = lm.command_line()
+    task = lm.make_task(cmd.parse([*argv, "--out-dir", str(tmp_path / "run")]))
+    written = complete_config(cmd.resolved(task.parsed.preset, task.config_objects()), cmd, {}, None)
+    want = "swiglu" if "--swiglu" in argv else "gelu"
+    assert written["moe"]["activation"] == want
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(written))
+    again, first = lm.make_task(cmd.parse(["--config-file", str(path)])).model_config, task.model_config
+    assert {k: v for k, v in again.to_dict().items() if k != "moe"} == \
+        {k: v for k, v in first.to_dict().items() if k != "moe"}
+    for layer in range(first.n_layer):  # every layer's MoE settings as the model builds them
+        assert dataclasses.asdict(again.moe_config(layer)) == dataclasses.asdict(first.moe_config(layer))
+    assert again.moe_config(0).activation == want

@@ -136,7 +136,8 @@ def complete_config(resolved: Dict[str, Any], cmd, ds_config: Dict[str, Any],
     """OUT_DIR/config.json's content: ``resolved`` (the command line's values, `cli.CommandLine.resolved`) with
 
     * the MoE section spelled out: every setting the driver exposes, at its default where nothing set it (a
-      named shape's own values stay), so that the file does not depend on the defaults of another version;
+      named shape's own values stay; the experts' activation of a ``--swiglu`` model is swiglu), so that the file
+      does not depend on the defaults of another version and reads back as the same model;
     * the optimisation values as DeepSpeed uses them (`config.resolve_ds_config`): micro-batch size, gradient
       accumulation, peak lr, gradient clipping, and, when the schedule is built from the flags (no scheduler
       block in the ds_config), its warmup and min_lr -- written so that the same ds_config with this file
@@ -146,9 +147,11 @@ def complete_config(resolved: Dict[str, Any], cmd, ds_config: Dict[str, Any],
     out = json.loads(json.dumps(resolved, default=str))
     moe = out.get("moe")
     if isinstance(moe, dict) and moe.get("router", "topk") in ROUTERS:
+        # --swiglu makes every MLP SwiGLU: the experts' activation is written as what they run
+        effective = {"activation": "swiglu"} if (out.get("model") or {}).get("swiglu") else {}
         for spec in cmd.specs.get("moe", []):
             if not spec.cli_only and spec.name not in moe:
-                moe[spec.name] = spec.default
+                moe[spec.name] = effective.get(spec.name, spec.default)
     optim = out.get("optim")
     if isinstance(optim, dict) and ds_config:
         lr = ds_config.get("optimizer", {}).get("params", {}).get("lr")
