@@ -379,7 +379,7 @@ def test_every_case_ran_and_names_real_flags():
     ``--flag`` a message names is a flag of its entry point, or of the tool the message names just before it."""
     names = [c[0] for c in CASES]
     if not RAN:
-        pytest.skip("the table's cases were not selected in this session")
+        pytest.skip("the table's cases were not selected in this pytest run")
     assert sorted(RAN) == sorted(names), sorted(set(names) - set(RAN))
     assert {rc for rc, _, _ in RAN.values()} == {2, 3}
     flags, bad = {}, []
