@@ -39,13 +39,44 @@ def torchrun_cmd(nproc: int, args: Sequence[str], port: int, script: str = DRIVE
 
 
 def shm_files() -> set:
+    """DeepSpeed's CPU all-reduce buffers, ``deepspeed_allreduce_buffer_{uid}_{MASTER_ADDR}_{MASTER_PORT}_{rank}``."""
     return set(glob.glob("/dev/shm/deepspeed_*"))
 
 
+def shm_in_use() -> set:
+    """The /dev/shm files some live process holds open or mapped (read from /proc; empty where there is none).
+
+    Open descriptors are read before mappings: a rank creates its buffer open, maps it, then may close the
+    descriptor, so a file in use is seen in one of the two whichever moment it is read."""
+    held = set()
+    for fd_dir in glob.glob("/proc/[0-9]*/fd"):
+        try:
+            for fd in os.listdir(fd_dir):
+                target = os.readlink(os.path.join(fd_dir, fd))
+                if target.startswith("/dev/shm/"):
+                    held.add(target)
+        except OSError:  # the process ended, or is not ours to read
+            continue
+    for maps in glob.glob("/proc/[0-9]*/maps"):
+        try:
+            with open(maps) as f:
+                held.update(line.split(None, 5)[5].strip() for line in f if "/dev/shm/" in line)
+        except (OSError, IndexError):
+            continue
+    return held
+
+
 def remove_new_shm(before: set) -> List[str]:
-    """Remove the /dev/shm/deepspeed_* files that appeared since ``before`` (only those: other runs may be live)."""
+    """Remove the /dev/shm/deepspeed_* files that appeared since ``before`` and that no live process holds.
+
+    Other runs may be live beside this one (a parallel sweep, pytest-xdist workers): a rank whose peer's buffer
+    disappears waits for it forever, so a file still open or mapped anywhere is left to its own run's cleanup."""
     gone = []
-    for f in sorted(shm_files() - before):
+    new = shm_files() - before
+    if not new:
+        return gone
+    held = shm_in_use()
+    for f in sorted(new - held):
         try:
             os.remove(f)
             gone.append(f)
