@@ -9,8 +9,11 @@ export PYTHONUNBUFFERED = 1
 setup:
 	bash scripts/install.sh
 
+# pytest-xdist workers, one test file each at a time (a file's module fixtures stay in one process); many tests
+# start 2-rank runs, so more workers than cores only slows them.  `make test PYTEST_WORKERS=0` runs in one process.
+PYTEST_WORKERS ?= 2
 test: setup
-	$(VENV)/bin/python -m pytest -q tests --durations=25
+	$(VENV)/bin/python -m pytest -q tests -n $(PYTEST_WORKERS) --dist loadfile --durations=25
 
 demo: setup
 	$(VENV)/bin/python scripts/demo.py
