@@ -155,6 +155,8 @@ def test_paper_preset_follows_the_authors_scripts(settings, tmp_path):
     assert diffs["vqmoe-k1-authors"]["moe.discrete_input"] == "token"
     assert diffs["vqmoe-k1-authors"]["moe.balance_loss_coef"] == 0.0
     assert diffs["vqmoe-k1-authors"]["moe.top1_weight"] == diffs["vqmoe-k1-w1"]["moe.top1_weight"] == "one"
+    assert diffs["topk-k2-nobal"]["moe.balance_loss_coef"] == 0.0 and diffs["topk-k2"]["moe.balance_loss_coef"] == 0.01
+    assert diffs["topk-k2"] == next(r for r in grid.runs if r.arm == "topk-k2").settings
     assert {k: v for k, v in diffs["vqmoe-k1"].items()} == \
         {k: v for k, v in next(r for r in grid.runs if r.arm == "vqmoe-k1").settings.items()}
 

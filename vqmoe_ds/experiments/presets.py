@@ -114,6 +114,7 @@ PAPER_DIFF_ARMS = {
     "vqmoe-k1-authors": ("vqmoe", {"top-k": 1, "moe-router-top1-weight": "one", "balance-loss-coef": 0.0,
                                    "vq-distance": "l2", "discrete-input": "token"}),
     "topk-k2-nobal": ("topk", {"top-k": 2, "balance-loss-coef": 0.0}),
+    "topk-k2": PAPER_ARMS["topk-k2"],
 }
 
 PRESETS: Dict[str, Preset] = {
@@ -132,11 +133,12 @@ PRESETS: Dict[str, Preset] = {
         comparisons=(("vqmoe-k1", "topk-k2"), ("vqmoe-k1", "topk-k1"), ("topk-k1", "topk-k2"))),
     "paper_diffs": Preset(
         "the paper preset's VQMoE with the authors' choices where ours differ (top-1 weight 1, no balance loss, L2 "
-        "codebook, the token as the discrete expert's input), and top-2 SMoE without the balance loss",
+        "codebook, the token as the discrete expert's input), and top-2 SMoE with and without the balance loss",
         tuple(PAPER_DIFF_ARMS), (1, 2, 3), PAPER_CPU, arms=PAPER_DIFF_ARMS,
         comparisons=(("vqmoe-k1-w1", "vqmoe-k1"), ("vqmoe-k1-nobal", "vqmoe-k1"), ("vqmoe-k1-l2", "vqmoe-k1"), ("vqmoe-k1-xin", "vqmoe-k1"),
                      ("vqmoe-k1-authors", "vqmoe-k1"), ("vqmoe-k1-authors", "topk-k2-nobal"),
-                     ("vqmoe-k1", "topk-k2-nobal"))),
+                     ("vqmoe-k1", "topk-k2-nobal"), ("vqmoe-k1", "topk-k2"), ("vqmoe-k1-xin", "topk-k2"),
+                     ("topk-k2-nobal", "topk-k2"))),
     "discrete_only": Preset(
         "Table 4: discrete-only VQMoE (one expert per token by its code) against top-2 SMoE, codebook K = experts "
         "N = 8, 16, 32",
