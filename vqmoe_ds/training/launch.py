@@ -51,12 +51,16 @@ def shm_in_use() -> set:
     held = set()
     for fd_dir in glob.glob("/proc/[0-9]*/fd"):
         try:
-            for fd in os.listdir(fd_dir):
-                target = os.readlink(os.path.join(fd_dir, fd))
-                if target.startswith("/dev/shm/"):
-                    held.add(target)
+            fds = os.listdir(fd_dir)
         except OSError:  # the process ended, or is not ours to read
             continue
+        for fd in fds:
+            try:
+                target = os.readlink(os.path.join(fd_dir, fd))
+            except OSError:  # closed meanwhile
+                continue
+            if target.startswith("/dev/shm/"):
+                held.add(target)
     for maps in glob.glob("/proc/[0-9]*/maps"):
         try:
             with open(maps) as f:
