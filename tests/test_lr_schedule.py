@@ -80,9 +80,9 @@ def test_state_holds_numbers_only_and_a_resume_takes_the_new_horizon():
     assert _used(opt2, longer, 10)[-1] == pytest.approx(PEAK * 0.1)  # step 16 at the minimum
 
 
-def test_a_checkpoint_of_the_earlier_warmup_cosine_lr_resumes_at_its_step():
-    """The earlier flag schedule was DeepSpeed's WarmupCosineLR started at iteration 1: after 6 steps its state is
-    {"last_batch_iteration": 7}; read here as 6 applied steps, step 7 trains at 0.55 of the peak."""
+def test_a_checkpoint_of_deepspeeds_warmup_cosine_lr_resumes_at_its_step():
+    """A checkpoint holding the state of DeepSpeed's WarmupCosineLR started at iteration 1: after 6 steps its state
+    is {"last_batch_iteration": 7}; read here as 6 applied steps, step 7 trains at 0.55 of the peak."""
     opt = _opt()
     sched = WarmupCosineSchedule(opt, 4, 10, 0.1)
     sched.load_state_dict({"last_batch_iteration": 7})
