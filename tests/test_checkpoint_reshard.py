@@ -6,8 +6,8 @@ world 1 / ep 1, then to world 4 / ep 4 and back to world 2 / ep 2.
     source's last one;
   * experts keep their identity (DeepSpeed #6589): expert e of layer l gets fc1 bias 10*l + e, and after
     resharding each rank of a real 2-rank ep 2 load holds exactly the values of its global experts;
-  * bad sources (experts swapped between files, ep not dividing the experts or the world, missing or incomplete
-    checkpoint, existing output) are refused with one line.
+  * bad sources (experts swapped between files, ep not dividing the experts or the world, ep > 1 for a dense
+    model, missing or incomplete checkpoint, existing output) are refused with one line.
 """
 import importlib.util
 import json
@@ -182,6 +182,19 @@ def test_reshard_refuses_bad_sources(source, tmp_path, capsys):
     assert "--ep-size 3 does not divide the 4 experts" in msg
     msg = _error(capsys, "--load", src, "--out", tmp_path / "o", "--world-size", "3", "--ep-size", "2")
     assert "does not divide --world-size 3" in msg
+    # a dense model's checkpoint (no expert files; the marker's model says router "dense", num_experts still 4)
+    dense = _copy(src, tmp_path / "dense")
+    for f in (dense / "step3").iterdir():
+        if EXPERT_FILE.match(f.name):
+            f.unlink()
+    marker_path = dense / "step3" / ckpt.MARKER
+    marker = json.loads(marker_path.read_text())
+    marker["model_config"]["moe"]["router"] = "dense"
+    marker_path.write_text(json.dumps(marker))
+    _remark(dense)
+    msg = _error(capsys, "--load", dense, "--out", tmp_path / "o", "--world-size", "2", "--ep-size", "2")
+    assert "has a dense model without experts; use --ep-size 1" in msg, msg
+    assert not (tmp_path / "o" / "step3").exists()
     msg = _error(capsys, "--load", tmp_path / "nowhere", "--out", tmp_path / "o", "--world-size", "1", "--ep-size", "1")
     assert "does not exist" in msg
     incomplete = _copy(src, tmp_path / "incomplete")

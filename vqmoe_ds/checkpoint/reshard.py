@@ -92,7 +92,9 @@ def reshard(load_dir, tag, out_dir, out_tag, world, ep):
         raise CheckpointError(f"checkpoint {src} records no model config: it was not written by a vqmoe-ds driver or "
                               f"tool")
     moe = dict(cfg_dict.get("moe") or {})
-    n_exp = int(moe.get("num_experts") or 0)
+    one_process = {**cfg_dict, "moe": {**moe, "ep_size": 1}} if moe else cfg_dict
+    model_cfg = ModelConfig.from_dict(one_process)
+    n_exp = int(moe.get("num_experts") or 0) if model_cfg.is_moe else 0  # a dense router keeps num_experts unused
     if ep > 1 and not n_exp:
         raise CheckpointError(f"--ep-size {ep}: checkpoint {src} has a dense model without experts; use "
                                    f"--ep-size 1")
@@ -110,8 +112,7 @@ def reshard(load_dir, tag, out_dir, out_tag, world, ep):
 
     # the experts: every file must hold the expert its name gives, of the MoE layer its name gives
     init_single_process()
-    one_process = {**cfg_dict, "moe": {**moe, "ep_size": 1}} if moe else cfg_dict
-    layers, expert_buffers = moe_prefixes(ModelConfig.from_dict(one_process))
+    layers, expert_buffers = moe_prefixes(model_cfg)
     if expert_buffers:
         raise CheckpointError(f"expert buffers ({expert_buffers[0]}) are per-ep-rank state this tool does not "
                                    f"convert: resume at the source's ep size")
