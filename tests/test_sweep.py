@@ -255,15 +255,56 @@ def test_a_folder_with_another_grid_is_refused(tmp_path, capsys, settings):
     out = tmp_path / "sweep"
     out.mkdir()
     stored = build_grid("seeds", seeds=[1, 2], settings=settings)
-    (out / "sweep.json").write_text(json.dumps({"grid": stored.identity()}))
+    (out / "sweep.json").write_text(json.dumps({"grid": stored.identity()}))  # no shared settings recorded
     assert sweep.main(["--preset", "seeds", "--seeds", "1", "2", "3", "--out", str(out), "--dry-run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds a sweep of another grid" in err[0] and "topk_s3" in err[0], err
+    assert "records no shared settings" in err[0], err
     assert sweep.main(["--preset", "seeds", "--seeds", "1", "2", "--out", str(out), "--dry-run"]) == 0
     assert sweep.main(["--preset", "seeds", "--seeds", "1", "2", "--set", "lr=0.01", "--out", str(out),
                        "--dry-run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "optim.lr=0.003 where this one has optim.lr=0.01" in err[-1], err
+
+    # a record with its shared settings: more seeds extend it; new runs with another shared setting do not
+    (out / "sweep.json").write_text(json.dumps({"grid": stored.identity(), "common": stored.common}))
+    assert sweep.main(["--preset", "seeds", "--seeds", "1", "2", "3", "--out", str(out), "--dry-run"]) == 0
+    assert sweep.main(["--preset", "seeds", "--seeds", "3", "--out", str(out), "--dry-run"]) == 0
+    assert sweep.main(["--preset", "seeds", "--seeds", "3", "--set", "lr=0.01", "--out", str(out), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "every run had --lr 0.003 where this one has --lr 0.01" in err[-1], err
+    assert sweep.main(["--preset", "robustness", "--seeds", "1", "--out", str(out), "--dry-run"]) == 2
+    assert "preset seeds, this one robustness" in capsys.readouterr().err
+    assert json.loads((out / "sweep.json").read_text())["grid"] == json.loads(json.dumps(stored.identity()))
+
+
+def test_a_sweep_extends_a_folder_with_more_seeds_and_arms(tmp_path, capsys, monkeypatch):
+    """Through the fake driver: topk x seed 1, then topk and vqmoe x seeds 1, 2 into the same folder: only the
+    three new runs start, sweep.json records the union, and the report holds all four runs and their pair."""
+    _fake_launcher(monkeypatch)
+    out = tmp_path / "sweep"
+    common = ["--out", str(out), "--launcher", "none", "--set", "train-iters=4", "eval-interval=2",
+              "save-interval=2", "micro-batch-size=4"]
+    assert sweep.main(["--preset", "seeds", "--routers", "topk", "--seeds", "1", *common]) == 0
+    assert "1 runs, 0 finished before, 1 to run" in capsys.readouterr().out
+    log = (out / "topk_s1.log").read_text()
+    argv = ["--preset", "seeds", "--routers", "topk", "vqmoe", "--seeds", "1", "2", *common]
+    assert sweep.main(argv) == 0
+    assert "4 runs, 1 finished before, 3 to run" in capsys.readouterr().out
+    assert (out / "topk_s1.log").read_text() == log and len(_argvs(out, "topk_s1")) == 1
+    record = json.loads((out / "sweep.json").read_text())
+    assert [r["name"] for r in record["grid"]["runs"]] == ["topk_s1", "vqmoe_s1", "topk_s2", "vqmoe_s2"]
+    assert [e["runs"] for e in record["extended"]] == [["vqmoe_s1", "topk_s2", "vqmoe_s2"]]
+    assert record["command"][-len(common) - 3:-len(common)] == ["topk", "--seeds", "1"]
+    assert sorted(_rows(out)) == ["topk_s1", "topk_s2", "vqmoe_s1", "vqmoe_s2"]
+    # fake BASE 2.10 / 2.09 at seed 1, 2.14 / 2.11 at seed 2: vqmoe - topk = -0.01, -0.03
+    md = (out / "sweep.md").read_text()
+    assert [ln for ln in md.splitlines() if ln.startswith("| vqmoe | topk | 2 | -0.0200 [-0.1471, +0.1071]")], md
+    # a narrower sweep (one arm, one seed) into the extended folder runs nothing and reports the folder
+    assert sweep.main(["--preset", "seeds", "--routers", "vqmoe", "--seeds", "2", *common]) == 0
+    assert "1 runs, 1 finished before, 0 to run" in capsys.readouterr().out
+    assert json.loads((out / "sweep.json").read_text()) == record
+    assert sorted(_rows(out)) == ["topk_s1", "topk_s2", "vqmoe_s1", "vqmoe_s2"]
 
 
 # ---- the sweep's bookkeeping, with a fake driver -------------------------------------------------------------

@@ -23,7 +23,8 @@ again.  SIGINT/SIGTERM stop the sweep: every live run saves its step and exits.
 
 Before any run starts, every run's config file is read by the driver's own parser and its task built in this
 process, so a bad setting fails at once (one ``error:`` line, exit status 2); so does an OUT folder whose
-``sweep.json`` records another grid.
+``sweep.json`` records another grid.  A sweep may extend the one in OUT -- more ``--seeds``, arms or override sets,
+every other setting the same -- and then runs only what is new; its report covers every run in OUT.
 
 Outputs, rewritten after every sweep (``--report-only``: only these, from the runs in OUT): ``OUT/sweep.csv``,
 ``OUT/sweep.md`` (per arm: BPC, parameters, routes and FLOPs per token, training FLOPs, tokens/s, wall time; paired
@@ -35,8 +36,6 @@ compute-matched; steps and FLOPs to ``--target-bpc``), ``OUT/valid_curve.png``, 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import shlex
 import signal
@@ -44,7 +43,7 @@ import sys
 import threading
 from typing import Any, Dict, Optional, Sequence
 
-from .grid import build_grid, check_grid, check_out, config_path, grid_from_record, read_record, run_dir, write_config
+from .grid import build_grid, check_grid, check_out, config_path, grid_from_record, run_dir, write_config, write_sweep
 from .presets import PRESETS, SweepError
 from .report import ReportOptions, comparisons_for, write_reports
 from .runner import LAUNCHERS, Runner, SlurmRunner, driver_argv, finished, launch_cmd, resumable
@@ -145,7 +144,7 @@ def sweep(args: argparse.Namespace) -> int:
                          f"one of them")
     if os.path.exists(out) and not os.path.isdir(out):
         raise SweepError(f"--out {args.out} is a file: give a folder")
-    check_out(grid, out)
+    extends = check_out(grid, out)
     check_grid(grid, out, args.launcher, ds)
     if args.dry_run:
         for spec in grid.runs:
@@ -156,19 +155,15 @@ def sweep(args: argparse.Namespace) -> int:
             print(f"{spec.name} ({state}): {shlex.join(cmd)}", flush=True)
         return 0
     os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, "sweep.json")
-    if read_record(out) is None:
-        with open(path, "w") as f:
-            json.dump({"created": datetime.datetime.now().isoformat(timespec="seconds"),
-                       "command": ["tools/sweep.py", *(sys.argv[1:] if args.argv is None else args.argv)],
-                       "grid": grid.identity()}, f, indent=1)
+    write_sweep(grid, out, ["tools/sweep.py", *(sys.argv[1:] if args.argv is None else args.argv)])
     for spec in grid.runs:  # every run's settings, readable before it starts
         if not finished(run_dir(out, spec)) or not os.path.exists(config_path(out, spec)):
             write_config(out, spec)
     todo = [s for s in grid.runs if not finished(run_dir(out, s))]
     how = (f"{args.parallel} at a time, {args.launcher}" if args.launcher != "slurm" else "one Slurm job each")
     print(f"sweep {grid.preset}: {len(grid.runs)} runs, {len(grid.runs) - len(todo)} finished before, "
-          f"{len(todo)} to run ({how}, {args.nproc} rank(s) each) in {out}", flush=True)
+          f"{len(todo)} to run ({how}, {args.nproc} rank(s) each) in {out}"
+          + (f" (its sweep.json: {len(grid_from_record(out).runs)} runs)" if extends else ""), flush=True)
     if args.launcher == "slurm":
         params = dict(args.slurm_params)
         cluster = params.pop("cluster", None)
@@ -182,8 +177,9 @@ def sweep(args: argparse.Namespace) -> int:
     finally:
         if handler_set:
             signal.signal(signal.SIGTERM, old)
-    opts = ReportOptions(comparisons_for(grid, args.baseline), args.margin, args.target_bpc, args.launcher)
-    for p in write_reports(grid, out, opts):
+    reported = grid_from_record(out) if extends else grid  # the folder's report covers every run it holds
+    opts = ReportOptions(comparisons_for(reported, args.baseline), args.margin, args.target_bpc, args.launcher)
+    for p in write_reports(reported, out, opts):
         print(f"wrote {p}", flush=True)
     if interrupted:
         left = sum(not finished(run_dir(out, s)) for s in grid.runs)

@@ -3,10 +3,13 @@ before anything runs, and written as one YAML config file per run.
 
 A run lives in ``OUT/<arm>[_<override set>]_s<seed>/`` (the driver's --out-dir); its settings are
 ``OUT/<run>.yaml`` (what ``pretrain_vqmoe.py --config-file`` reads) and its log ``OUT/<run>.log``.
-``OUT/sweep.json`` records the grid, so a second sweep into the same folder is the same grid or refused.
+``OUT/sweep.json`` records the grid and the settings every run shares, so a second sweep into the same folder
+either is the same grid, or extends it (more seeds, arms or override sets, with the same shared settings and
+every run it has in common with the folder set alike: the record becomes the union), or is refused.
 """
 from __future__ import annotations
 
+import datetime
 import itertools
 import json
 import os
@@ -216,54 +219,99 @@ def check_grid(grid: Grid, out: str, launcher: str, settings: Optional[DriverSet
             raise SweepError("--launcher slurm needs submitit: pip install -r requirements.txt") from None
 
 
-def check_out(grid: Grid, out: str) -> None:
-    """OUT holds no sweep, or a sweep of this very grid."""
-    stored = read_record(out)
-    if stored is None:
-        return
+def check_out(grid: Grid, out: str) -> bool:
+    """OUT holds no sweep, a sweep of this very grid (both: False), or a sweep this grid is part of or extends
+    (True): the same preset and ranks per run, every run of both the same and, where it adds runs, the same shared
+    settings; otherwise SweepError."""
+    record = read_sweep(out)
+    if record is None:
+        return False
+    stored = record["grid"]
     now = json.loads(json.dumps(grid.identity()))  # as stored: tuples as lists
     if stored == now:
-        return
+        return False
     path = os.path.join(out, "sweep.json")
+    old = {r.get("name"): r for r in stored.get("runs", [])}
+    new = {r["name"]: r for r in now["runs"]}
+    diff = ""
     if stored.get("preset") != now["preset"]:
         diff = f"preset {stored.get('preset')}, this one {now['preset']}"
     elif stored.get("nproc") != now["nproc"]:
         diff = f"--nproc {stored.get('nproc')}, this one {now['nproc']}"
-    else:
-        old = {r.get("name"): r for r in stored.get("runs", [])}
-        new = {r["name"]: r for r in now["runs"]}
-        if set(old) != set(new):
-            gone, added = sorted(set(old) - set(new)), sorted(set(new) - set(old))
-            diff = "; ".join(x for x in ((f"runs {' '.join(gone[:3])} not in this one" if gone else ""),
-                                         (f"runs {' '.join(added[:3])} not in it" if added else "")) if x)
-        else:
-            name = next(n for n in new if old[n] != new[n])
-            a, b = old[name].get("settings", {}), new[name]["settings"]
-            keys = sorted(set(a) ^ set(b) | {k for k in set(a) & set(b) if a[k] != b[k]})
-            diff = (f"run {name} had " + ", ".join(f"{k}={a.get(k, '-')}" for k in keys[:3]) + " where this one has "
-                    + ", ".join(f"{k}={b.get(k, '-')}" for k in keys[:3])) if keys else f"run {name} differs"
-    raise SweepError(f"{out} holds a sweep of another grid (that sweep: {diff}): give a new --out folder, or the "
-                     f"settings stored in {path}")
+    elif any(old[n] != new[n] for n in new if n in old):
+        name = next(n for n in new if n in old and old[n] != new[n])
+        a, b = old[name].get("settings", {}), new[name]["settings"]
+        keys = sorted(set(a) ^ set(b) | {k for k in set(a) & set(b) if a[k] != b[k]})
+        diff = (f"run {name} had " + ", ".join(f"{k}={a.get(k, '-')}" for k in keys[:3]) + " where this one has "
+                + ", ".join(f"{k}={b.get(k, '-')}" for k in keys[:3])) if keys else f"run {name} differs"
+    elif not set(new) - set(old):
+        pass  # a part of the stored grid
+    elif "common" not in record:
+        added = sorted(set(new) - set(old))
+        diff = f"runs {' '.join(added[:3])} not in it, and it records no shared settings to extend it with"
+    elif record["common"] != json.loads(json.dumps(grid.common)):
+        a, b = record["common"], grid.common
+        keys = sorted(set(a) ^ set(b) | {k for k in set(a) & set(b) if a[k] != b[k]})
+        diff = ("every run had " + ", ".join(f"--{k} {a.get(k, '-')}" for k in keys[:3]) + " where this one has "
+                + ", ".join(f"--{k} {b.get(k, '-')}" for k in keys[:3]))
+    if diff:
+        raise SweepError(f"{out} holds a sweep of another grid (that sweep: {diff}): give a new --out folder, or the "
+                         f"settings stored in {path}")
+    return True
 
 
-def read_record(out: str) -> Optional[Dict[str, Any]]:
-    """The grid stored in OUT/sweep.json (None when there is none)."""
+def read_sweep(out: str) -> Optional[Dict[str, Any]]:
+    """OUT/sweep.json (None when there is none): ``grid`` (`Grid.identity`), ``common``, ``command``, ``created``,
+    and ``extended`` (each later sweep that added runs)."""
     path = os.path.join(out, "sweep.json")
     if not os.path.exists(path):
         return None
     try:
         with open(path) as f:
-            return json.load(f)["grid"]
+            record = json.load(f)
+        if not isinstance(record, dict) or not isinstance(record["grid"], dict):
+            raise TypeError
+        return record
     except (OSError, ValueError, KeyError, TypeError):
         raise SweepError(f"{path} is not a sweep record: give another --out folder, or remove the file") from None
+
+
+def write_sweep(grid: Grid, out: str, command: Sequence[str]) -> None:
+    """Record ``grid`` in OUT/sweep.json: a new record, or the union with the stored grid (its runs first) when
+    this grid extends it (`check_out`).  Written atomically."""
+    record = read_sweep(out)
+    now = json.loads(json.dumps(grid.identity()))
+    stamp = datetime.datetime.now().isoformat(timespec="seconds")
+    if record is None:
+        record = {"created": stamp, "command": list(command), "grid": now, "common": dict(grid.common)}
+    else:
+        names = {r.get("name") for r in record["grid"].get("runs", [])}
+        added = [r for r in now["runs"] if r["name"] not in names]
+        if not added:
+            return
+        record["grid"]["runs"] = list(record["grid"].get("runs", [])) + added
+        record.setdefault("extended", []).append({"at": stamp, "command": list(command),
+                                                  "runs": [r["name"] for r in added]})
+    path = os.path.join(out, "sweep.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(tmp, path)
+
+
+def read_record(out: str) -> Optional[Dict[str, Any]]:
+    """The grid stored in OUT/sweep.json (None when there is none)."""
+    record = read_sweep(out)
+    return None if record is None else record["grid"]
 
 
 def grid_from_record(out: str) -> Grid:
     """The grid of a sweep folder as its sweep.json stored it (runs named, arms, seeds, override sets), for
     reporting a sweep without rebuilding it."""
-    stored = read_record(out)
-    if stored is None:
+    record = read_sweep(out)
+    if record is None:
         raise SweepError(f"{out} holds no sweep.json: give the --out folder of a sweep")
+    stored = record["grid"]
     runs, arms, seeds, groups = [], [], [], []
     for r in stored.get("runs", []):
         arm = r.get("arm", r.get("router"))
@@ -272,8 +320,9 @@ def grid_from_record(out: str) -> Grid:
                 lst.append(v)
         runs.append(RunSpec(r["name"], arm, r.get("router", arm), int(r["seed"]), r.get("group", ""),
                             dict(r.get("settings", {})), {}))
-    return Grid(stored.get("preset", "?"), arms, seeds, groups, {}, runs, int(stored.get("nproc", 1)))
+    return Grid(stored.get("preset", "?"), arms, seeds, groups, dict(record.get("common") or {}), runs,
+                int(stored.get("nproc", 1)))
 
 
-__all__ = ["RunSpec", "Grid", "build_grid", "check_grid", "check_out", "read_record", "grid_from_record",
-           "run_dir", "config_path", "write_config"]
+__all__ = ["RunSpec", "Grid", "build_grid", "check_grid", "check_out", "read_record", "read_sweep", "write_sweep",
+           "grid_from_record", "run_dir", "config_path", "write_config"]
