@@ -127,6 +127,10 @@ def script_commands(path: str):
             yield n, simple, words(simple)
 
 
+# scripts that pass the words after a bare `--` to another script, and that script
+PASS_THROUGH = {"tools/sweep.py": "pretrain_vqmoe.py"}
+
+
 def script_and_sub(w):
     idx = next((k for k, word in enumerate(w) if repo_script(word)), None)
     if idx is None:
@@ -173,10 +177,18 @@ def check(path: str):
             what = f"failed: {failed}" if failed else "printed no flags"
             problems.append((n, f"{script}{' ' + sub if sub else ''} --help {what}"))
             continue
-        for word in rest:
-            flag = word.split("=", 1)[0]
-            if FLAG.fullmatch(flag) and flag not in known and flag != "--help":
-                problems.append((n, f"{script}{' ' + sub if sub else ''} has no flag {flag}: `{simple}`"))
+        # a sweep hands the words after a bare `--` to every run: they are pretrain_vqmoe.py's flags
+        groups = [(f"{script}{' ' + sub if sub else ''}", known, rest)]
+        if script in PASS_THROUGH and "--" in rest:
+            cut = rest.index("--")
+            driver_known, driver_failed = help_flags(PASS_THROUGH[script], None)
+            groups = [(groups[0][0], known, rest[:cut]),
+                      (PASS_THROUGH[script], driver_known if not driver_failed else known, rest[cut + 1:])]
+        for name, flags, words in groups:
+            for word in words:
+                flag = word.split("=", 1)[0]
+                if FLAG.fullmatch(flag) and flag not in flags and flag != "--help":
+                    problems.append((n, f"{name} has no flag {flag}: `{simple}`"))
     return [(f"{rel}:{n}", msg) for n, msg in problems]
 
 

@@ -27,10 +27,14 @@ def test_the_checker_finds_wrong_flags_missing_scripts_and_targets(tmp_path):
         "```",
         "",
         "    python tools/estimate_memory.py --config base --gpu-memory-gib 80 --json",
+        "",
+        "    python tools/sweep.py --preset seeds --no-such-sweep-flag -- --lr 0.001 --no-such-run-flag 1",
         ""]))
     problems = _checker().check(str(md))
     got = sorted((where.rsplit(":", 1)[1], msg.split(":")[0]) for where, msg in problems)
     assert got == [("1", "tools/get_data.py local has no flag --input"),
+                   ("13", "pretrain_vqmoe.py has no flag --no-such-run-flag"),
+                   ("13", "tools/sweep.py has no flag --no-such-sweep-flag"),
                    ("5", "pretrain_vqmoe.py has no flag --no-such-flag"),
                    ("7", "tools/no_such_tool.py does not exist"),
                    ("8", "make target 'no-such-target' does not exist (Makefile has ['bench', 'demo', 'gpu-check', "
