@@ -154,6 +154,11 @@ def prefetch(paths) -> None:
         list(pool.map(lambda k: help_flags(*k), sorted(keys, key=str)))
 
 
+def help_problem(name: str, failed) -> str:
+    """The problem of a script whose --help could not be read (``failed``: why, or None when it printed no flags)."""
+    return f"{name} --help {'failed: ' + failed if failed else 'printed no flags'}"
+
+
 def check(path: str):
     """Problems of one markdown file: (line, message)."""
     rel = os.path.relpath(path, ROOT)
@@ -172,23 +177,25 @@ def check(path: str):
             continue
         if not script.endswith(".py"):
             continue
-        known, failed = help_flags(script, sub)
+        name, (known, failed) = f"{script}{' ' + sub if sub else ''}", help_flags(script, sub)
         if failed or not known:
-            what = f"failed: {failed}" if failed else "printed no flags"
-            problems.append((n, f"{script}{' ' + sub if sub else ''} --help {what}"))
+            problems.append((n, help_problem(name, failed)))
             continue
         # a sweep hands the words after a bare `--` to every run: they are pretrain_vqmoe.py's flags
-        groups = [(f"{script}{' ' + sub if sub else ''}", known, rest)]
+        groups = [(name, known, rest)]
         if script in PASS_THROUGH and "--" in rest:
-            cut = rest.index("--")
-            driver_known, driver_failed = help_flags(PASS_THROUGH[script], None)
-            groups = [(groups[0][0], known, rest[:cut]),
-                      (PASS_THROUGH[script], driver_known if not driver_failed else known, rest[cut + 1:])]
-        for name, flags, words in groups:
+            cut, driver = rest.index("--"), PASS_THROUGH[script]
+            driver_known, driver_failed = help_flags(driver, None)
+            groups[0] = (name, known, rest[:cut])
+            if driver_failed or not driver_known:
+                problems.append((n, help_problem(driver, driver_failed)))
+            else:
+                groups.append((driver, driver_known, rest[cut + 1:]))
+        for who, flags, words in groups:
             for word in words:
                 flag = word.split("=", 1)[0]
                 if FLAG.fullmatch(flag) and flag not in flags and flag != "--help":
-                    problems.append((n, f"{name} has no flag {flag}: `{simple}`"))
+                    problems.append((n, f"{who} has no flag {flag}: `{simple}`"))
     return [(f"{rel}:{n}", msg) for n, msg in problems]
 
 
